@@ -1,0 +1,37 @@
+"""Permutations with per-dimension log-dets (pure rearrangements, contribution 0)."""
+
+from __future__ import annotations
+
+import torch
+from nflows.transforms import permutations as nflows_permutations
+
+from lcma_ext.transforms.base import DiagMixin
+
+__all__ = ["Permutation", "RandomPermutation", "ReversePermutation"]
+
+
+class _PermutationDiagMixin(DiagMixin):
+    def carry(self, tensor, context=None):
+        if self._dim >= tensor.dim() or tensor.shape[self._dim] != len(self._permutation):
+            raise ValueError(
+                f"{type(self).__name__}: expected size {len(self._permutation)} in dim "
+                f"{self._dim}; got shape {tuple(tensor.shape)}"
+            )
+        return torch.index_select(tensor, self._dim, self._permutation)
+
+    def _forward_with_diag(self, inputs, context, diag):
+        diag_out = self.carry(diag)
+        outputs, logabsdet = self.forward(inputs, context)
+        return outputs, logabsdet, diag_out
+
+
+class Permutation(_PermutationDiagMixin, nflows_permutations.Permutation):
+    """nflows ``Permutation`` with ``forward_with_diag`` and ``carry``."""
+
+
+class RandomPermutation(_PermutationDiagMixin, nflows_permutations.RandomPermutation):
+    """nflows ``RandomPermutation`` with ``forward_with_diag`` and ``carry``."""
+
+
+class ReversePermutation(_PermutationDiagMixin, nflows_permutations.ReversePermutation):
+    """nflows ``ReversePermutation`` with ``forward_with_diag`` and ``carry``."""
