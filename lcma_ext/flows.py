@@ -38,11 +38,14 @@ def log_prob_with_contributions(
 
     Raises:
         TypeError: if the transform is not diag-aware.
-        ValueError: for an unknown ``layout``.
+        ValueError: for an unknown ``layout`` or non-finite ``inputs``.
     """
     if layout not in ("output", "input"):
         raise ValueError(f"expected layout 'output' or 'input'; got {layout!r}")
     transform = require_diag_aware(flow._transform, "the flow's transform")
+    if not torch.isfinite(inputs).all():
+        count = int((~torch.isfinite(inputs)).sum())
+        raise ValueError(f"expected finite inputs; got {count} non-finite values")
     embedded_context = flow._embedding_net(context) if context is not None else None
     noise, logabsdet, diag = transform.forward_with_diag(inputs, context=embedded_context)
     log_prob = flow._distribution.log_prob(noise, context=embedded_context) + logabsdet

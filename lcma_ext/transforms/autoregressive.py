@@ -35,8 +35,7 @@ class MaskedAffineAutoregressiveTransform(
         check_ndim(inputs, (2,), type(self).__name__)
         if inputs.shape[1] != self.features:
             raise ValueError(
-                f"{type(self).__name__}: expected {self.features} features; "
-                f"got {inputs.shape[1]}"
+                f"{type(self).__name__}: expected {self.features} features; got {inputs.shape[1]}"
             )
         params = self.autoregressive_net(inputs, context)
         unconstrained_scale, shift = self._unconstrained_scale_and_shift(params)

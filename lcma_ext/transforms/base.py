@@ -89,8 +89,7 @@ def check_ndim(inputs: Tensor, allowed: Sequence[int], name: str) -> None:
     if inputs.dim() not in allowed:
         dims = " or ".join(f"{d}D" for d in allowed)
         raise ValueError(
-            f"{name}: expected a {dims} input; got shape {tuple(inputs.shape)} "
-            f"({inputs.dim()}D)"
+            f"{name}: expected a {dims} input; got shape {tuple(inputs.shape)} ({inputs.dim()}D)"
         )
 
 

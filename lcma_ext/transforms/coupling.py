@@ -49,9 +49,7 @@ class _CouplingDiagMixin(DiagMixin):
         transform_split = inputs[:, self.transform_features, ...]
 
         transform_params = self.transform_net(identity_split, context)
-        transform_split, elementwise = self._elementwise_forward(
-            transform_split, transform_params
-        )
+        transform_split, elementwise = self._elementwise_forward(transform_split, transform_params)
         logabsdet = torchutils.sum_except_batch(elementwise, num_batch_dims=1)
         diag_out = diag.index_add(1, self.transform_features, elementwise)
 
