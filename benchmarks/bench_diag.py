@@ -41,7 +41,7 @@ def time_pair(step, x, repeats: int, grad: bool) -> tuple[float, float]:
     def run(fn):
         start = time.perf_counter()
         if grad:
-            outputs, logabsdet, *rest = fn(x)
+            outputs, logabsdet, *_ = fn(x)
             (outputs.square().mean() - logabsdet.mean()).backward()
         else:
             with torch.no_grad():
@@ -77,7 +77,9 @@ def main() -> None:
         f"device={device}, threads={torch.get_num_threads()}, "
         f"x={tuple(x.shape)}, hidden={args.hidden}"
     )
-    print(f"{'attribution':<12} {'autograd':<9} {'forward ms':>11} {'with diag ms':>13} {'ratio':>7}")
+    print(
+        f"{'attribution':<12} {'autograd':<9} {'forward ms':>11} {'with diag ms':>13} {'ratio':>7}"
+    )
     for attribution in T.ATTRIBUTIONS:
         step = glow_step(args.channels, args.hidden, attribution).to(device)
         step(x)  # ActNorm data-dependent init
