@@ -8,8 +8,28 @@ References:
 """
 
 from lcma_ext import transforms
+from lcma_ext.contributions import ContributionMaps, estimate_contributions, plot_contributions
 from lcma_ext.flows import log_prob_with_contributions
+from lcma_ext.multiscale import ContributionMultiscaleFlow
+from lcma_ext.pipeline import build_multiscale_transform, build_nms_transform, lcma_from_nms
+from lcma_ext.splits import ChannelSplit, CheckerboardSplit, LCMASplit, RandomSplit, make_split
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "log_prob_with_contributions", "transforms"]
+__all__ = [
+    "ChannelSplit",
+    "CheckerboardSplit",
+    "ContributionMaps",
+    "ContributionMultiscaleFlow",
+    "LCMASplit",
+    "RandomSplit",
+    "__version__",
+    "build_multiscale_transform",
+    "build_nms_transform",
+    "estimate_contributions",
+    "lcma_from_nms",
+    "log_prob_with_contributions",
+    "make_split",
+    "plot_contributions",
+    "transforms",
+]

@@ -14,13 +14,16 @@ from lcma_ext.normflows.adapters import (
     carry_data_to_noise,
     data_to_noise_with_diag,
 )
+from lcma_ext.normflows.splits import LCMASplit, SplitMerge
 
 __all__ = [
     "ActNorm",
     "AffineCouplingBlock",
     "GlowBlock",
     "Invertible1x1Conv",
+    "LCMASplit",
     "Permute",
+    "SplitMerge",
     "Squeeze",
     "carry_data_to_noise",
     "data_to_noise_with_diag",

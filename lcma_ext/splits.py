@@ -1,0 +1,726 @@
+"""Split objects: which half of a level's output is factored out and which half is kept.
+
+Every split shares one interface (:class:`Split`) and, for a given input shape and placement, the
+same output shapes, so multi-scale flows that differ only in their split are compared like for
+like. A split only rearranges dimensions: its log-det is 0 and ``inverse`` is exact.
+
+Placements (the ``placement`` argument):
+
+``"post_squeeze"`` (default; Glow and nflows style)
+    The level begins with a :class:`lcma_ext.transforms.SqueezeTransform`, so the split receives
+    ``4C x H x W`` where channels ``4c .. 4c + 3`` at site ``(i, j)`` came from one ``2 x 2`` block
+    (nflows' squeeze ordering: output channel ``4c + 2 dy + dx``). That group of four is the
+    *local block*. Output shapes equal :class:`ChannelSplit`'s: factored ``2C x H x W`` and kept
+    ``2C x H x W``.
+``"squeeze"`` (Fig. 1 of the paper, literally)
+    The split is itself a squeeze: ``C x H x W -> `` factored ``2C x H/2 x W/2`` plus kept
+    ``2C x H/2 x W/2``; the local block is the ``2 x 2`` spatial block of each channel.
+
+Within a block, position ``k = 2 dy + dx`` (0 top-left, 1 top-right, 2 bottom-left,
+3 bottom-right). Each half keeps the image layout: block ``(c, i, j)`` sends its two kept
+dimensions to channels ``2c`` and ``2c + 1`` of the kept half at site ``(i, j)``, ordered by block
+position, and likewise its two factored dimensions. Vector data (event shape ``(D,)``) has no
+spatial layout: factored gets ``D - D // 2`` dimensions and kept ``D // 2``, as ``torch.chunk``.
+
+LCMA rule (:class:`LCMASplit`): inside each block, keep the two dimensions with the highest
+averaged cumulative contribution and factor out the two lowest. **Ties** break by the fixed
+preference order top-left, bottom-right, top-right, bottom-left (:data:`BLOCK_PRIORITY`): among
+equal contributions the earlier position is kept. A constant map therefore gives exactly
+:class:`CheckerboardSplit` (kept: the diagonal, factored: the anti-diagonal). For vector data the
+preference order is the odd indices, then the even ones, so a constant vector map also equals
+:class:`CheckerboardSplit`. ``factor_out="high"`` swaps the two halves of that same ranking, so it
+keeps exactly the complement, ties included.
+
+All index-based splits precompute one flat permutation (a registered buffer, so it survives
+``state_dict``) and apply it with a single ``index_select``; the backward pass is the inverse
+gather, so no scatter and no per-call index allocation.
+
+References:
+    S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
+    Generative Flows, Sec. 3.3, Fig. 1, Algorithm 1.
+    L. Dinh, J. Sohl-Dickstein, S. Bengio. Density estimation using Real NVP. ICLR 2017.
+    D. Kingma, P. Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions. NeurIPS 2018.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "BLOCK_PRIORITY",
+    "FACTOR_OUT",
+    "NEAR_TIE_RTOL",
+    "PLACEMENTS",
+    "SPLIT_NAMES",
+    "ChannelSplit",
+    "CheckerboardSplit",
+    "IndexSplit",
+    "LCMASplit",
+    "RandomSplit",
+    "Split",
+    "kept_shape",
+    "make_split",
+    "split_diagnostics",
+    "split_shapes",
+]
+
+PLACEMENTS = ("post_squeeze", "squeeze")
+SPLIT_NAMES = ("channel", "checkerboard", "random", "lcma", "high")
+FACTOR_OUT = ("low", "high")
+#: Tie-break preference over block positions ``k = 2 dy + dx``: TL, BR, TR, BL.
+BLOCK_PRIORITY = (0, 3, 1, 2)
+#: Relative difference below which two contributions count as a near-tie in the diagnostics.
+NEAR_TIE_RTOL = 1e-6
+_CHECKERBOARD_KEPT = (0, 3)
+_CHECKERBOARD_FACTORED = (1, 2)
+
+Shape = tuple[int, ...]
+
+
+def _check_placement(placement: str) -> str:
+    if placement not in PLACEMENTS:
+        raise ValueError(f"expected placement in {PLACEMENTS}; got {placement!r}")
+    return placement
+
+
+def _as_shape(shape: Sequence[int], name: str = "input_shape") -> Shape:
+    try:
+        shape = tuple(int(size) for size in shape)
+    except TypeError as error:
+        raise ValueError(f"expected {name} as a sequence of ints; got {shape!r}") from error
+    if not shape or any(size < 1 for size in shape):
+        raise ValueError(f"expected {name} with positive sizes; got {shape}")
+    return shape
+
+
+def split_shapes(
+    input_shape: Sequence[int], placement: str = "post_squeeze", blocks: bool = False
+) -> tuple[Shape, Shape]:
+    """``(factored_shape, kept_shape)`` of a split of ``input_shape`` (no batch dimension).
+
+    Args:
+        input_shape: ``(D,)`` (vector data) or ``(C, H, W)``.
+        placement: ``"post_squeeze"`` or ``"squeeze"`` (see the module docstring).
+        blocks: If true, also require the local-block structure (``C`` divisible by 4 for
+            ``"post_squeeze"``), as the block-based splits do.
+
+    Raises:
+        ValueError: if the placement cannot split ``input_shape``.
+    """
+    _check_placement(placement)
+    shape = _as_shape(input_shape)
+    if len(shape) == 1:
+        (d,) = shape
+        if d < 2:
+            raise ValueError(f"expected at least 2 features to split; got {d}")
+        return (d - d // 2,), (d // 2,)
+    if len(shape) != 3:
+        raise ValueError(f"expected an event shape (D,) or (C, H, W); got {shape}")
+    c, h, w = shape
+    if placement == "squeeze":
+        if h % 2 or w % 2:
+            raise ValueError(
+                f"placement 'squeeze' expected even H and W; got {h}x{w} (input shape {shape})"
+            )
+        return (2 * c, h // 2, w // 2), (2 * c, h // 2, w // 2)
+    if blocks and c % 4:
+        raise ValueError(
+            "placement 'post_squeeze' expected a channel count divisible by 4 (groups of 4 "
+            f"channels made by a squeeze); got {c} channels (input shape {shape})"
+        )
+    if c < 2:
+        raise ValueError(f"expected at least 2 channels to split; got {c} (input shape {shape})")
+    return ((c + 1) // 2, h, w), (c // 2, h, w)
+
+
+def kept_shape(output_shape: Sequence[int], placement: str = "post_squeeze") -> Shape:
+    """Event shape of the kept half, i.e. the next level's input shape (same for all splits)."""
+    return split_shapes(output_shape, placement)[1]
+
+
+def _squeeze_layout(tensor: Tensor) -> Tensor:
+    """nflows' squeeze of one event ``(C, H, W) -> (4C, H/2, W/2)``, channel ``4c + 2dy + dx``."""
+    c, h, w = tensor.shape
+    return (
+        tensor.reshape(c, h // 2, 2, w // 2, 2)
+        .permute(0, 2, 4, 1, 3)
+        .reshape(c * 4, h // 2, w // 2)
+    )
+
+
+class _Permute(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index``; backward gathers with its inverse.
+
+    Cheaper than the default backward of ``index_select`` (a scatter-add), and still
+    differentiable twice since the backward is itself an ``index_select``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, inputs: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
+        ctx.save_for_backward(index, inverse_index)
+        return inputs.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        index, inverse_index = ctx.saved_tensors
+        return _Permute.apply(grad, inverse_index, index), None, None
+
+
+def _permute(inputs: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
+    if inputs.is_floating_point() and torch.is_grad_enabled() and inputs.requires_grad:
+        return _Permute.apply(inputs, index, inverse_index)
+    return inputs.index_select(1, index)
+
+
+class Split(nn.Module):
+    """Common interface of all split objects.
+
+    ``forward(x) -> (factored, kept)`` with log-det 0, ``inverse(factored, kept) -> x`` and
+    ``carry(tensor) -> (factored, kept)`` (the same selection on a tensor of any dtype, e.g. a
+    running per-dimension contribution map or a long index tensor).
+
+    Args:
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+
+    Shapes:
+        x: ``(B, *input_shape)``; factored and kept: ``(B, *shape)`` from :meth:`output_shapes`.
+    """
+
+    def __init__(self, placement: str = "post_squeeze") -> None:
+        super().__init__()
+        self.placement = _check_placement(placement)
+
+    def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
+        """``(factored_shape, kept_shape)`` for inputs of event shape ``input_shape``.
+
+        Raises:
+            ValueError: if this split cannot split ``input_shape``.
+        """
+        return split_shapes(input_shape, self.placement)
+
+    def bind(self, input_shape: Sequence[int]) -> Split:
+        """Fix the input event shape (builds index buffers where needed); returns ``self``.
+
+        Raises:
+            ValueError: if the split cannot take ``input_shape``.
+        """
+        self.output_shapes(input_shape)
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def carry(self, tensor: Tensor) -> tuple[Tensor, Tensor]:
+        """Apply the same selection to ``tensor`` (any dtype); returns ``(factored, kept)``."""
+        return self.forward(tensor)
+
+    def extra_repr(self) -> str:
+        return f"placement={self.placement!r}"
+
+
+class ChannelSplit(Split):
+    """The static channel split of RealNVP, Glow and nflows' ``MultiscaleCompositeTransform``.
+
+    Factored: the first ``ceil(C / 2)`` channels, kept: the rest (``torch.chunk(x, 2, dim)``,
+    exactly as nflows). With ``placement="squeeze"`` the input is squeezed first.
+
+    Args:
+        dim: Dimension to split (``1`` for channels / features; nflows' ``split_dim``).
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+
+    Shapes:
+        x: ``(B, *input_shape)``.
+    """
+
+    def __init__(self, dim: int = 1, placement: str = "post_squeeze") -> None:
+        super().__init__(placement)
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"expected a positive int dim (batch is dim 0); got {dim!r}")
+        if placement == "squeeze" and dim != 1:
+            raise ValueError(f"placement 'squeeze' expected dim=1; got {dim}")
+        self.dim = dim
+
+    def output_shapes(self, input_shape):
+        shape = _as_shape(input_shape)
+        if self.placement == "squeeze" or self.dim == 1:
+            return split_shapes(shape, self.placement)
+        if self.dim - 1 >= len(shape) or shape[self.dim - 1] < 2:
+            raise ValueError(f"expected size >= 2 in dim {self.dim}; got event shape {shape}")
+        factored, kept = list(shape), list(shape)
+        factored[self.dim - 1] = (shape[self.dim - 1] + 1) // 2
+        kept[self.dim - 1] = shape[self.dim - 1] // 2
+        return tuple(factored), tuple(kept)
+
+    def _squeeze(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(
+                f"ChannelSplit(placement='squeeze'): expected (B, C, H, W) with even H and W; "
+                f"got {tuple(x.shape)}"
+            )
+        b, c, h, w = x.shape
+        return (
+            x.reshape(b, c, h // 2, 2, w // 2, 2)
+            .permute(0, 1, 3, 5, 2, 4)
+            .reshape(b, 4 * c, h // 2, w // 2)
+        )
+
+    def forward(self, x):
+        if self.placement == "squeeze":
+            x = self._squeeze(x)
+        if self.dim >= x.dim() or x.shape[self.dim] < 2:
+            raise ValueError(
+                f"ChannelSplit: expected size >= 2 in dim {self.dim}; got {tuple(x.shape)}"
+            )
+        factored, kept = torch.chunk(x, chunks=2, dim=self.dim)
+        return factored, kept
+
+    def inverse(self, factored, kept):
+        x = torch.cat([factored, kept], dim=self.dim)
+        if self.placement == "squeeze":
+            b, c4, h, w = x.shape
+            x = (
+                x.reshape(b, c4 // 4, 2, 2, h, w)
+                .permute(0, 1, 4, 2, 5, 3)
+                .reshape(b, c4 // 4, 2 * h, 2 * w)
+            )
+        return x
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, placement={self.placement!r}"
+
+
+class IndexSplit(Split):
+    """A split given by one fixed flat permutation of the input event (a registered buffer).
+
+    Subclasses implement :meth:`_build_index` returning the flat input indices of the factored
+    half and of the kept half, each in the layout of its output shape. ``forward`` is then a
+    single ``index_select`` and ``inverse`` its inverse gather.
+
+    Args:
+        input_shape: Event shape; ``None`` defers building until :meth:`bind` (which
+            :class:`lcma_ext.ContributionMultiscaleFlow.add_transform` calls).
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+    """
+
+    #: Whether the split needs the local-block structure (``C % 4 == 0`` for post_squeeze).
+    _needs_blocks = True
+
+    def __init__(
+        self, input_shape: Sequence[int] | None = None, placement: str = "post_squeeze"
+    ) -> None:
+        super().__init__(placement)
+        self.register_buffer("index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("inverse_index", torch.zeros(0, dtype=torch.long))
+        self.input_shape: Shape | None = None
+        self.factored_shape: Shape | None = None
+        self.kept_shape: Shape | None = None
+        if input_shape is not None:
+            self.bind(input_shape)
+
+    def output_shapes(self, input_shape):
+        return split_shapes(input_shape, self.placement, blocks=self._needs_blocks)
+
+    def bind(self, input_shape):
+        shape = _as_shape(input_shape)
+        if self.input_shape is not None:
+            if shape != self.input_shape:
+                raise ValueError(
+                    f"{type(self).__name__}: expected input event shape {self.input_shape}; "
+                    f"got {shape}"
+                )
+            return self
+        factored_shape, kept_shape_ = self.output_shapes(shape)
+        factored, kept = self._build_index(shape)
+        index = torch.cat([factored.reshape(-1), kept.reshape(-1)]).to(self.index.device)
+        numel = int(torch.tensor(shape).prod())
+        if index.numel() != numel or not torch.equal(
+            torch.sort(index).values, torch.arange(numel, device=index.device)
+        ):  # internal consistency, not user input
+            raise RuntimeError(f"{type(self).__name__} built an index that is no permutation")
+        self.index = index
+        self.inverse_index = torch.argsort(index)
+        self.input_shape = shape
+        self.factored_shape, self.kept_shape = factored_shape, kept_shape_
+        return self
+
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _require_bound(self) -> None:
+        if self.input_shape is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: expected a bound split (pass input_shape or call "
+                "bind(input_shape) first); got an unbound one"
+            )
+
+    def _check_event(self, tensor: Tensor, shape: Shape, name: str) -> None:
+        if tuple(tensor.shape[1:]) != shape:
+            raise ValueError(
+                f"{type(self).__name__}: expected {name} of event shape {shape}; got "
+                f"{tuple(tensor.shape[1:])} (full shape {tuple(tensor.shape)})"
+            )
+
+    def forward(self, x):
+        self._require_bound()
+        self._check_event(x, self.input_shape, "inputs")
+        batch = x.shape[0]
+        out = _permute(x.reshape(batch, -1), self.index, self.inverse_index)
+        split = _numel(self.factored_shape)
+        return out[:, :split].view(batch, *self.factored_shape), out[:, split:].view(
+            batch, *self.kept_shape
+        )
+
+    def inverse(self, factored, kept):
+        self._require_bound()
+        self._check_event(factored, self.factored_shape, "factored")
+        self._check_event(kept, self.kept_shape, "kept")
+        batch = factored.shape[0]
+        flat = torch.cat([factored.reshape(batch, -1), kept.reshape(batch, -1)], dim=1)
+        return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
+
+    def masks(self) -> tuple[Tensor, Tensor]:
+        """Boolean masks shaped like one input event: ``(factored_mask, kept_mask)``."""
+        self._require_bound()
+        kept = torch.zeros(_numel(self.input_shape), dtype=torch.bool, device=self.index.device)
+        kept[self.index[_numel(self.factored_shape) :]] = True
+        return (~kept).view(self.input_shape), kept.view(self.input_shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A split bound to a different shape than the stored one cannot load it.
+        stored = state_dict.get(prefix + "index")
+        if (
+            stored is not None
+            and self.input_shape is not None
+            and stored.numel() != _numel(self.input_shape)
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: expected a stored index of {_numel(self.input_shape)} "
+                f"entries; got {stored.numel()}"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"input_shape={self.input_shape}, placement={self.placement!r}"
+
+
+def _numel(shape: Sequence[int]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= int(size)
+    return numel
+
+
+def _block_index(kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int):
+    """Flat indices into a ``(4G, h, w)`` event for per-block positions ``(G, 2, h, w)``."""
+    groups = channels4 // 4
+    device = kept_pos.device
+    base = (4 * torch.arange(groups, device=device)).view(groups, 1, 1, 1)
+    rows = torch.arange(h, device=device).view(1, 1, h, 1)
+    cols = torch.arange(w, device=device).view(1, 1, 1, w)
+
+    def flat(pos: Tensor) -> Tensor:
+        return (((base + pos) * h + rows) * w + cols).reshape(2 * groups, h, w)
+
+    return flat(factored_pos), flat(kept_pos)
+
+
+def _block_layout(shape: Shape, placement: str) -> tuple[Tensor | None, Shape]:
+    """For a 3D event: the squeezed flat positions (placement 'squeeze') and the block shape."""
+    c, h, w = shape
+    if placement == "squeeze":
+        positions = _squeeze_layout(torch.arange(_numel(shape)).view(c, h, w))
+        return positions, (4 * c, h // 2, w // 2)
+    return None, shape
+
+
+def _compose(positions: Tensor | None, index: Tensor) -> Tensor:
+    return index if positions is None else positions.reshape(-1)[index]
+
+
+def _rank_blocks(values: Tensor) -> Tensor:
+    """Block positions ``(G, 4, h, w)`` sorted by decreasing value, ties by BLOCK_PRIORITY."""
+    priority = torch.tensor(BLOCK_PRIORITY, device=values.device)
+    order = torch.sort(values[:, priority], dim=1, descending=True, stable=True).indices
+    return priority[order]
+
+
+def _rank_vector(values: Tensor) -> Tensor:
+    """Indices sorted by decreasing value; ties prefer odd indices, then lower indices."""
+    d = values.shape[0]
+    priority = torch.cat([torch.arange(1, d, 2), torch.arange(0, d, 2)]).to(values.device)
+    order = torch.sort(values[priority], descending=True, stable=True).indices
+    return priority[order]
+
+
+class CheckerboardSplit(IndexSplit):
+    """Static checkerboard: in every ``2 x 2`` block keep the diagonal (top-left, bottom-right)
+    and factor out the anti-diagonal. Vector data: factor out even indices, keep odd ones.
+
+    Args:
+        input_shape: Event shape, or ``None`` to bind later.
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+
+    Shapes:
+        x: ``(B, *input_shape)``; outputs as :class:`ChannelSplit`'s.
+    """
+
+    def _build_index(self, shape):
+        if len(shape) == 1:
+            d = shape[0]
+            return torch.arange(0, d, 2), torch.arange(1, d, 2)
+        positions, (c4, h, w) = _block_layout(shape, self.placement)
+        groups = c4 // 4
+        kept = torch.tensor(_CHECKERBOARD_KEPT).view(1, 2, 1, 1).expand(groups, 2, h, w)
+        factored = torch.tensor(_CHECKERBOARD_FACTORED).view(1, 2, 1, 1).expand(groups, 2, h, w)
+        factored_index, kept_index = _block_index(kept, factored, c4, h, w)
+        return _compose(positions, factored_index), _compose(positions, kept_index)
+
+
+class RandomSplit(IndexSplit):
+    """A fixed random half of the dimensions is factored out (seeded, reproducible).
+
+    The chosen dimensions keep their relative order inside each half.
+
+    Args:
+        seed: Seed of the ``torch.Generator`` drawing the permutation.
+        input_shape: Event shape, or ``None`` to bind later.
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"`` (only the output shapes).
+
+    Shapes:
+        x: ``(B, *input_shape)``; outputs as :class:`ChannelSplit`'s.
+    """
+
+    _needs_blocks = False
+
+    def __init__(
+        self,
+        seed: int = 0,
+        input_shape: Sequence[int] | None = None,
+        placement: str = "post_squeeze",
+    ) -> None:
+        self.seed = int(seed)
+        super().__init__(input_shape, placement)
+
+    def _build_index(self, shape):
+        numel = _numel(shape)
+        generator = torch.Generator().manual_seed(self.seed)
+        permutation = torch.randperm(numel, generator=generator)
+        num_factored = _numel(split_shapes(shape, self.placement)[0])
+        return (
+            torch.sort(permutation[:num_factored]).values,
+            torch.sort(permutation[num_factored:]).values,
+        )
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}, " + super().extra_repr()
+
+
+def check_contributions(contributions: Tensor, placement: str = "post_squeeze") -> Tensor:
+    """Validate one contribution map (finite, ``(D,)`` or ``(C, H, W)``, splittable).
+
+    Raises:
+        ValueError: with an "expected ...; got ..." message.
+    """
+    if not isinstance(contributions, Tensor):
+        raise ValueError(
+            f"expected the contribution map as a torch.Tensor; got {type(contributions).__name__}"
+        )
+    if contributions.dim() not in (1, 3):
+        raise ValueError(
+            "expected a contribution map of shape (D,) or (C, H, W) (one event, no batch "
+            f"dimension); got shape {tuple(contributions.shape)}"
+        )
+    if not contributions.is_floating_point():
+        raise ValueError(f"expected a floating-point contribution map; got {contributions.dtype}")
+    if not torch.isfinite(contributions).all():
+        count = int((~torch.isfinite(contributions)).sum())
+        raise ValueError(f"expected a finite contribution map; got {count} NaN or inf values")
+    split_shapes(contributions.shape, placement, blocks=True)
+    return contributions
+
+
+class LCMASplit(IndexSplit):
+    """The paper's likelihood-contribution split (local max- and min-pooling).
+
+    Inside each local ``2 x 2`` block (see the module docstring for both placements), the two
+    dimensions with the highest contribution are kept (they see more flow layers) and the two
+    lowest are factored out; ``factor_out="high"`` does the reverse (ablation). Ties break by
+    :data:`BLOCK_PRIORITY`. Vector data: keep the ``D // 2`` highest.
+
+    Args:
+        contributions: Averaged cumulative contribution map of one event in the layout of this
+            split's input: ``(4C, H, W)`` for ``"post_squeeze"``, ``(C, H, W)`` for
+            ``"squeeze"``, or ``(D,)``. Stored as a buffer.
+        factor_out: ``"low"`` (the paper) or ``"high"``.
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``; ignored for vector data.
+
+    Raises:
+        ValueError: for a map that is not finite or whose shape the placement cannot split.
+
+    Shapes:
+        x: ``(B, *contributions.shape)``; outputs as :class:`ChannelSplit`'s.
+
+    References:
+        S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture
+        for Generative Flows, Sec. 3.3, Fig. 1.
+    """
+
+    def __init__(
+        self, contributions: Tensor, factor_out: str = "low", placement: str = "post_squeeze"
+    ) -> None:
+        if factor_out not in FACTOR_OUT:
+            raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {factor_out!r}")
+        check_contributions(contributions, placement)
+        super().__init__(None, placement)
+        self.factor_out = factor_out
+        self.register_buffer("contributions", contributions.detach().clone())
+        self.bind(tuple(contributions.shape))
+
+    def _build_index(self, shape):
+        values = self.contributions.detach().to("cpu", torch.float64)
+        if len(shape) == 1:
+            ranked = _rank_vector(values)
+            if self.factor_out == "high":  # the reverse ranking; factored keeps ceil(D / 2)
+                ranked = torch.flip(ranked, [0])
+            kept, factored = ranked[: shape[0] // 2], ranked[shape[0] // 2 :]
+            return torch.sort(factored).values, torch.sort(kept).values
+        positions, (c4, h, w) = _block_layout(shape, self.placement)
+        if positions is not None:
+            values = _squeeze_layout(values)
+        ranked = _rank_blocks(values.view(c4 // 4, 4, h, w))
+        high = torch.sort(ranked[:, :2], dim=1).values
+        low = torch.sort(ranked[:, 2:], dim=1).values
+        kept, factored = (high, low) if self.factor_out == "low" else (low, high)
+        factored_index, kept_index = _block_index(kept, factored, c4, h, w)
+        return _compose(positions, factored_index), _compose(positions, kept_index)
+
+    def diagnostics(self, rtol: float = NEAR_TIE_RTOL) -> dict[str, Any]:
+        """Tie and static-split diagnostics of this split's map; see :func:`split_diagnostics`."""
+        return split_diagnostics(self.contributions, self.placement, rtol)
+
+    def extra_repr(self) -> str:
+        return f"factor_out={self.factor_out!r}, " + super().extra_repr()
+
+
+def make_split(
+    name: str,
+    input_shape: Sequence[int],
+    contributions: Tensor | None = None,
+    seed: int = 0,
+    placement: str = "post_squeeze",
+) -> Split:
+    """Build a split by name (one of :data:`SPLIT_NAMES`) for inputs of ``input_shape``.
+
+    ``"high"`` is ``LCMASplit(contributions, factor_out="high")``.
+
+    Raises:
+        ValueError: for an unknown name, a missing contribution map for ``"lcma"``/``"high"``,
+            or a map whose shape differs from ``input_shape``.
+    """
+    shape = _as_shape(input_shape)
+    if name == "channel":
+        return ChannelSplit(placement=placement).bind(shape)
+    if name == "checkerboard":
+        return CheckerboardSplit(shape, placement=placement)
+    if name == "random":
+        return RandomSplit(seed=seed, input_shape=shape, placement=placement)
+    if name in ("lcma", "high"):
+        if contributions is None:
+            raise ValueError(f"split {name!r} expected a contribution map; got None")
+        if tuple(contributions.shape) != shape:
+            raise ValueError(
+                f"expected a contribution map of shape {shape} (the split's input shape); got "
+                f"{tuple(contributions.shape)}"
+            )
+        return LCMASplit(contributions, "low" if name == "lcma" else "high", placement)
+    raise ValueError(f"expected a split name in {SPLIT_NAMES}; got {name!r}")
+
+
+def _pattern_name(mask: int) -> str:
+    return "+".join(name for bit, name in enumerate(("TL", "TR", "BL", "BR")) if mask >> bit & 1)
+
+
+@torch.no_grad()
+def split_diagnostics(
+    contributions: Tensor, placement: str = "post_squeeze", rtol: float = NEAR_TIE_RTOL
+) -> dict[str, Any]:
+    """How decisive, and how static, the LCMA split of one contribution map is.
+
+    Per local block, the decision is between the 2nd and 3rd highest contributions.
+
+    Returns:
+        A dict of plain Python numbers (safe for ``torch.load(weights_only=True)``):
+        ``blocks`` (number of local blocks; 1 for vector data), ``ties`` (blocks whose 2nd and
+        3rd values are equal), ``near_ties`` (relative difference ``|a - b| / max(|a|, |b|)``
+        below ``rtol``, ties included), ``differs_from_channel`` (fraction of blocks whose kept
+        set differs from :class:`ChannelSplit`'s; in nflows' squeeze ordering the channel split
+        keeps the bottom row of every block when there is one channel group (a one-channel
+        image at the first level), but whole blocks or none when the number of groups is even,
+        which makes this 1.0 by construction),
+        ``differs_from_checkerboard``, ``differs_from_modal`` (from the most common within-block
+        pattern over all blocks), ``differs_from_group_modal`` (from the most common pattern of
+        the block's own channel group; 0.0 means the split is spatially static per channel, a
+        static split in disguise), ``kept_overlap_with_channel`` (fraction of kept dimensions
+        that ChannelSplit also keeps) and ``patterns`` (count per kept pattern, e.g. "TL+BR").
+    """
+    values = check_contributions(contributions, placement).detach().to("cpu", torch.float64)
+    if values.dim() == 1:
+        d = values.shape[0]
+        ranked = _rank_vector(values)
+        sorted_values = values[ranked]
+        a, b = sorted_values[d // 2 - 1], sorted_values[d // 2]
+        kept = torch.zeros(d, dtype=torch.bool)
+        kept[ranked[: d // 2]] = True
+        channel_kept = torch.arange(d) >= d - d // 2
+        checker_kept = torch.arange(d) % 2 == 1
+        tie = bool(a == b)
+        near = tie or bool((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
+        return {
+            "blocks": 1,
+            "ties": int(tie),
+            "near_ties": int(near),
+            "differs_from_channel": float(not torch.equal(kept, channel_kept)),
+            "differs_from_checkerboard": float(not torch.equal(kept, checker_kept)),
+            "differs_from_modal": 0.0,
+            "differs_from_group_modal": 0.0,
+            "kept_overlap_with_channel": float((kept & channel_kept).sum() / max(d // 2, 1)),
+            "patterns": {},
+        }
+    if placement == "squeeze":
+        values = _squeeze_layout(values)
+    c4, h, w = values.shape
+    groups = c4 // 4
+    blocks = values.view(groups, 4, h, w)
+    sorted_values = torch.sort(blocks, dim=1, descending=True).values
+    a, b = sorted_values[:, 1], sorted_values[:, 2]
+    ties = a == b
+    near = ties | ((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
+    ranked = _rank_blocks(blocks)
+    weights = torch.tensor([1, 2, 4, 8]).view(1, 4, 1, 1)
+    kept_mask = torch.zeros(groups, 4, h, w, dtype=torch.long).scatter(1, ranked[:, :2], 1)
+    mask = (kept_mask * weights).sum(1)  # (G, h, w) bitmask of kept positions
+    channel_kept = (4 * torch.arange(groups).view(groups, 1) + torch.arange(4)) >= 2 * groups
+    channel_mask = (channel_kept.long() * weights.view(1, 4)).sum(1).view(groups, 1, 1)
+    checker_mask = sum(1 << k for k in _CHECKERBOARD_KEPT)
+    codes, counts = torch.unique(mask, return_counts=True)
+    modal = int(codes[torch.argmax(counts)])
+    group_modal = torch.mode(mask.view(groups, -1), dim=1).values.view(groups, 1, 1)
+    overlap = (kept_mask.bool() & channel_kept.view(groups, 4, 1, 1)).sum()
+    return {
+        "blocks": int(mask.numel()),
+        "ties": int(ties.sum()),
+        "near_ties": int(near.sum()),
+        "differs_from_channel": float((mask != channel_mask).double().mean()),
+        "differs_from_checkerboard": float((mask != checker_mask).double().mean()),
+        "differs_from_modal": float((mask != modal).double().mean()),
+        "differs_from_group_modal": float((mask != group_modal).double().mean()),
+        "kept_overlap_with_channel": float(overlap / (2 * mask.numel())),
+        "patterns": {_pattern_name(int(code)): int(count) for code, count in zip(codes, counts)},
+    }

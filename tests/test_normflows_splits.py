@@ -1,0 +1,97 @@
+"""LCMASplit as a merge inside normflows' MultiscaleFlow: log_prob vs brute force, sampling."""
+
+from __future__ import annotations
+
+import normflows as nf
+import pytest
+import torch
+
+from lcma_ext import splits as S
+from lcma_ext.normflows import LCMASplit, SplitMerge
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def _model(merge: nf.flows.Flow) -> nf.MultiscaleFlow:
+    """Two levels on 1x4x4: the data-side level squeezes to 4x2x2 and splits 2 + 2 channels."""
+    torch.manual_seed(0)
+    q0 = [
+        nf.distributions.DiagGaussian((8, 1, 1), trainable=False),  # deepest level
+        nf.distributions.DiagGaussian((2, 2, 2), trainable=False),  # factored at the split
+    ]
+    flows = [
+        [nf.flows.GlowBlock(8, 8, init_zeros=False), nf.flows.Squeeze()],
+        [nf.flows.GlowBlock(4, 8, init_zeros=False), nf.flows.Squeeze()],
+    ]
+    model = nf.MultiscaleFlow(q0, flows, [merge], class_cond=False)
+    model.log_prob(torch.randn(16, 1, 4, 4), None)  # ActNorm data-dependent initialization
+    return model
+
+
+def _merges():
+    generator = torch.Generator().manual_seed(1)
+    contributions = torch.randn(4, 2, 2, generator=generator)
+    return {
+        "lcma": LCMASplit(contributions),
+        "high": LCMASplit(contributions, factor_out="high"),
+        "checkerboard": SplitMerge(S.CheckerboardSplit((4, 2, 2))),
+    }
+
+
+@pytest.mark.parametrize("name", ["lcma", "high", "checkerboard"])
+def test_log_prob_sampling_and_exactness(name):
+    model = _model(_merges()[name])
+    x = torch.randn(3, 1, 4, 4)
+    log_prob = model.log_prob(x, None)
+
+    def latents(flat):
+        z, _ = model.inverse_and_log_det(flat.view(1, 1, 4, 4))
+        return torch.cat([zi.reshape(-1) for zi in z])
+
+    for row, value in zip(x, log_prob):
+        jacobian = torch.autograd.functional.jacobian(latents, row.reshape(-1))
+        _, logabsdet = torch.linalg.slogdet(jacobian)
+        z, _ = model.inverse_and_log_det(row.unsqueeze(0))
+        base = sum(q0.log_prob(zi) for q0, zi in zip(model.q0, z))
+        torch.testing.assert_close(value, (base + logabsdet)[0], rtol=1e-9, atol=1e-9)
+
+    z, log_det = model.inverse_and_log_det(x)
+    x_back, log_det_back = model.forward_and_log_det(z)
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(log_det_back, -log_det, rtol=1e-10, atol=1e-10)
+
+    samples, sample_log_q = model.sample(5)
+    assert samples.shape == (5, 1, 4, 4) and torch.isfinite(samples).all()
+    torch.testing.assert_close(model.log_prob(samples, None), sample_log_q, rtol=1e-8, atol=1e-8)
+
+
+def test_merge_follows_the_core_split():
+    contributions = torch.tensor([[5.0, 0.0], [1.0, 9.0], [7.0, 8.0], [3.0, 1.0]]).view(4, 1, 2)
+    merge = LCMASplit(contributions)
+    x = torch.arange(8, dtype=torch.float64).view(1, 4, 1, 2)
+    (kept, factored), log_det = merge.inverse(x)
+    assert kept.tolist() == [[[[0.0, 3.0]], [[4.0, 5.0]]]]  # the two highest per block
+    assert factored.tolist() == [[[[2.0, 1.0]], [[6.0, 7.0]]]]
+    assert torch.equal(log_det, torch.zeros(1))
+    merged, _ = merge([kept, factored])
+    assert torch.equal(merged, x)
+    state = merge.state_dict()
+    other = LCMASplit(torch.randn(4, 1, 2))
+    other.load_state_dict(state)
+    assert torch.equal(other.inverse(x)[0][0], kept)
+
+
+def test_errors():
+    with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split"):
+        SplitMerge("channel")
+    merge = LCMASplit(torch.randn(4, 2, 2))
+    with pytest.raises(ValueError, match="expected a pair"):
+        merge([torch.zeros(1, 2, 2, 2)])
+    with pytest.raises(ValueError, match="finite"):
+        LCMASplit(torch.full((4, 2, 2), float("nan")))
