@@ -7,7 +7,7 @@ References:
     Generative Flows.
 """
 
-from lcma_ext import transforms
+from lcma_ext import distributions, transforms
 from lcma_ext.contributions import ContributionMaps, estimate_contributions, plot_contributions
 from lcma_ext.flows import log_prob_with_contributions
 from lcma_ext.multiscale import ContributionMultiscaleFlow
@@ -26,6 +26,7 @@ __all__ = [
     "__version__",
     "build_multiscale_transform",
     "build_nms_transform",
+    "distributions",
     "estimate_contributions",
     "lcma_from_nms",
     "log_prob_with_contributions",

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from lcma_ext.data import DATASETS, ImageDataset, LogitPreprocessing, load_dataset
+from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc
 from lcma_ext.models import (
     MODELS,
     SIZE_NAMES,
@@ -64,7 +65,21 @@ from lcma_ext.training import (
 __all__ = ["ARMS", "build_parser", "main"]
 
 ARMS = ("lcma", "channel", "checkerboard", "random", "high")
+#: Arms that ``--arms`` also accepts (not run by default): LCMA with a coarser granularity.
+GRANULARITY_ARMS = ("lcma-channel", "lcma-region", "high-channel", "high-region")
+#: Default ``--region-size`` of the ``*-region`` arms (sites of each split's block grid).
+REGION_SIZE = 4
 REFERENCE_ARM = "channel"
+#: Flow-VAE arms (paper 001 Sec. 3.1): the ``channel`` arm's flow with a VAE prior of
+#: dim(eps) = D / R for ``flow-vae-R``; ``--arms flow-vae`` means all three.
+VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
+#: Arms that ``--arms`` also accepts (not run by default), see docs/latent_shaping.md: the
+#: Flow-VAE arms, ``denseflow`` (a DenseFlow-style Glow model with cross-unit coupling, its own
+#: architecture whatever ``--model``) and ``haar`` (the ``channel`` arm with Haar-wavelet
+#: squeezes). Each run's ``bpd_kind`` says whether its bits/dim is exact or an IWAE-K bound.
+LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
+#: Monte Carlo samples of the IWAE-K test estimate of bound-only arms (16 with ``--quick``).
+MC_SAMPLES = 128
 
 #: Per-dataset defaults of ``run`` (chosen so the digits default finishes in 10 minutes on a
 #: 2-core CPU, everything included).
@@ -114,10 +129,12 @@ def _positive_float(text: str) -> float:
 
 def _arms(text: str) -> tuple[str, ...]:
     arms = tuple(a.strip() for a in text.split(",") if a.strip())
-    unknown = [a for a in arms if a not in ARMS]
+    arms = tuple(x for a in arms for x in (VAE_ARMS if a == "flow-vae" else (a,)))
+    known = ARMS + GRANULARITY_ARMS + LATENT_ARMS
+    unknown = [a for a in arms if a not in known]
     if not arms or unknown:
         raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {','.join(ARMS)}; got {text!r}"
+            f"expected a comma-separated subset of {','.join(known)}; got {text!r}"
         )
     return tuple(dict.fromkeys(arms))
 
@@ -158,7 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{run,ablate-levels,contributions}")
     run = sub.add_parser("run", help="Algorithm 1: NMS, contributions, every split arm")
     _add_common(run)
-    run.add_argument("--arms", type=_arms, default=ARMS, help=f"default: {','.join(ARMS)}")
+    run.add_argument(
+        "--arms",
+        type=_arms,
+        default=ARMS,
+        help=f"default: {','.join(ARMS)}; also {','.join(GRANULARITY_ARMS + LATENT_ARMS)}, "
+        "flow-vae (= the three flow-vae-R)",
+    )
+    run.add_argument(
+        "--region-size",
+        type=_int_at_least(1),
+        default=REGION_SIZE,
+        help=f"tile side of the *-region arms, capped at each split's grid (default {REGION_SIZE})",
+    )
     ablate = sub.add_parser("ablate-levels", help="all 2^L high/low choices (Table 4)")
     _add_common(ablate)
     contributions = sub.add_parser("contributions", help="heatmaps of an NMS checkpoint")
@@ -191,6 +220,10 @@ class Experiment:
     @property
     def progress(self) -> bool:
         return not self.args.no_progress
+
+    @property
+    def region_size(self) -> int:
+        return getattr(self.args, "region_size", REGION_SIZE)
 
     def level_factory(self):
         return make_level_factory(self.args.model, self.args.size)
@@ -226,6 +259,8 @@ class Experiment:
             "num_test": int(self.data.test.shape[0]),
             "limit": self.args.limit,
             "quick": self.args.quick,
+            # only when not the default, so that existing --out folders still match
+            **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
         }
 
 
@@ -430,6 +465,8 @@ def _build_arm(exp: Experiment, arm: str, maps, seed: int, choice: Sequence[str]
     from lcma_ext.multiscale import ContributionMultiscaleFlow
     from lcma_ext.pipeline import build_levels, build_multiscale_transform
 
+    if arm in LATENT_ARMS and choice is None:
+        return _build_latent_arm(exp, arm, seed)
     factory = exp.level_factory()
     torch.manual_seed(seed)
     levels = build_levels(factory, exp.data.shape, exp.num_levels)
@@ -443,11 +480,54 @@ def _build_arm(exp: Experiment, arm: str, maps, seed: int, choice: Sequence[str]
             seed=seed,
             levels=levels,
             remap=True,
+            region_size=exp.region_size,
         )
     else:
         splits = mixed_lcma_splits(maps, levels, exp.data.shape, choice)
         transform = ContributionMultiscaleFlow.from_levels(levels, exp.data.shape, splits)
     return build_flow(transform, exp.data.shape).to(exp.device)
+
+
+def _build_latent_arm(exp: Experiment, arm: str, seed: int):
+    """Flow of a :data:`LATENT_ARMS` arm (see docs/latent_shaping.md).
+
+    ``flow-vae-R`` and ``haar`` build the ``channel`` arm's multi-scale transform after
+    ``torch.manual_seed(seed)`` exactly as :func:`_build_arm` does (``flow-vae-R``: the same
+    initial weights, then a :class:`lcma_ext.distributions.VAEPrior` with dim(eps) = D / R
+    replaces the normal base; ``haar``: Haar squeezes). ``denseflow`` builds
+    :func:`lcma_ext.models.denseflow.build_denseflow` at ``--size``.
+    """
+    from nflows.flows import Flow
+
+    from lcma_ext.pipeline import build_levels, build_multiscale_transform
+
+    shape = exp.data.shape
+    if arm == "denseflow":
+        from lcma_ext.models.denseflow import build_denseflow
+
+        torch.manual_seed(seed)
+        return build_denseflow(shape, exp.num_levels, exp.args.size).to(exp.device)
+    if arm == "haar":
+        if exp.args.model not in ("realnvp", "glow"):
+            raise CLIError(
+                f"expected --model realnvp or glow for the haar arm; got {exp.args.model!r}"
+            )
+        factory = make_level_factory(exp.args.model, exp.args.size, squeeze="haar")
+    else:
+        factory = exp.level_factory()
+    torch.manual_seed(seed)
+    levels = build_levels(factory, shape, exp.num_levels)
+    transform = build_multiscale_transform(
+        factory, shape, exp.num_levels, split="channel", seed=seed, levels=levels
+    )
+    flow = build_flow(transform, shape)
+    if arm in VAE_ARMS:
+        from lcma_ext.distributions import VAEPrior
+
+        features = math.prod(shape)
+        latent_dim = max(1, features // int(arm.rsplit("-", 1)[1]))
+        flow = Flow(flow._transform, VAEPrior(features, latent_dim))
+    return flow.to(exp.device)
 
 
 def mixed_lcma_splits(maps, levels, input_shape: Sequence[int], choice: Sequence[str]) -> list:
@@ -474,10 +554,17 @@ def mixed_lcma_splits(maps, levels, input_shape: Sequence[int], choice: Sequence
 
 def _summary(arm: str, seed: int, flow, result: TrainResult, exp: Experiment) -> dict[str, Any]:
     bpd = evaluate_bpd(flow, exp.data.test, exp.preprocessing) if result.epochs_done else math.nan
+    estimate: dict[str, Any] = {"bpd_kind": bpd_kind(flow)}
+    if estimate["bpd_kind"] != "exact" and result.epochs_done:
+        # bound-only flows: score the IWAE-K bound (Monte Carlo, with standard errors)
+        samples = 16 if exp.args.quick else MC_SAMPLES
+        estimate = evaluate_bpd_mc(flow, exp.data.test, exp.preprocessing, num_samples=samples)
+        estimate["bpd_one_sample"], bpd = bpd, estimate["bpd_iwae"]
     return {
         "arm": arm,
         "seed": seed,
         "test_bpd": bpd,
+        **estimate,
         "diverged": bool(result.diverged or not math.isfinite(bpd)),
         "diverged_reason": result.diverged_reason
         or ("" if math.isfinite(bpd) else "non-finite test bpd"),
@@ -496,7 +583,10 @@ def sample_images(flow, preprocessing: LogitPreprocessing, num: int, temperature
     parameter = next(flow.parameters())
     shape = flow._distribution._shape
     generator = torch.Generator().manual_seed(seed)
-    noise = temperature * torch.randn((num, *shape), generator=generator, dtype=parameter.dtype)
+    if hasattr(flow._distribution, "sample_at_temperature"):  # a learned prior (Flow-VAE)
+        noise = flow._distribution.sample_at_temperature(num, temperature, generator=generator)
+    else:
+        noise = temperature * torch.randn((num, *shape), generator=generator, dtype=parameter.dtype)
     samples, _ = flow._transform.inverse(noise.to(parameter.device))
     return preprocessing.to_unit(samples).cpu()
 
@@ -629,6 +719,8 @@ def aggregate(
         stats = _stats(bpd)
         arms[arm] = {
             "bpd_per_seed": bpd,
+            "bpd_kind": arm_runs[0].get("bpd_kind", "exact"),
+            "bpd_mc_se_per_seed": [r.get("bpd_iwae_se") for r in arm_runs],
             "seeds": [r["seed"] for r in arm_runs],
             "bpd_mean": stats["mean"],
             "bpd_std": stats["std"],
@@ -666,6 +758,62 @@ def _fmt(value: float, digits: int = 4, signed: bool = False) -> str:
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
+def _diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
+    """Per split point: how decisive and how static the LCMA split of the NMS maps is."""
+    if not diagnostics:
+        return []
+    lines = [
+        "LCMA split diagnostics of the NMS contribution maps (per split point: local blocks, "
+        "exact ties and near-ties of the 2nd/3rd contribution, share of blocks whose kept set "
+        "differs from `channel`, `checkerboard`, and the most common pattern of the block's own "
+        "channel group; 0 in the last column means a static split in disguise):",
+        "",
+        "| split | blocks | ties | near-ties | ≠ channel | ≠ checkerboard | ≠ group mode |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for index, entry in enumerate(diagnostics):
+        lines.append(
+            f"| {index} | {entry['blocks']} | {entry['ties']} | {entry['near_ties']} "
+            f"| {entry['differs_from_channel']:.3f} | {entry['differs_from_checkerboard']:.3f} "
+            f"| {entry['differs_from_group_modal']:.3f} |"
+        )
+    return [*lines, ""]
+
+
+def _bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """Explain non-exact bits/dim (IWAE-K bounds) and the Haar arm; empty if all are exact."""
+    lines = []
+    bounds = {a: e for a, e in arms.items() if e.get("bpd_kind", "exact") != "exact"}
+    if bounds:
+        ses = "; ".join(
+            f"{a}: " + ", ".join(_fmt(se, 4) for se in e.get("bpd_mc_se_per_seed", []) if se)
+            for a, e in bounds.items()
+        )
+        lines += [
+            "bpd kind: `exact` is the flow's exact likelihood of the dequantized data; "
+            "`IWAE-K` is the importance-weighted bound with K Monte Carlo samples per test "
+            "image (Flow-VAE: samples of eps; DenseFlow: samples of the cross-unit noise), an "
+            "upper bound on bits/dim in expectation, never exact. Monte Carlo standard error of "
+            f"each seed's IWAE-K bpd: {ses}.",
+            "",
+        ]
+    if "denseflow" in arms:
+        lines += [
+            "`denseflow`: its own architecture (DenseFlow-style Glow units with cross-unit "
+            "coupling, see the params column), so its difference from the other rows is not a "
+            "split-only comparison.",
+            "",
+        ]
+    if "haar" in arms:
+        lines += [
+            "`haar`: one flow on the finest (full-resolution) image with Haar-wavelet squeezes, "
+            "so its bits/dim is that of the finest image, comparable with the other rows (no "
+            "joint multi-resolution likelihood, cf. MSFlow Sec. 5).",
+            "",
+        ]
+    return lines
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The ``results.md`` report of a ``run`` or ``ablate-levels`` results dictionary."""
     config, arms, reference = results["config"], results["arms"], results["reference_arm"]
@@ -679,9 +827,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{config['levels']} levels, batch {config['batch_size']}, Adam lr {config['lr']}. "
         f"Every arm: same architecture, optimizer, epochs, seeds and initial weights per seed.",
         "",
-        f"| arm | bpd mean ± std | median | Δ mean vs {reference} | paired Δ per seed "
+        f"| arm | bpd kind | bpd mean ± std | median | Δ mean vs {reference} | paired Δ per seed "
         f"| wins | params | train s/seed | flagged |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in arms.items():
         diffs = entry.get(f"paired_diff_vs_{reference}", [])
@@ -696,12 +844,15 @@ def results_markdown(results: dict[str, Any]) -> str:
             ", ".join(f"seed {s}" for s, d in zip(entry["seeds"], entry["diverged"]) if d) or "none"
         )
         lines.append(
-            f"| {arm} | {_fmt(entry['bpd_mean'])} ± {_fmt(entry['bpd_std'])} "
+            f"| {arm} | {entry.get('bpd_kind', 'exact')} "
+            f"| {_fmt(entry['bpd_mean'])} ± {_fmt(entry['bpd_std'])} "
             f"| {_fmt(entry['bpd_median'])} | {delta} | {paired} | {wins} "
             f"| {entry['parameters']:,} | {entry['train_time_s_mean']:.1f} | {flagged} |"
         )
     nms = results.get("nms")
     lines += [""]
+    lines += _bound_notes(arms)
+    lines += _diagnostics_markdown(results.get("contribution_diagnostics") or [])
     if nms:
         lines.append(
             f"NMS flow (no split, seed 0, {config['nms_epochs']} epochs): "
@@ -814,7 +965,14 @@ def command_run(args: argparse.Namespace) -> dict[str, Any]:
         for arm in args.arms:
             runs[arm].append(_run_arm(exp, arm, maps, seed))
     reference = REFERENCE_ARM if REFERENCE_ARM in args.arms else args.arms[0]
-    results = _write_results(exp, runs, reference, nms, time.perf_counter() - start)
+    results = _write_results(
+        exp,
+        runs,
+        reference,
+        nms,
+        time.perf_counter() - start,
+        {"contribution_diagnostics": list(maps.diagnostics)},
+    )
     if exp.progress:
         print((exp.out / "results.md").read_text())
     return results

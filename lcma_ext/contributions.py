@@ -36,10 +36,13 @@ from tqdm import tqdm
 
 from lcma_ext.multiscale import LevelFactory, build_levels
 from lcma_ext.splits import (
+    DEFAULT_REGION_SIZE,
     FACTOR_OUT,
     NEAR_TIE_RTOL,
     PLACEMENTS,
     LCMASplit,
+    fit_region_size,
+    kept_block_positions,
     kept_shape,
     split_diagnostics,
 )
@@ -125,6 +128,8 @@ class ContributionMaps:
         levels: Sequence[nflows_base.Transform],
         factor_out: str = "low",
         check: bool = True,
+        granularity: str = "site",
+        region_size: int = DEFAULT_REGION_SIZE,
     ) -> list[Tensor]:
         """The maps at each split point in the layout of ``levels`` (split with LCMA).
 
@@ -133,13 +138,25 @@ class ContributionMaps:
             factor_out: ``"low"`` (LCMA) or ``"high"``: which dimensions survive each split,
                 hence which NMS contributions later split points see.
             check: Raise if ``levels`` differ from the stored ``level_positions``.
+            granularity: Granularity of the LCMA splits that decide the survivors (see
+                :class:`lcma_ext.splits.LCMASplit`); ``"region"`` tiles are capped at each
+                split point's grid (:func:`lcma_ext.splits.fit_region_size`).
+            region_size: Tile side for ``"region"``.
 
         Raises:
             RuntimeError: if ``check`` and the levels do not match.
         """
         if check:
             self.check_levels(levels)
-        tracked = _track(self.data_maps, levels, self.input_shape, self.placement, factor_out)
+        tracked = _track(
+            self.data_maps,
+            levels,
+            self.input_shape,
+            self.placement,
+            factor_out,
+            granularity,
+            region_size,
+        )
         return tracked["maps"]
 
     def splits(self, factor_out: str = "low") -> list[LCMASplit]:
@@ -205,6 +222,8 @@ def _track(
     input_shape: Sequence[int],
     placement: str,
     factor_out: str,
+    granularity: str = "site",
+    region_size: int = DEFAULT_REGION_SIZE,
 ) -> dict[str, list]:
     """Carry data indices through ``levels`` and LCMA splits; collect maps per split point."""
     if factor_out not in FACTOR_OUT:
@@ -224,7 +243,10 @@ def _track(
         if index == len(levels) - 1:
             break
         contribution = data_maps[index].detach().cpu().double().reshape(-1)[carried[0]]
-        split = LCMASplit(contribution, factor_out, placement)
+        size = region_size
+        if granularity == "region":
+            size = fit_region_size(contribution.shape, region_size, placement)
+        split = LCMASplit(contribution, factor_out, placement, granularity, size)
         factored, positions = split.carry(carried)
         out["maps"].append(contribution)
         out["factored"].append(factored[0])
@@ -428,8 +450,12 @@ def plot_contributions(
     One row per split point: for each data channel (at most ``max_channels``), the averaged
     cumulative contribution of the dimensions still in the flow at that split point (those
     factored out earlier are blank), and a mask in the paper's colours: green = kept (more
-    flow layers), orange = factored out here, grey = factored out earlier. Vector data is drawn
-    as a ``1 x D`` image. matplotlib is imported here, with the Agg backend.
+    flow layers), orange = factored out here, grey = factored out earlier. Image data gets a
+    last panel, the kept-position map: the kept pair of block positions at every site of the
+    split's block grid (channel groups side by side), titled with the share of sites that agree
+    with the channel-granularity choice and the kept-position entropy (see
+    :func:`lcma_ext.splits.split_diagnostics`). Vector data is drawn as a ``1 x D`` image.
+    matplotlib is imported here, with the Agg backend.
 
     Args:
         maps: Contribution maps with positions (from :func:`estimate_contributions`).
@@ -457,8 +483,9 @@ def plot_contributions(
     shape = maps.input_shape
     images = (lambda t: t.view(1, 1, -1)) if len(shape) == 1 else (lambda t: t)
     channels = min(max_channels, 1 if len(shape) == 1 else shape[0])
+    columns = 2 * channels + (len(shape) == 3)
     fig, axes = plt.subplots(
-        len(indices), 2 * channels, figsize=(3.2 * 2 * channels, 3.0 * len(indices)), squeeze=False
+        len(indices), columns, figsize=(3.2 * columns, 3.0 * len(indices)), squeeze=False
     )
     colours = ListedColormap(["#bdbdbd", "#ff9933", "#33aa33"])
     for row, index in enumerate(indices):
@@ -476,9 +503,41 @@ def plot_contributions(
                 category[channel].numpy(), cmap=colours, vmin=0, vmax=2, interpolation="nearest"
             )
             ax.set_title("kept (green) / factored (orange)", fontsize=9)
+        if len(shape) == 3:
+            _plot_kept_positions(fig, axes[row, -1], maps, index)
         for ax in axes[row]:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(str(path), dpi=100)
     plt.close(fig)
+
+
+def _plot_kept_positions(fig: Any, ax: Any, maps: ContributionMaps, index: int) -> None:
+    """The per-site kept pair of block positions at split point ``index`` (groups side by side)."""
+    from matplotlib.colors import ListedColormap
+
+    contribution = maps.maps[index]
+    kept, _ = kept_block_positions(contribution, maps.placement, maps.factor_out)
+    codes = (1 << kept).sum(1)  # (G, h, w) bitmask of the kept pair
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
+    category = torch.full(codes.shape, -1, dtype=torch.long)
+    for number, (a, b) in enumerate(pairs):
+        category[codes == (1 << a) + (1 << b)] = number
+    groups, h, w = category.shape
+    image = torch.full((h, groups * (w + 1) - 1), float("nan"))
+    for group in range(groups):
+        image[:, group * (w + 1) : group * (w + 1) + w] = category[group].double()
+    colours = ListedColormap(["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"])
+    shown = ax.imshow(image.numpy(), cmap=colours, vmin=-0.5, vmax=5.5, interpolation="nearest")
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, ticks=range(6))
+    names = ("TL", "TR", "BL", "BR")
+    bar.ax.set_yticklabels([f"{names[a]}+{names[b]}" for a, b in pairs], fontsize=7)
+    stats = split_diagnostics(contribution, maps.placement)
+    ax.set_title(
+        f"kept positions per site ({groups} group{'s' * (groups > 1)})\n"
+        f"agree w/ channel gran. {stats['agrees_with_channel_granularity']:.2f}, "
+        f"H {stats['kept_position_entropy']:.2f} bit"
+        + (" (of the low rule)" if maps.factor_out == "high" else ""),
+        fontsize=8,
+    )

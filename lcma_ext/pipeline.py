@@ -13,6 +13,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,14 @@ from lcma_ext.multiscale import (
     build_levels,
     level_output_shape,
 )
-from lcma_ext.splits import PLACEMENTS, SPLIT_NAMES
+from lcma_ext.splits import (
+    DEFAULT_REGION_SIZE,
+    GRANULAR_SPLIT_NAMES,
+    PLACEMENTS,
+    SPLIT_NAMES,
+    kept_shape,
+    make_split,
+)
 from lcma_ext.transforms import CompositeTransform, SqueezeTransform
 
 __all__ = [
@@ -83,6 +91,7 @@ def build_multiscale_transform(
     placement: str = "post_squeeze",
     levels: Sequence[nflows_base.Transform] | None = None,
     remap: bool = False,
+    region_size: int = DEFAULT_REGION_SIZE,
 ) -> ContributionMultiscaleFlow:
     """A multi-scale flow from ``level_factory`` with the named split at every split point.
 
@@ -90,23 +99,44 @@ def build_multiscale_transform(
         level_factory: ``level_factory(level_index, input_shape) -> Transform``.
         input_shape: Event shape of the data.
         num_levels: Number of levels (split points: ``num_levels - 1``).
-        split: One of :data:`lcma_ext.splits.SPLIT_NAMES`.
-        contributions: Required for ``"lcma"`` and ``"high"``; see
-            :meth:`ContributionMultiscaleFlow.from_contributions`.
+        split: One of :data:`lcma_ext.splits.SPLIT_NAMES` or
+            :data:`lcma_ext.splits.GRANULAR_SPLIT_NAMES` (``"lcma-channel"``, ``"lcma-region"``,
+            ``"high-channel"``, ``"high-region"``: LCMA with that granularity, see
+            docs/granularity.md).
+        contributions: Required for the LCMA names; see
+            :meth:`ContributionMultiscaleFlow.from_contributions`. With a
+            :class:`ContributionMaps`, later split points see the contributions of the
+            dimensions that the chosen split (granularity included) keeps.
         seed: Seed of the random split (split point ``l`` uses ``seed + l``).
         placement: ``"post_squeeze"`` or ``"squeeze"``; must match ``contributions``.
         levels: Prebuilt levels to use instead of the factory.
         remap: See :meth:`ContributionMultiscaleFlow.from_contributions`.
+        region_size: Tile side of the ``"*-region"`` splits, in sites of each split point's
+            grid of local blocks, capped at the grid (default 4).
 
     Raises:
         ValueError: for an unknown split name or missing contributions.
     """
-    if split not in SPLIT_NAMES:
-        raise ValueError(f"expected a split name in {SPLIT_NAMES}; got {split!r}")
+    if split not in SPLIT_NAMES + GRANULAR_SPLIT_NAMES:
+        raise ValueError(
+            f"expected a split name in {SPLIT_NAMES + GRANULAR_SPLIT_NAMES}; got {split!r}"
+        )
     if isinstance(contributions, ContributionMaps) and contributions.placement != placement:
         raise ValueError(
             f"expected placement {contributions.placement!r} (the contributions'); got "
             f"{placement!r}"
+        )
+    if split in GRANULAR_SPLIT_NAMES:
+        return _granular_multiscale(
+            level_factory,
+            input_shape,
+            num_levels,
+            split,
+            contributions,
+            placement,
+            levels,
+            remap,
+            region_size,
         )
     return ContributionMultiscaleFlow.from_contributions(
         level_factory,
@@ -119,6 +149,69 @@ def build_multiscale_transform(
         seed=seed,
         remap=remap,
     )
+
+
+def _granular_multiscale(
+    level_factory: LevelFactory,
+    input_shape: Sequence[int],
+    num_levels: int,
+    split: str,
+    contributions: ContributionMaps | Sequence[Any] | None,
+    placement: str,
+    levels: Sequence[nflows_base.Transform] | None,
+    remap: bool,
+    region_size: int,
+) -> ContributionMultiscaleFlow:
+    """:func:`build_multiscale_transform` for :data:`GRANULAR_SPLIT_NAMES`.
+
+    Levels are chosen as in :meth:`ContributionMultiscaleFlow.from_contributions`; the NMS
+    maps are tracked through splits of the same granularity.
+    """
+    if contributions is None:
+        raise ValueError(f"split {split!r} expected contributions; got None")
+    shape = tuple(int(size) for size in input_shape)
+    if isinstance(contributions, ContributionMaps):
+        if shape != tuple(contributions.input_shape):
+            raise ValueError(
+                f"expected input_shape {tuple(contributions.input_shape)} (from the maps); got "
+                f"{shape}"
+            )
+        if num_levels != contributions.num_levels:
+            raise ValueError(
+                f"expected num_levels {contributions.num_levels} (from the maps); got {num_levels}"
+            )
+        if levels is None and contributions.levels is not None:
+            levels = [copy.deepcopy(level) for level in contributions.levels]
+    if levels is None:
+        levels = build_levels(level_factory, shape, num_levels, placement)
+    levels = list(levels)
+    if len(levels) != num_levels:
+        raise ValueError(f"expected {num_levels} levels; got {len(levels)}")
+    rule, _, granularity = split.partition("-")
+    if isinstance(contributions, ContributionMaps):
+        maps = contributions.maps_for_levels(
+            levels,
+            "low" if rule == "lcma" else "high",
+            check=not remap,
+            granularity=granularity,
+            region_size=region_size,
+        )
+    else:
+        maps = list(contributions)
+        if len(maps) != num_levels - 1:
+            raise ValueError(
+                f"expected {num_levels - 1} maps for {num_levels} levels; got {len(maps)}"
+            )
+    splits = []
+    for index, level in enumerate(levels[:-1]):
+        output_shape = level_output_shape(level, shape)
+        splits.append(
+            make_split(
+                split, output_shape, maps[index], placement=placement, region_size=region_size
+            )
+        )
+        shape = kept_shape(output_shape, placement)
+    return ContributionMultiscaleFlow.from_levels(levels, input_shape, splits)
 
 
 def lcma_from_nms(

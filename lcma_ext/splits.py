@@ -31,6 +31,14 @@ preference order is the odd indices, then the even ones, so a constant vector ma
 :class:`CheckerboardSplit`. ``factor_out="high"`` swaps the two halves of that same ranking, so it
 keeps exactly the complement, ties included.
 
+Granularity (``LCMASplit(granularity=...)``, beyond the paper): the *block grid* of a split is
+its ``h x w`` grid of local blocks (``H x W`` for ``"post_squeeze"``, ``H/2 x W/2`` for
+``"squeeze"``), one per channel group. ``"site"`` (default, the paper) ranks every block on its
+own. ``"region"`` averages the map over tiles of ``region_size x region_size`` sites, separately
+for each channel group and block position, and applies one ranking to the whole tile.
+``"channel"`` is one tile covering the grid: one static choice per channel group, so kept
+channel ``2c`` (``2c + 1``) holds the same block position at every site. Ties break as above.
+
 All index-based splits precompute one flat permutation (a registered buffer, so it survives
 ``state_dict``) and apply it with a single ``index_select``; the backward pass is the inverse
 gather, so no scatter and no per-call index allocation.
@@ -52,7 +60,10 @@ from torch import Tensor, nn
 
 __all__ = [
     "BLOCK_PRIORITY",
+    "DEFAULT_REGION_SIZE",
     "FACTOR_OUT",
+    "GRANULARITIES",
+    "GRANULAR_SPLIT_NAMES",
     "NEAR_TIE_RTOL",
     "PLACEMENTS",
     "SPLIT_NAMES",
@@ -62,6 +73,8 @@ __all__ = [
     "LCMASplit",
     "RandomSplit",
     "Split",
+    "fit_region_size",
+    "kept_block_positions",
     "kept_shape",
     "make_split",
     "split_diagnostics",
@@ -71,6 +84,12 @@ __all__ = [
 PLACEMENTS = ("post_squeeze", "squeeze")
 SPLIT_NAMES = ("channel", "checkerboard", "random", "lcma", "high")
 FACTOR_OUT = ("low", "high")
+#: Granularity of the LCMA choice: per site (the paper), per tile of sites, per channel group.
+GRANULARITIES = ("site", "region", "channel")
+#: Default tile side (in sites of the block grid) of ``granularity="region"``.
+DEFAULT_REGION_SIZE = 4
+#: Split names of :func:`make_split` beyond :data:`SPLIT_NAMES`: ``<lcma|high>-<granularity>``.
+GRANULAR_SPLIT_NAMES = ("lcma-channel", "lcma-region", "high-channel", "high-region")
 #: Tie-break preference over block positions ``k = 2 dy + dx``: TL, BR, TR, BL.
 BLOCK_PRIORITY = (0, 3, 1, 2)
 #: Relative difference below which two contributions count as a near-tie in the diagnostics.
@@ -546,6 +565,120 @@ def check_contributions(contributions: Tensor, placement: str = "post_squeeze") 
     return contributions
 
 
+def _check_granularity(granularity: str, region_size: int) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"expected granularity in {GRANULARITIES}; got {granularity!r}")
+    if isinstance(region_size, bool) or not isinstance(region_size, int) or region_size < 1:
+        raise ValueError(f"expected region_size as a positive int; got {region_size!r}")
+
+
+def _block_grid(shape: Shape, placement: str) -> tuple[int, int]:
+    """``(h, w)``: the grid of local blocks of a 3D event ``shape`` under ``placement``."""
+    _, h, w = shape
+    return (h // 2, w // 2) if placement == "squeeze" else (h, w)
+
+
+def _tile(shape: Shape, placement: str, granularity: str, region_size: int) -> tuple[int, int]:
+    """Tile ``(th, tw)`` in sites that one ranking covers; raises if it does not tile the grid."""
+    h, w = _block_grid(shape, placement)
+    if granularity == "site":
+        return 1, 1
+    if granularity == "channel":
+        return h, w
+    if h % region_size or w % region_size:
+        raise ValueError(
+            f"granularity 'region' expected a region_size dividing the {h}x{w} grid of local "
+            f"blocks (input shape {shape}, placement {placement!r}); got region_size "
+            f"{region_size}"
+        )
+    return region_size, region_size
+
+
+def fit_region_size(
+    input_shape: Sequence[int], region_size: int, placement: str = "post_squeeze"
+) -> int:
+    """``region_size`` capped at the block grid of ``input_shape``: ``min(region_size, h, w)``.
+
+    Deeper split points have smaller grids (a ``2 x 2`` grid cannot hold a tile of side 4); a
+    capped tile then covers the whole grid, i.e. channel granularity there. Used by
+    :func:`make_split` for the ``"*-region"`` names. Vector shapes return ``region_size``.
+
+    Raises:
+        ValueError: for an unknown placement or a region_size that is not a positive int.
+    """
+    _check_placement(placement)
+    _check_granularity("region", region_size)
+    shape = _as_shape(input_shape)
+    if len(shape) != 3:
+        return region_size
+    return min(region_size, *_block_grid(shape, placement))
+
+
+def _rank_tiles(blocks: Tensor, tile: tuple[int, int]) -> Tensor:
+    """:func:`_rank_blocks` of the tile means of ``blocks`` ``(G, 4, h, w)``, spread per site."""
+    th, tw = tile
+    if (th, tw) == (1, 1):
+        return _rank_blocks(blocks)
+    groups, _, h, w = blocks.shape
+    pooled = blocks.reshape(groups, 4, h // th, th, w // tw, tw).mean(dim=(3, 5))
+    return _rank_blocks(pooled).repeat_interleave(th, dim=2).repeat_interleave(tw, dim=3)
+
+
+@torch.no_grad()
+def kept_block_positions(
+    contributions: Tensor,
+    placement: str = "post_squeeze",
+    factor_out: str = "low",
+    granularity: str = "site",
+    region_size: int = DEFAULT_REGION_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """Block positions kept and factored out by the LCMA rule at every site.
+
+    Args:
+        contributions: One map ``(C, H, W)`` in the split's input layout (see
+            :class:`LCMASplit`), or ``(D,)``.
+        placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+        factor_out: ``"low"`` (the paper) or ``"high"``.
+        granularity: ``"site"`` (the paper), ``"region"`` or ``"channel"``.
+        region_size: Tile side in sites for ``"region"``; must divide the block grid.
+
+    Returns:
+        ``(kept, factored)``: long tensors ``(G, 2, h, w)`` of block positions
+        ``k = 2 dy + dx`` in increasing order (``G`` channel groups on an ``h x w`` grid of
+        local blocks). Vector data: the kept (``D // 2``) and factored (``D - D // 2``) indices,
+        sorted.
+
+    Raises:
+        ValueError: for an invalid map, an unknown ``factor_out``/``granularity``, a
+            ``region_size`` that does not divide the grid, or ``"region"``/``"channel"`` on
+            vector data (no sites).
+    """
+    if factor_out not in FACTOR_OUT:
+        raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {factor_out!r}")
+    _check_granularity(granularity, region_size)
+    values = check_contributions(contributions, placement).detach().to("cpu", torch.float64)
+    shape = tuple(values.shape)
+    if len(shape) == 1:
+        if granularity != "site":
+            raise ValueError(
+                f"granularity {granularity!r} expected an image map (C, H, W) with sites; got "
+                f"a vector map of shape {shape} (use granularity='site')"
+            )
+        ranked = _rank_vector(values)
+        if factor_out == "high":  # the reverse ranking; factored keeps ceil(D / 2)
+            ranked = torch.flip(ranked, [0])
+        kept, factored = ranked[: shape[0] // 2], ranked[shape[0] // 2 :]
+        return torch.sort(kept).values, torch.sort(factored).values
+    tile = _tile(shape, placement, granularity, region_size)
+    if placement == "squeeze":
+        values = _squeeze_layout(values)
+    c4, h, w = values.shape
+    ranked = _rank_tiles(values.view(c4 // 4, 4, h, w), tile)
+    high = torch.sort(ranked[:, :2], dim=1).values
+    low = torch.sort(ranked[:, 2:], dim=1).values
+    return (high, low) if factor_out == "low" else (low, high)
+
+
 class LCMASplit(IndexSplit):
     """The paper's likelihood-contribution split (local max- and min-pooling).
 
@@ -554,18 +687,35 @@ class LCMASplit(IndexSplit):
     lowest are factored out; ``factor_out="high"`` does the reverse (ablation). Ties break by
     :data:`BLOCK_PRIORITY`. Vector data: keep the ``D // 2`` highest.
 
+    ``granularity`` (beyond the paper) chooses how many sites share one choice: ``"site"``
+    (default: the paper, every block on its own), ``"region"`` (one choice per tile of
+    ``region_size x region_size`` sites, ranked by the tile's mean contribution of each block
+    position) or ``"channel"`` (one choice per channel group for the whole image: a static
+    split derived from data, so each kept channel holds the same block position everywhere).
+    The kept block positions are stored in the buffer ``kept_positions`` and the granularity in
+    ``granularity_code``, so both survive ``state_dict`` (loading a state also restores
+    :attr:`granularity` and :attr:`region_size`).
+
     Args:
         contributions: Averaged cumulative contribution map of one event in the layout of this
             split's input: ``(4C, H, W)`` for ``"post_squeeze"``, ``(C, H, W)`` for
             ``"squeeze"``, or ``(D,)``. Stored as a buffer.
         factor_out: ``"low"`` (the paper) or ``"high"``.
         placement: ``"post_squeeze"`` (default) or ``"squeeze"``; ignored for vector data.
+        granularity: ``"site"`` (default), ``"region"`` or ``"channel"``. Vector data has no
+            sites and accepts only ``"site"``.
+        region_size: Tile side in sites of the block grid for ``"region"`` (default 4); must
+            divide both sides of the grid (:func:`fit_region_size` caps it at the grid).
+            ``region_size=1`` equals ``"site"``; a tile covering the grid equals ``"channel"``.
 
     Raises:
-        ValueError: for a map that is not finite or whose shape the placement cannot split.
+        ValueError: for a map that is not finite or whose shape the placement cannot split, an
+            unknown granularity, a region_size that does not divide the block grid, or a
+            granularity other than ``"site"`` on vector data.
 
     Shapes:
         x: ``(B, *contributions.shape)``; outputs as :class:`ChannelSplit`'s.
+        kept_positions: ``(G, 2, h, w)`` block positions (vector data: ``(D // 2,)`` indices).
 
     References:
         S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture
@@ -573,40 +723,70 @@ class LCMASplit(IndexSplit):
     """
 
     def __init__(
-        self, contributions: Tensor, factor_out: str = "low", placement: str = "post_squeeze"
+        self,
+        contributions: Tensor,
+        factor_out: str = "low",
+        placement: str = "post_squeeze",
+        granularity: str = "site",
+        region_size: int = DEFAULT_REGION_SIZE,
     ) -> None:
         if factor_out not in FACTOR_OUT:
             raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {factor_out!r}")
+        _check_granularity(granularity, region_size)
         check_contributions(contributions, placement)
+        if contributions.dim() == 3:
+            _tile(tuple(contributions.shape), placement, granularity, region_size)
         super().__init__(None, placement)
         self.factor_out = factor_out
+        self.granularity = granularity
+        self.region_size = region_size
         self.register_buffer("contributions", contributions.detach().clone())
+        self.register_buffer("kept_positions", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("granularity_code", self._code(granularity, region_size))
         self.bind(tuple(contributions.shape))
 
+    @staticmethod
+    def _code(granularity: str, region_size: int) -> Tensor:
+        return torch.tensor([GRANULARITIES.index(granularity), region_size], dtype=torch.long)
+
     def _build_index(self, shape):
-        values = self.contributions.detach().to("cpu", torch.float64)
+        kept, factored = kept_block_positions(
+            self.contributions, self.placement, self.factor_out, self.granularity, self.region_size
+        )
+        self.kept_positions = kept.to(self.index.device)
         if len(shape) == 1:
-            ranked = _rank_vector(values)
-            if self.factor_out == "high":  # the reverse ranking; factored keeps ceil(D / 2)
-                ranked = torch.flip(ranked, [0])
-            kept, factored = ranked[: shape[0] // 2], ranked[shape[0] // 2 :]
-            return torch.sort(factored).values, torch.sort(kept).values
+            return factored, kept
         positions, (c4, h, w) = _block_layout(shape, self.placement)
-        if positions is not None:
-            values = _squeeze_layout(values)
-        ranked = _rank_blocks(values.view(c4 // 4, 4, h, w))
-        high = torch.sort(ranked[:, :2], dim=1).values
-        low = torch.sort(ranked[:, 2:], dim=1).values
-        kept, factored = (high, low) if self.factor_out == "low" else (low, high)
         factored_index, kept_index = _block_index(kept, factored, c4, h, w)
         return _compose(positions, factored_index), _compose(positions, kept_index)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # States saved before the granularity option hold a site-granularity split: derive the
+        # new buffers from the stored map so that such checkpoints still load strictly.
+        stored = state_dict.get(prefix + "contributions")
+        if stored is not None and prefix + "granularity_code" not in state_dict:
+            state_dict[prefix + "granularity_code"] = self._code("site", DEFAULT_REGION_SIZE)
+            if prefix + "kept_positions" not in state_dict:
+                kept, _ = kept_block_positions(stored, self.placement, self.factor_out)
+                state_dict[prefix + "kept_positions"] = kept
+        code = state_dict.get(prefix + "granularity_code")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if code is not None and code.numel() == 2:
+            self.granularity = GRANULARITIES[int(code[0])]
+            self.region_size = int(code[1])
+
     def diagnostics(self, rtol: float = NEAR_TIE_RTOL) -> dict[str, Any]:
-        """Tie and static-split diagnostics of this split's map; see :func:`split_diagnostics`."""
+        """Tie and static-split diagnostics of this split's map; see :func:`split_diagnostics`.
+
+        They describe the per-site (paper) rule on the map, whatever this split's granularity.
+        """
         return split_diagnostics(self.contributions, self.placement, rtol)
 
     def extra_repr(self) -> str:
-        return f"factor_out={self.factor_out!r}, " + super().extra_repr()
+        granularity = f"granularity={self.granularity!r}, "
+        if self.granularity == "region":
+            granularity += f"region_size={self.region_size}, "
+        return f"factor_out={self.factor_out!r}, " + granularity + super().extra_repr()
 
 
 def make_split(
@@ -615,13 +795,17 @@ def make_split(
     contributions: Tensor | None = None,
     seed: int = 0,
     placement: str = "post_squeeze",
+    region_size: int = DEFAULT_REGION_SIZE,
 ) -> Split:
-    """Build a split by name (one of :data:`SPLIT_NAMES`) for inputs of ``input_shape``.
+    """Build a split by name (:data:`SPLIT_NAMES` or :data:`GRANULAR_SPLIT_NAMES`).
 
-    ``"high"`` is ``LCMASplit(contributions, factor_out="high")``.
+    ``"high"`` is ``LCMASplit(contributions, factor_out="high")``. ``"lcma-channel"``,
+    ``"lcma-region"``, ``"high-channel"`` and ``"high-region"`` are :class:`LCMASplit` with
+    that ``factor_out`` (``lcma``: ``"low"``) and granularity; for ``"*-region"`` the tile side
+    is ``fit_region_size(input_shape, region_size, placement)``, i.e. capped at the block grid.
 
     Raises:
-        ValueError: for an unknown name, a missing contribution map for ``"lcma"``/``"high"``,
+        ValueError: for an unknown name, a missing contribution map for the LCMA names,
             or a map whose shape differs from ``input_shape``.
     """
     shape = _as_shape(input_shape)
@@ -631,7 +815,7 @@ def make_split(
         return CheckerboardSplit(shape, placement=placement)
     if name == "random":
         return RandomSplit(seed=seed, input_shape=shape, placement=placement)
-    if name in ("lcma", "high"):
+    if name in ("lcma", "high", *GRANULAR_SPLIT_NAMES):
         if contributions is None:
             raise ValueError(f"split {name!r} expected a contribution map; got None")
         if tuple(contributions.shape) != shape:
@@ -639,8 +823,22 @@ def make_split(
                 f"expected a contribution map of shape {shape} (the split's input shape); got "
                 f"{tuple(contributions.shape)}"
             )
-        return LCMASplit(contributions, "low" if name == "lcma" else "high", placement)
-    raise ValueError(f"expected a split name in {SPLIT_NAMES}; got {name!r}")
+        rule, _, granularity = name.partition("-")
+        factor_out = "low" if rule == "lcma" else "high"
+        if granularity == "region":
+            region_size = fit_region_size(shape, region_size, placement)
+        return LCMASplit(contributions, factor_out, placement, granularity or "site", region_size)
+    raise ValueError(f"expected a split name in {SPLIT_NAMES + GRANULAR_SPLIT_NAMES}; got {name!r}")
+
+
+#: Bitmasks (bit ``k`` = block position ``k``) of the six possible kept pairs.
+_PAIR_CODES = (3, 5, 9, 6, 10, 12)
+
+
+def _mean_entropy_bits(shares: Tensor) -> float:
+    """Mean over rows of the entropy in bits of each row's distribution (``0 log 0 = 0``)."""
+    terms = torch.where(shares > 0, -shares * torch.log2(shares), torch.zeros_like(shares))
+    return float(terms.sum(1).mean()) + 0.0  # + 0.0: no -0.0
 
 
 def _pattern_name(mask: int) -> str:
@@ -668,7 +866,14 @@ def split_diagnostics(
         pattern over all blocks), ``differs_from_group_modal`` (from the most common pattern of
         the block's own channel group; 0.0 means the split is spatially static per channel, a
         static split in disguise), ``kept_overlap_with_channel`` (fraction of kept dimensions
-        that ChannelSplit also keeps) and ``patterns`` (count per kept pattern, e.g. "TL+BR").
+        that ChannelSplit also keeps), ``patterns`` (count per kept pattern, e.g. "TL+BR"),
+        and the spatial consistency of the per-site choice: ``agrees_with_channel_granularity``
+        (fraction of blocks whose kept set equals the ``granularity="channel"`` choice of their
+        channel group), ``kept_position_entropy`` (mean over channel groups of the entropy, in
+        bits, of the histogram of kept block positions over the group's sites: 1.0 when every
+        site keeps the same two positions, 2.0 when each position is kept at half the sites)
+        and ``kept_pattern_entropy`` (likewise over the six kept pairs: 0.0 for a spatially
+        static choice, at most ``log2(6)``). Vector data has one block: 1.0, 0.0 and 0.0.
     """
     values = check_contributions(contributions, placement).detach().to("cpu", torch.float64)
     if values.dim() == 1:
@@ -692,6 +897,9 @@ def split_diagnostics(
             "differs_from_group_modal": 0.0,
             "kept_overlap_with_channel": float((kept & channel_kept).sum() / max(d // 2, 1)),
             "patterns": {},
+            "agrees_with_channel_granularity": 1.0,
+            "kept_position_entropy": 0.0,
+            "kept_pattern_entropy": 0.0,
         }
     if placement == "squeeze":
         values = _squeeze_layout(values)
@@ -713,6 +921,13 @@ def split_diagnostics(
     modal = int(codes[torch.argmax(counts)])
     group_modal = torch.mode(mask.view(groups, -1), dim=1).values.view(groups, 1, 1)
     overlap = (kept_mask.bool() & channel_kept.view(groups, 4, 1, 1)).sum()
+    static = _rank_tiles(blocks, (h, w))[:, :2, :1, :1]  # channel granularity, one per group
+    static_mask = torch.zeros(groups, 4, 1, 1, dtype=torch.long).scatter(1, static, 1)
+    agrees = mask == (static_mask * weights).sum(1)
+    position_share = kept_mask.double().mean(dim=(2, 3)) / 2  # (G, 4), rows sum to 1
+    pattern_share = torch.stack(
+        [(mask == code).double().mean(dim=(1, 2)) for code in _PAIR_CODES], dim=1
+    )  # (G, 6)
     return {
         "blocks": int(mask.numel()),
         "ties": int(ties.sum()),
@@ -723,4 +938,7 @@ def split_diagnostics(
         "differs_from_group_modal": float((mask != group_modal).double().mean()),
         "kept_overlap_with_channel": float(overlap / (2 * mask.numel())),
         "patterns": {_pattern_name(int(code)): int(count) for code, count in zip(codes, counts)},
+        "agrees_with_channel_granularity": float(agrees.double().mean()),
+        "kept_position_entropy": _mean_entropy_bits(position_share),
+        "kept_pattern_entropy": _mean_entropy_bits(pattern_share),
     }

@@ -53,6 +53,10 @@ def test_quick_run_writes_every_output(quick_run):
     assert math.isfinite(results["nms"]["test_bpd"])
     table = (out / "results.md").read_text()
     assert "| lcma |" in table and "paired Δ per seed" in table and "median" in table
+    diagnostics = results["contribution_diagnostics"]
+    assert [d["blocks"] for d in diagnostics] == [16, 8]  # 4x4x4 then 8x2x2 groups of 4
+    assert all(0.0 <= d["differs_from_channel"] <= 1.0 for d in diagnostics)
+    assert "| split | blocks | ties |" in table
 
 
 def test_rerun_resumes_without_retraining(quick_run, capsys):
@@ -83,6 +87,26 @@ def test_interrupted_arm_resumes_from_its_checkpoint(quick_run, tmp_path):
     new = json.loads((out / "runs" / "random_seed1.json").read_text())
     assert new["test_bpd"] == pytest.approx(old["test_bpd"], rel=1e-6)
     assert new["train_bpd_curve"] == old["train_bpd_curve"]
+
+
+def test_granularity_arms_run_beside_the_defaults(quick_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "granularity"
+    shutil.copytree(quick_run, out)
+    arms = "lcma,lcma-channel,high-region"
+    assert main([*QUICK, "--out", str(out), "--arms", arms]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == arms.split(",") and results["reference_arm"] == "lcma"
+    first = json.loads((quick_run / "results.json").read_text())
+    assert results["arms"]["lcma"]["bpd_per_seed"] == first["arms"]["lcma"]["bpd_per_seed"]
+    for arm in ("lcma-channel", "high-region"):
+        assert all(math.isfinite(b) for b in results["arms"][arm]["bpd_per_seed"]), arm
+        assert (out / "checkpoints" / f"{arm}_seed1.pt").is_file()
+        assert results["arms"][arm]["parameters"] == results["arms"]["lcma"]["parameters"]
+    # another tile size is another configuration
+    assert main([*QUICK, "--out", str(out), "--arms", "lcma-region", "--region-size", "2"]) == 2
+    assert "region_size" in capsys.readouterr().err
 
 
 def test_contributions_command(quick_run, tmp_path):

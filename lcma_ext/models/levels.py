@@ -35,6 +35,7 @@ __all__ = [
     "MODELS",
     "SIZES",
     "SIZE_NAMES",
+    "SQUEEZES",
     "LevelFactory",
     "glow_level_factory",
     "iresnet_level_factory",
@@ -101,6 +102,22 @@ def _squeezed(level_index: int, input_shape: Sequence[int]) -> tuple[int, int, i
     return 4 * c, h // 2, w // 2
 
 
+#: Names of the squeeze at the start of every level: nflows' pixel shuffle or the orthonormal Haar
+#: wavelet squeeze (:class:`lcma_ext.transforms.HaarSqueezeTransform`, log-det 0; its default
+#: subband order makes a channel split factor out the high-frequency subbands first).
+SQUEEZES = ("pixel", "haar")
+
+
+def _check_squeeze(squeeze: str) -> None:
+    if squeeze not in SQUEEZES:
+        raise ValueError(f"expected squeeze in {SQUEEZES}; got {squeeze!r}")
+
+
+def _squeeze_layer(squeeze: str) -> Transform:
+    _check_squeeze(squeeze)
+    return T.HaarSqueezeTransform() if squeeze == "haar" else T.SqueezeTransform()
+
+
 def _half_mask(channels: int, flip: bool) -> torch.Tensor:
     mask = torch.zeros(channels, dtype=torch.long)
     mask[channels // 2 :] = 1
@@ -113,21 +130,25 @@ def realnvp_level_factory(
     hidden: int | None = None,
     blocks: int | None = None,
     steps: int | None = None,
+    squeeze: str = "pixel",
 ) -> LevelFactory:
     """RealNVP level: squeeze, ``steps`` checkerboard couplings, ``steps`` channel couplings.
 
     Checkerboard couplings alternate parity and are skipped on a ``1 x 1`` grid; channel
     couplings alternate which half of the channels they transform. Each coupling network is a
     weight-normalized :class:`ConvResNet` (``hidden`` channels, ``blocks`` residual blocks).
+    ``squeeze="haar"`` starts each level with the Haar squeeze instead of nflows' (one of
+    :data:`SQUEEZES`).
     """
     config = _resolve("realnvp", size, {"hidden": hidden, "blocks": blocks, "steps": steps})
+    _check_squeeze(squeeze)
 
     def net(in_channels: int, out_channels: int) -> ConvResNet:
         return ConvResNet(in_channels, out_channels, config["hidden"], config["blocks"])
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, height, width = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [T.SqueezeTransform()]
+        layers: list[Transform] = [_squeeze_layer(squeeze)]
         if height * width >= 2:
             layers += [
                 CheckerboardAffineCouplingTransform(channels, net, parity=k % 2)
@@ -150,21 +171,23 @@ def glow_level_factory(
     blocks: int | None = None,
     steps: int | None = None,
     attribution: str = "svd-energy",
+    squeeze: str = "pixel",
 ) -> LevelFactory:
     """Glow level: squeeze, then ``steps`` x [ActNorm, invertible 1x1 conv, affine coupling].
 
     The coupling is nflows' (``scale = sigmoid(h + 2) + 1e-3``, as in Glow). ``attribution``
     chooses how the 1x1 convolution's log|det| is shared among channels (paper Eq. 5: singular
-    values; see :mod:`lcma_ext.transforms.lu`).
+    values; see :mod:`lcma_ext.transforms.lu`). ``squeeze`` is one of :data:`SQUEEZES`.
     """
     config = _resolve("glow", size, {"hidden": hidden, "blocks": blocks, "steps": steps})
+    _check_squeeze(squeeze)
 
     def net(in_channels: int, out_channels: int) -> ConvResNet:
         return ConvResNet(in_channels, out_channels, config["hidden"], config["blocks"])
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, _, _ = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [T.SqueezeTransform()]
+        layers: list[Transform] = [_squeeze_layer(squeeze)]
         for k in range(config["steps"]):
             layers += [
                 T.ActNorm(channels),
@@ -195,7 +218,7 @@ def _residual_factory(family: str, config: dict[str, int], **block_kwargs: Any) 
     accepted = inspect.signature(block_class).parameters
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
-        channels, _, _ = _squeezed(level_index, input_shape)
+        channels, height, width = _squeezed(level_index, input_shape)
         layers: list[Transform] = [T.SqueezeTransform()]
         for _ in range(config["steps"]):
             kwargs = {k: v for k, v in block_kwargs.items() if k in accepted}
@@ -203,7 +226,8 @@ def _residual_factory(family: str, config: dict[str, int], **block_kwargs: Any) 
                 kwargs["hidden_channels"] = config["hidden"]
             if family == "resflow" and "ActNorm" not in kwargs:
                 layers.append(T.ActNorm(channels))
-            layers.append(block_class(channels, **kwargs))
+            # The squeezed image shape: the conv net normalizes its true operator norm on it.
+            layers.append(block_class((channels, height, width), **kwargs))
         return T.CompositeTransform(layers)
 
     return factory

@@ -14,6 +14,7 @@ from lcma_ext.normflows.adapters import (
     carry_data_to_noise,
     data_to_noise_with_diag,
 )
+from lcma_ext.normflows.residual import InvertibleResNetBlock, ResidualFlowBlock
 from lcma_ext.normflows.splits import LCMASplit, SplitMerge
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "AffineCouplingBlock",
     "GlowBlock",
     "Invertible1x1Conv",
+    "InvertibleResNetBlock",
     "LCMASplit",
     "Permute",
+    "ResidualFlowBlock",
     "SplitMerge",
     "Squeeze",
     "carry_data_to_noise",

@@ -31,8 +31,11 @@ from lcma_ext import splits as core
 __all__ = ["LCMASplit", "SplitMerge"]
 
 
-class SplitMerge(nf.flows.Flow):
+class SplitMerge(nf.flows.Merge):
     """A normflows merge built from any :class:`lcma_ext.splits.Split` (log-det 0).
+
+    It subclasses ``normflows.flows.Merge``, so code that checks for a merge accepts it; the
+    split object replaces normflows' ``mode`` (channel or checkerboard halves).
 
     Args:
         split: A bound split (an index split built with its input shape, or a ChannelSplit).
@@ -43,7 +46,7 @@ class SplitMerge(nf.flows.Flow):
     """
 
     def __init__(self, split: core.Split) -> None:
-        super().__init__()
+        super().__init__(mode="channel")
         if not isinstance(split, core.Split):
             raise TypeError(f"expected a lcma_ext.splits.Split; got {type(split).__name__}")
         self.split = split

@@ -20,20 +20,31 @@ from lcma_ext.transforms.coupling import (
     AffineCouplingTransform,
     PiecewiseRationalQuadraticCouplingTransform,
 )
+from lcma_ext.transforms.cross_unit import CrossUnitCoupling
+from lcma_ext.transforms.haar import HAAR_SUBBANDS, HaarSqueezeTransform, haar_matrix
 from lcma_ext.transforms.lu import ATTRIBUTIONS, LULinear, OneByOneConvolution, svd_attribution
 from lcma_ext.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
 from lcma_ext.transforms.normalization import ActNorm
 from lcma_ext.transforms.permutations import Permutation, RandomPermutation, ReversePermutation
 from lcma_ext.transforms.reshape import SqueezeTransform
+from lcma_ext.transforms.residual import (
+    InvertibleResNetBlock,
+    ResidualFlowBlock,
+    low_variance_estimation,
+)
 
 __all__ = [
     "ATTRIBUTIONS",
+    "HAAR_SUBBANDS",
     "ActNorm",
     "AdditiveCouplingTransform",
     "AffineCouplingTransform",
     "CompositeTransform",
+    "CrossUnitCoupling",
     "DiagMixin",
     "DiagTransform",
+    "HaarSqueezeTransform",
+    "InvertibleResNetBlock",
     "LULinear",
     "MaskedAffineAutoregressiveTransform",
     "OneByOneConvolution",
@@ -41,11 +52,14 @@ __all__ = [
     "PiecewiseRationalQuadraticCDF",
     "PiecewiseRationalQuadraticCouplingTransform",
     "RandomPermutation",
+    "ResidualFlowBlock",
     "ReversePermutation",
     "SqueezeTransform",
     "carry_positions",
     "check_diag",
+    "haar_matrix",
     "is_diag_aware",
+    "low_variance_estimation",
     "require_diag_aware",
     "svd_attribution",
 ]
