@@ -529,3 +529,26 @@ def test_normflows_wrapper_log_prob_and_sampling(name):
     with torch.no_grad():
         samples, log_q = model.sample(4)
     torch.testing.assert_close(model.log_prob(samples), log_q, rtol=1e-6, atol=1e-6)
+
+
+def test_normflows_wrappers_inside_data_to_noise_with_diag():
+    from lcma_ext import normflows as lnf
+
+    torch.manual_seed(0)
+    flows = [
+        lnf.ActNorm((2, 2, 2)),
+        lnf.ResidualFlowBlock((2, 2, 2), hidden_channels=6, exact=True),
+        lnf.InvertibleResNetBlock((2, 2, 2), hidden_channels=6, exact=True),
+    ]
+    x = _inputs((2, 2, 2), batch=3)
+    for flow in flows:
+        flow.double().eval()  # eval: no spectral-norm update between the two passes
+    lnf.data_to_noise_with_diag(flows, x)  # data-initializes ActNorm
+    z, log_det, diag = lnf.data_to_noise_with_diag(flows, x)
+    expected_z, expected = x, torch.zeros(3, dtype=torch.float64)
+    for flow in reversed(flows):
+        expected_z, step = flow.inverse(expected_z)
+        expected = expected + step
+    torch.testing.assert_close(z, expected_z)
+    torch.testing.assert_close(log_det, expected)
+    torch.testing.assert_close(diag.flatten(1).sum(1), log_det)

@@ -225,6 +225,8 @@ def data_to_noise_with_diag(
     if isinstance(flow, nf.flows.Permute):
         _check_permute(flow, z)
         return _rearrangement(flow, z, diag)
+    if callable(getattr(flow, "forward_with_diag", None)):  # e.g. lcma_ext's residual wrappers
+        return flow.forward_with_diag(z, None, diag)
     carry_data_to_noise(flow, z)  # raises the TypeError naming the class
     raise AssertionError("unreachable")
 
