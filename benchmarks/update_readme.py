@@ -1,13 +1,15 @@
 """Copy the results of an ``lcma-ext run`` into README.md (never edit those figures by hand).
 
-The table between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is replaced
+The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is replaced
 by the run's ``results.md``, and the run's contribution heatmap of the first split point is
-copied to ``docs/images/contributions_level0.png``, which README.md shows.
+copied to ``docs/images/contributions_level0.png``, which README.md shows. ``--marker NAME``
+replaces the ``<!-- NAME:start -->`` block instead (and copies no image).
 
 Usage::
 
     lcma-ext run --out runs/default          # the default comparison
     python benchmarks/update_readme.py runs/default
+    python benchmarks/update_readme.py runs/granularity --marker granularity
 """
 
 from __future__ import annotations
@@ -17,29 +19,33 @@ import shutil
 import sys
 from pathlib import Path
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def splice(readme: str, block: str) -> str:
-    """Replace the text between the markers of ``readme`` with ``block``."""
-    if readme.count(START) != 1 or readme.count(END) != 1:
+def splice(readme: str, block: str, marker: str = "results") -> str:
+    """Replace the text between the ``<!-- marker:start/end -->`` lines of ``readme``."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    if readme.count(start) != 1 or readme.count(end) != 1:
         raise ValueError(
-            f"expected one {START} and one {END} marker in README.md; got another count"
+            f"expected one {start} and one {end} marker in README.md; got another count"
         )
-    head, rest = readme.split(START)
-    _, tail = rest.split(END)
-    return f"{head}{START}\n{block.strip()}\n{END}{tail}"
+    head, rest = readme.split(start)
+    _, tail = rest.split(end)
+    return f"{head}{start}\n{block.strip()}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="--out folder of a finished lcma-ext run")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument(
+        "--marker", default="results", help="README block to replace (default: results)"
+    )
     args = parser.parse_args(argv)
     results = args.run / "results.md"
     heatmap = args.run / "contributions_level0.png"
-    for path in (results, heatmap):
+    copy_image = args.marker == "results"
+    for path in (results, heatmap) if copy_image else (results,):
         if not path.is_file():
             print(f"update_readme: expected {path} from a finished run; got none", file=sys.stderr)
             return 2
@@ -48,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(
         "###" + line[1:] if line.startswith("# ") else line for line in table.splitlines()
     )
-    args.readme.write_text(splice(args.readme.read_text(), table))
+    args.readme.write_text(splice(args.readme.read_text(), table, args.marker))
+    if not copy_image:
+        print(f"updated the {args.marker} block of {args.readme}")
+        return 0
     images = args.readme.parent / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(heatmap, images / "contributions_level0.png")
