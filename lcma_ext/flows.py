@@ -6,11 +6,19 @@ from typing import Literal
 
 import torch
 from nflows.flows import Flow
-from torch import Tensor
+from torch import Tensor, nn
 
 from lcma_ext.transforms.base import carry_positions, require_diag_aware
 
-__all__ = ["log_prob_with_contributions"]
+__all__ = ["flow_dtype_device", "log_prob_with_contributions"]
+
+
+def flow_dtype_device(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """dtype and device of ``flow``'s first parameter (default dtype and CPU if it has none)."""
+    parameter = next(iter(flow.parameters()), None)
+    if parameter is None:
+        return torch.get_default_dtype(), torch.device("cpu")
+    return parameter.dtype, parameter.device
 
 
 def log_prob_with_contributions(

@@ -27,7 +27,13 @@ from lcma_ext.splits import (
 )
 from lcma_ext.transforms.base import DiagMixin, carry_positions, require_diag_aware
 
-__all__ = ["ContributionMultiscaleFlow", "LevelFactory", "build_levels", "level_output_shape"]
+__all__ = [
+    "ContributionMultiscaleFlow",
+    "LevelFactory",
+    "build_levels",
+    "check_level_arguments",
+    "level_output_shape",
+]
 
 LevelFactory = Callable[[int, tuple[int, ...]], nflows_base.Transform]
 
@@ -35,6 +41,14 @@ LevelFactory = Callable[[int, tuple[int, ...]], nflows_base.Transform]
 def level_output_shape(level: nflows_base.Transform, input_shape: Sequence[int]) -> tuple[int, ...]:
     """Event shape of ``level``'s outputs, found without running data through it (``carry``)."""
     return tuple(carry_positions(require_diag_aware(level), tuple(input_shape)).shape)
+
+
+def check_level_arguments(num_levels: int, placement: str) -> None:
+    """Raise ``ValueError`` unless ``num_levels`` is a positive int and ``placement`` is known."""
+    if not isinstance(num_levels, int) or num_levels < 1:
+        raise ValueError(f"expected num_levels as a positive int; got {num_levels!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"expected placement in {PLACEMENTS}; got {placement!r}")
 
 
 def build_levels(
@@ -53,10 +67,7 @@ def build_levels(
             cannot split.
         TypeError: if the factory returns a transform that is not diag-aware.
     """
-    if not isinstance(num_levels, int) or num_levels < 1:
-        raise ValueError(f"expected num_levels as a positive int; got {num_levels!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"expected placement in {PLACEMENTS}; got {placement!r}")
+    check_level_arguments(num_levels, placement)
     shape = tuple(int(size) for size in input_shape)
     levels = []
     for index in range(num_levels):

@@ -24,12 +24,12 @@ from lcma_ext.multiscale import (
     ContributionMultiscaleFlow,
     LevelFactory,
     build_levels,
+    check_level_arguments,
     level_output_shape,
 )
 from lcma_ext.splits import (
     DEFAULT_REGION_SIZE,
     GRANULAR_SPLIT_NAMES,
-    PLACEMENTS,
     SPLIT_NAMES,
     kept_shape,
     make_split,
@@ -64,10 +64,7 @@ def build_nms_transform(
     Raises:
         ValueError: for ``num_levels < 1`` or an unknown placement.
     """
-    if not isinstance(num_levels, int) or num_levels < 1:
-        raise ValueError(f"expected num_levels as a positive int; got {num_levels!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"expected placement in {PLACEMENTS}; got {placement!r}")
+    check_level_arguments(num_levels, placement)
     shape = tuple(int(size) for size in input_shape)
     levels = []
     for index in range(num_levels):

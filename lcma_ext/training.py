@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 from nflows.flows import Flow
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from lcma_ext.data.preprocess import LogitPreprocessing
+from lcma_ext.flows import flow_dtype_device
 from lcma_ext.models.nets import scale_parameters
 
 __all__ = [
@@ -119,13 +120,6 @@ def _batch_bpd(
     return preprocessing.bits_per_dim(log_prob, logit_logdet, y[0].numel())
 
 
-def _flow_dtype_device(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
-    parameter = next(iter(flow.parameters()), None)
-    if parameter is None:
-        return torch.get_default_dtype(), torch.device("cpu")
-    return parameter.dtype, parameter.device
-
-
 @torch.no_grad()
 def evaluate_bpd(
     flow: Flow,
@@ -148,7 +142,7 @@ def evaluate_bpd(
     """
     was_training = flow.training
     flow.eval()
-    dtype, device = _flow_dtype_device(flow)
+    dtype, device = flow_dtype_device(flow)
     generator = torch.Generator().manual_seed(seed)
     total, count = 0.0, 0
     try:
@@ -203,7 +197,7 @@ def train_flow(
     Returns:
         The :class:`TrainResult`; the flow holds the trained parameters.
     """
-    dtype, device = _flow_dtype_device(flow)
+    dtype, device = flow_dtype_device(flow)
     optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
     penalized = scale_parameters(flow)
     generator = torch.Generator().manual_seed(config.seed)

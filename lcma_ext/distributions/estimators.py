@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lcma_ext.distributions.vae_prior import VAEPrior
+from lcma_ext.flows import flow_dtype_device
 
 __all__ = [
     "MCEstimate",
@@ -122,13 +123,6 @@ def mc_log_prob(flow: Any, inputs: Tensor, num_samples: int, chunk: int = 4096) 
     return MCEstimate(iwae, iwae_se, elbo, elbo_se, k)
 
 
-def _dtype_device(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
-    parameter = next(iter(flow.parameters()), None)
-    if parameter is None:
-        return torch.get_default_dtype(), torch.device("cpu")
-    return parameter.dtype, parameter.device
-
-
 @torch.no_grad()
 def evaluate_bpd_mc(
     flow: Any,
@@ -160,7 +154,7 @@ def evaluate_bpd_mc(
     """
     was_training = flow.training
     flow.eval()
-    dtype, device = _dtype_device(flow)
+    dtype, device = flow_dtype_device(flow)
     generator = torch.Generator().manual_seed(seed)
     num_dims = data[0].numel()
     scale = 1.0 / (num_dims * math.log(2.0))
