@@ -1,9 +1,19 @@
 """Residual Flow blocks: lcma-ext against normflows' ``Residual``, side by side.
 
 Same net (pre-activation LipSwish conv net 3-1-3, or MLP), same widths, batch, depth, optimizer,
-roulette settings (geometric p = 0.5, 2 exact terms, 1 Gaussian probe) and one power iteration
-per step in both arms (ours: automatic in ``train()``; normflows: ``update_lipschitz(model, 1)``
-after each step, its documented way). Two gradient modes are compared:
+one Gaussian probe and one power iteration per step in both arms (ours: automatic in
+``train()``; normflows: ``update_lipschitz(model, 1)`` after each step, its documented way).
+
+Same estimator: normflows' geometric roulette (like the reference code) draws ``N >= 1`` and
+computes ``n_exact_terms + N`` terms, so its ``n_exact_terms=2`` always computes at least 3
+terms; it is, term for term, our estimator with ``n_exact_terms=3`` (ours draws ``N >= 0``;
+``tests/test_residual.py::test_roulette_is_the_normflows_estimator``). For the time and memory
+arms our blocks also draw ``N`` from numpy's global generator, as normflows does, so with the
+same seed both arms compute the same number of terms in every block of every step (the
+shipped class draws from torch; only the source of the random number differs). The variance
+arms use the shipped class.
+
+Two gradient modes are compared:
 
 * ``backprop``: backpropagation through the series (ours ``neumann_grad=False``, normflows
   ``reduce_memory=False``);
@@ -12,10 +22,13 @@ after each step, its documented way). Two gradient modes are compared:
 
 Measured:
 
-* train-step time (forward + backward + Adam step), interleaved arms in this one process;
-* peak memory of a train step: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the growth of
-  the peak resident set size in a fresh child process per arm (``tracemalloc`` cannot see
-  PyTorch's CPU allocator, which does not go through Python's allocator);
+* train-step time (forward + backward + Adam step), median over steps, arms interleaved in
+  this one process;
+* peak memory of a train step above what was allocated before it, averaged over steps: on
+  CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak of PyTorch's CPU allocator's
+  ``Total Allocated`` counter as recorded by ``torch.profiler`` (``profile_memory=True``),
+  exact to the byte (``tracemalloc`` cannot see PyTorch's allocator, and the resident set
+  size also counts the C allocator's caching);
 * the variance of the log-det estimate on the same function (weights copied from our net into
   normflows' and both spectral norms converged), in train and eval mode, and for ours
   also in :func:`lcma_ext.transforms.low_variance_estimation`.
@@ -27,9 +40,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import multiprocessing as mp
-import resource
+import json
+import os
 import statistics
+import tempfile
 import time
 
 import normflows as nf
@@ -38,11 +52,33 @@ import torch
 
 from lcma_ext import normflows as lnf
 from lcma_ext.nets import spectral_layers, update_lipschitz
-from lcma_ext.transforms import low_variance_estimation
+from lcma_ext.transforms import ResidualFlowBlock, low_variance_estimation
+
+#: normflows' ``n_exact_terms=2`` is our ``n_exact_terms=3`` (see the module docstring); in
+#: eval mode normflows computes ``20 + N`` terms, ``N >= 1``: our ``eval_n_exact_terms=21``.
+THEIR_EXACT_TERMS, OUR_EXACT_TERMS, OUR_EVAL_EXACT_TERMS = 2, 3, 21
 
 
-def build(arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str):
-    """``(model, after_step)`` for an arm; ``after_step`` is normflows' explicit update."""
+class _NumpyDrawBlock(ResidualFlowBlock):
+    """Our block, drawing the roulette's ``N`` from numpy's global generator like normflows."""
+
+    def _draw_extra_terms(self) -> int:
+        if self.dist != "geometric":
+            raise ValueError(f"expected dist='geometric'; got {self.dist!r}")
+        return int(np.random.geometric(self.geom_p)) - 1  # noqa: NPY002 (normflows' generator)
+
+
+class _NumpyDrawWrapper(lnf.ResidualFlowBlock):
+    _block_class = _NumpyDrawBlock
+
+
+def build(
+    arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str, matched: bool = True
+):
+    """``(model, after_step)`` for an arm; ``after_step`` is normflows' explicit update.
+
+    ``matched``: our blocks draw ``N`` from numpy like normflows (time and memory arms).
+    """
     torch.manual_seed(0)
     image = len(shape) == 3
     base = nf.distributions.DiagGaussian(shape, trainable=False)
@@ -61,7 +97,11 @@ def build(arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str
                 )
             flows.append(
                 nf.flows.Residual(
-                    net, reduce_memory=reduce_memory, geom_p=0.5, n_exact_terms=2, n_samples=1
+                    net,
+                    reduce_memory=reduce_memory,
+                    geom_p=0.5,
+                    n_exact_terms=THEIR_EXACT_TERMS,
+                    n_samples=1,
                 )
             )
         model = nf.NormalizingFlow(base, flows).to(device)
@@ -70,7 +110,8 @@ def build(arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str
         "coeff": 0.97,
         "n_power_iterations": 1,
         "probe": "gaussian",
-        "n_exact_terms": 2,
+        "n_exact_terms": OUR_EXACT_TERMS,
+        "eval_n_exact_terms": OUR_EVAL_EXACT_TERMS,
         "geom_p": 0.5,
         "neumann_grad": arm != "ours-backprop",
         "memory_efficient": arm == "ours-mem-eff",
@@ -78,7 +119,8 @@ def build(arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str
     if not image:
         kwargs["num_layers"] = 3
     arg = shape if image else shape[0]
-    flows = [lnf.ResidualFlowBlock(arg, hidden, **kwargs) for _ in range(depth)]
+    wrapper = _NumpyDrawWrapper if matched else lnf.ResidualFlowBlock
+    flows = [wrapper(arg, hidden, **kwargs) for _ in range(depth)]
     return nf.NormalizingFlow(base, flows).to(device), lambda: None
 
 
@@ -113,36 +155,49 @@ def time_arms(arms, args, x):
     return {arm: statistics.median(t) for arm, t in times.items()}
 
 
-def _peak_child(arm, args, x, queue) -> None:  # a fresh process: its peak RSS is this arm's
-    torch.set_num_threads(args.threads)
-    model, after = build(arm, args.shape, args.hidden, args.depth, "cpu")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for step in range(3):
-        torch.manual_seed(step)
-        np.random.seed(step)  # noqa: NPY002 (normflows draws from numpy's global RNG)
-        train_step(model, optimizer, after, x)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024.0)
+def _cpu_peak_allocated(step) -> float:
+    """Bytes: peak of PyTorch's CPU allocator during ``step()`` above its start."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as profiler:
+        step()
+    handle, path = tempfile.mkstemp(suffix=".json")
+    os.close(handle)
+    try:
+        profiler.export_chrome_trace(path)
+        with open(path) as file:
+            events = json.load(file)["traceEvents"]
+    finally:
+        os.unlink(path)
+    totals = [
+        e["args"]["Total Allocated"]
+        for e in events
+        if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
+    ]
+    return float(max(totals, default=0))
 
 
 def peak_memory_mib(arm, args, x) -> float:
-    if args.device.startswith("cuda"):
-        model, after = build(arm, args.shape, args.hidden, args.depth, args.device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        train_step(model, optimizer, after, x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        train_step(model, optimizer, after, x)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_peak_child, args=(arm, args, x.cpu(), queue))
-    process.start()
-    value = queue.get()
-    process.join()
-    return value
+    """Mean over ``args.memory_steps`` train steps (after one warm-up) of the step's peak."""
+    model, after = build(arm, args.shape, args.hidden, args.depth, args.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    peaks = []
+    for step in range(args.memory_steps + 1):
+        torch.manual_seed(step)
+        np.random.seed(step)  # noqa: NPY002 (normflows draws from numpy's global RNG)
+        if step == 0:  # warm-up: Adam's state and the spectral-norm buffers exist afterwards
+            train_step(model, optimizer, after, x)
+            continue
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            train_step(model, optimizer, after, x)
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            peaks.append(_cpu_peak_allocated(lambda: train_step(model, optimizer, after, x)))
+    return statistics.fmean(peaks) / 2**20
 
 
 @torch.no_grad()
@@ -160,7 +215,7 @@ def _copy_weights(ours, theirs) -> None:
 
 @torch.no_grad()
 def logdet_variance(args, x, train: bool, low_variance: bool = False) -> tuple[float, ...]:
-    ours, _ = build("ours-mem-eff", args.shape, args.hidden, args.depth, args.device)
+    ours, _ = build("ours-mem-eff", args.shape, args.hidden, args.depth, args.device, False)
     theirs, _ = build("normflows-mem-eff", args.shape, args.hidden, args.depth, args.device)
     _copy_weights(ours, theirs)
     ours.train(train)
@@ -204,12 +259,13 @@ def main() -> None:
     parser.add_argument(
         "--memory-batch", type=int, default=512, help="batch of the memory measurement"
     )
+    parser.add_argument("--memory-steps", type=int, default=8, help="steps averaged")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.draws, args.depth = 3, 10, 2
+        args.steps, args.draws, args.depth, args.memory_steps = 3, 10, 2, 2
     args.shape = tuple(args.shape)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.batch, *args.shape, generator=torch.Generator().manual_seed(0))
@@ -217,6 +273,10 @@ def main() -> None:
 
     print(f"# shape {args.shape}, hidden {args.hidden}, {args.depth} blocks, batch {args.batch}, ")
     print(f"# {args.steps} timed steps (median), device {args.device}, torch {torch.__version__}")
+    print(
+        f"# roulette: geometric p=0.5, normflows n_exact_terms={THEIR_EXACT_TERMS} = ours "
+        f"{OUR_EXACT_TERMS}, same N per block and step; memory: mean of {args.memory_steps} steps"
+    )
     arms = [
         "ours-backprop",
         "normflows-backprop",
@@ -251,8 +311,8 @@ def main() -> None:
     )
     print("|---|---|---|---|---|")
     modes = (
-        ("train (2 exact terms + roulette)", True, False),
-        ("eval (20 exact terms + roulette)", False, False),
+        ("train (3 exact terms + roulette)", True, False),
+        ("eval (21 exact terms + roulette)", False, False),
         ("eval; ours in low_variance_estimation(20 terms, 8 probes)", False, True),
     )
     for mode, train, low in modes:

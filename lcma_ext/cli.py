@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from lcma_ext.data import DATASETS, ImageDataset, LogitPreprocessing, load_dataset
-from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc
+from lcma_ext.distributions import RESIDUAL_KINDS, bpd_kind, evaluate_bpd_mc, is_bound_only
 from lcma_ext.models import (
     MODELS,
     SIZE_NAMES,
@@ -76,7 +76,8 @@ VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
 #: Arms that ``--arms`` also accepts (not run by default), see docs/latent_shaping.md: the
 #: Flow-VAE arms, ``denseflow`` (a DenseFlow-style Glow model with cross-unit coupling, its own
 #: architecture whatever ``--model``) and ``haar`` (the ``channel`` arm with Haar-wavelet
-#: squeezes). Each run's ``bpd_kind`` says whether its bits/dim is exact or an IWAE-K bound.
+#: squeezes). Each run's ``bpd_kind`` says whether its bits/dim is exact, an estimate (residual
+#: flows) or an IWAE-K bound.
 LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
 #: Monte Carlo samples of the IWAE-K test estimate of bound-only arms (16 with ``--quick``).
 MC_SAMPLES = 128
@@ -555,7 +556,7 @@ def mixed_lcma_splits(maps, levels, input_shape: Sequence[int], choice: Sequence
 def _summary(arm: str, seed: int, flow, result: TrainResult, exp: Experiment) -> dict[str, Any]:
     bpd = evaluate_bpd(flow, exp.data.test, exp.preprocessing) if result.epochs_done else math.nan
     estimate: dict[str, Any] = {"bpd_kind": bpd_kind(flow)}
-    if estimate["bpd_kind"] != "exact" and result.epochs_done:
+    if is_bound_only(flow) and result.epochs_done:
         # bound-only flows: score the IWAE-K bound (Monte Carlo, with standard errors)
         samples = 16 if exp.args.quick else MC_SAMPLES
         estimate = evaluate_bpd_mc(flow, exp.data.test, exp.preprocessing, num_samples=samples)
@@ -781,9 +782,20 @@ def _diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def _bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
-    """Explain non-exact bits/dim (IWAE-K bounds) and the Haar arm; empty if all are exact."""
+    """Explain non-exact bits/dim (estimates, IWAE-K bounds) and the Haar arm; empty if exact."""
     lines = []
-    bounds = {a: e for a, e in arms.items() if e.get("bpd_kind", "exact") != "exact"}
+    kinds = {a: e.get("bpd_kind", "exact") for a, e in arms.items()}
+    if set(kinds.values()) & set(RESIDUAL_KINDS):
+        lines += [
+            "bpd kind: `roulette estimate` is a Residual Flow's eval-mode log-likelihood, its "
+            "log-dets by the Russian-roulette power series with 20 exact terms: an unbiased "
+            "estimate of the exact bits/dim; `truncated series` is i-ResNet's 20-term series, "
+            "a biased estimate (see docs/residual.md).",
+            "",
+        ]
+    bounds = {
+        a: e for a, e in arms.items() if kinds[a] != "exact" and kinds[a] not in RESIDUAL_KINDS
+    }
     if bounds:
         ses = "; ".join(
             f"{a}: " + ", ".join(_fmt(se, 4) for se in e.get("bpd_mc_se_per_seed", []) if se)

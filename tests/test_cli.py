@@ -213,6 +213,25 @@ def test_aggregate_flags_without_dropping():
 
 
 @pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("exact", None),
+        ("roulette estimate", "unbiased estimate"),
+        ("truncated series", "a biased estimate"),
+        ("IWAE-128", "upper bound on bits/dim"),
+    ],
+)
+def test_bound_notes_explain_each_bpd_kind(kind, expected):
+    arms = {"channel": {"bpd_kind": kind, "bpd_mc_se_per_seed": [0.01]}}
+    text = " ".join(cli._bound_notes(arms))
+    if expected is None:
+        assert text == ""
+    else:
+        assert expected in text
+        assert ("Monte Carlo standard error" in text) == kind.startswith("IWAE")
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["run", "--epochs", "0"], "expected an integer >= 1; got 0"),

@@ -293,6 +293,63 @@ def test_memory_efficient_backward_matches_plain_for_per_sample_weights():
     assert any(not torch.allclose(a, b) for a, b in zip(buggy, plain))
 
 
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
+    memory_efficient, monkeypatch
+):
+    """Deterministic: with all 2^D Rademacher probes (``mean v v^T = I`` exactly) and fixed
+    coefficients, the Neumann surrogate's gradient is exactly the gradient of the series.
+
+    Both equal ``sum_k (-1)^(k+1) c_k tr(J^(k-1) dJ)``, so any wrong Neumann coefficient or
+    sign (even a 10 % error in one term) breaks the equality by far more than rounding.
+    """
+    block = _block(T.ResidualFlowBlock, (3,), coeff=0.9)
+    x = _inputs((3,), batch=3)
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)), dtype=torch.float64)
+    plan = R._Plan((1.0, 1.0, 1.3, 2.1, 0.6), len(signs), "rademacher")
+    monkeypatch.setattr(block, "_plan", lambda: plan)
+    monkeypatch.setattr(
+        R, "_draw_probes", lambda inputs, n, probe: [s.expand_as(inputs) for s in signs]
+    )
+    weights = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+
+    def grads(neumann: bool) -> list[torch.Tensor]:
+        block.neumann_grad, block.memory_efficient = neumann, memory_efficient
+        x_in = x.clone().requires_grad_(True)
+        with frozen_lipschitz(block):
+            _, logdet = block(x_in)
+        params = [x_in, *(p for p in block.parameters() if p.requires_grad)]
+        found = torch.autograd.grad((weights * logdet).sum(), params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(found, params)]
+
+    series = grads(neumann=False)
+    neumann = grads(neumann=True)
+    assert any(float(g.abs().max()) > 1e-3 for g in series)
+    for a, b in zip(neumann, series):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dist", "ours_exact"), [("geometric", 3), ("poisson", 2)])
+def test_roulette_is_the_normflows_estimator(dist, ours_exact):
+    """normflows' (and the reference code's) ``n_exact_terms=2``, term for term.
+
+    Their geometric draw starts at 1, so it always adds at least one term: it is our
+    estimator with ``n_exact_terms=3``. Their Poisson draw starts at 0, like ours.
+    """
+    from normflows.flows import residual as nf_residual
+
+    p, lam = 0.3, 2.0
+    block = T.ResidualFlowBlock(3, dist=dist, geom_p=p, poisson_lambda=lam)
+    for draw in range(1, 7) if dist == "geometric" else range(0, 7):
+        terms = 2 + draw  # normflows: n_power_series = draw + n_exact_terms
+        if dist == "geometric":
+            theirs = [1 / nf_residual.geometric_1mcdf(p, k, 2) for k in range(1, terms + 1)]
+        else:
+            theirs = [1 / nf_residual.poisson_1mcdf(lam, k, 2) for k in range(1, terms + 1)]
+        ours = block.roulette_coefficients(ours_exact, terms - ours_exact)
+        assert ours == pytest.approx(theirs, rel=1e-12)
+
+
 def test_iresnet_backpropagates_through_the_truncated_series():
     block = _block(T.InvertibleResNetBlock, (3,), n_terms=4)
     x = _inputs((3,))
@@ -529,6 +586,20 @@ def test_normflows_wrapper_log_prob_and_sampling(name):
     with torch.no_grad():
         samples, log_q = model.sample(4)
     torch.testing.assert_close(model.log_prob(samples), log_q, rtol=1e-6, atol=1e-6)
+
+
+def test_bpd_kind_labels_residual_estimates():
+    from nflows.transforms import CompositeTransform
+
+    from lcma_ext.distributions import bpd_kind
+
+    def flow(*blocks):
+        return Flow(CompositeTransform(list(blocks)), StandardNormal([3]))
+
+    resflow, iresnet = T.ResidualFlowBlock(3), T.InvertibleResNetBlock(3)
+    assert bpd_kind(flow(T.ResidualFlowBlock(3, exact=True))) == "exact"
+    assert bpd_kind(flow(resflow)) == "roulette estimate"
+    assert bpd_kind(flow(resflow, iresnet)) == "truncated series"
 
 
 def test_normflows_wrappers_inside_data_to_noise_with_diag():

@@ -11,9 +11,11 @@ References:
 """
 
 from lcma_ext.distributions.estimators import (
+    RESIDUAL_KINDS,
     MCEstimate,
     bpd_kind,
     evaluate_bpd_mc,
+    is_bound_only,
     is_stochastic,
     log_importance_weights,
     mc_log_prob,
@@ -21,11 +23,13 @@ from lcma_ext.distributions.estimators import (
 from lcma_ext.distributions.vae_prior import VAEPrior, gaussian_log_prob
 
 __all__ = [
+    "RESIDUAL_KINDS",
     "MCEstimate",
     "VAEPrior",
     "bpd_kind",
     "evaluate_bpd_mc",
     "gaussian_log_prob",
+    "is_bound_only",
     "is_stochastic",
     "log_importance_weights",
     "mc_log_prob",

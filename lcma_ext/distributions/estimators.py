@@ -31,11 +31,16 @@ from torch import Tensor, nn
 
 from lcma_ext.distributions.vae_prior import VAEPrior
 from lcma_ext.flows import flow_dtype_device
+from lcma_ext.transforms.residual import InvertibleResNetBlock, ResidualFlowBlock
+
+_RESIDUAL_BLOCKS = (InvertibleResNetBlock, ResidualFlowBlock)
 
 __all__ = [
+    "RESIDUAL_KINDS",
     "MCEstimate",
     "bpd_kind",
     "evaluate_bpd_mc",
+    "is_bound_only",
     "is_stochastic",
     "log_importance_weights",
     "mc_log_prob",
@@ -47,11 +52,33 @@ def is_stochastic(module: nn.Module) -> bool:
     return any(getattr(m, "stochastic", False) for m in module.modules())
 
 
+#: Labels of :func:`bpd_kind` for flows with residual blocks (see
+#: :mod:`lcma_ext.transforms.residual`): their eval-mode ``log_prob`` is an estimate.
+RESIDUAL_KINDS = ("roulette estimate", "truncated series")
+
+
 def bpd_kind(flow: nn.Module, num_samples: int | None = None) -> str:
-    """How a flow's bits/dim must be labelled: ``"exact"``, ``"ELBO bound"`` or ``"IWAE-K"``."""
-    if not (is_stochastic(flow._transform) or isinstance(flow._distribution, VAEPrior)):
-        return "exact"
-    return f"IWAE-{num_samples}" if num_samples else "ELBO bound"
+    """How a flow's bits/dim must be labelled.
+
+    Returns:
+        ``"IWAE-K"`` (or ``"ELBO bound"`` without ``num_samples``) for bound-only flows (a
+        :class:`VAEPrior` base or a stochastic transform); ``"truncated series"`` when any
+        non-exact :class:`~lcma_ext.transforms.InvertibleResNetBlock` is present (a biased
+        estimate, bias at most ``D Lip^(n+1) / ((n+1)(1-Lip))`` per block); ``"roulette
+        estimate"`` when the non-exact residual blocks are all Residual Flow blocks (an
+        unbiased estimate of the exact log-likelihood); else ``"exact"``.
+    """
+    if is_bound_only(flow):
+        return f"IWAE-{num_samples}" if num_samples else "ELBO bound"
+    residual = [m for m in flow.modules() if isinstance(m, _RESIDUAL_BLOCKS) and not m.exact]
+    if any(isinstance(m, InvertibleResNetBlock) for m in residual):
+        return RESIDUAL_KINDS[1]
+    return RESIDUAL_KINDS[0] if residual else "exact"
+
+
+def is_bound_only(flow: nn.Module) -> bool:
+    """Whether a flow's ``log_prob`` is a stochastic lower bound (scored by IWAE-K)."""
+    return is_stochastic(flow._transform) or isinstance(flow._distribution, VAEPrior)
 
 
 def log_importance_weights(flow: Any, inputs: Tensor, num_samples: int) -> Tensor:

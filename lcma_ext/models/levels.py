@@ -30,6 +30,7 @@ from lcma_ext.models.couplings import (
     RealNVPAffineCouplingTransform,
 )
 from lcma_ext.models.nets import ConvResNet
+from lcma_ext.transforms import residual
 
 __all__ = [
     "MODELS",
@@ -199,19 +200,7 @@ def glow_level_factory(
     return factory
 
 
-def _residual_module() -> Any:
-    try:
-        from lcma_ext.transforms import residual
-    except ImportError as error:  # pragma: no cover - depends on the residual helper's file
-        raise RuntimeError(
-            "expected lcma_ext.transforms.residual (i-ResNet / Residual Flow blocks); "
-            f"got ImportError: {error}"
-        ) from error
-    return residual
-
-
 def _residual_factory(family: str, config: dict[str, int], **block_kwargs: Any) -> LevelFactory:
-    residual = _residual_module()
     block_class = (
         residual.InvertibleResNetBlock if family == "iresnet" else residual.ResidualFlowBlock
     )
@@ -224,7 +213,7 @@ def _residual_factory(family: str, config: dict[str, int], **block_kwargs: Any) 
             kwargs = {k: v for k, v in block_kwargs.items() if k in accepted}
             if "hidden_channels" in accepted:
                 kwargs["hidden_channels"] = config["hidden"]
-            if family == "resflow" and "ActNorm" not in kwargs:
+            if family == "resflow":
                 layers.append(T.ActNorm(channels))
             # The squeezed image shape: the conv net normalizes its true operator norm on it.
             layers.append(block_class((channels, height, width), **kwargs))

@@ -95,7 +95,9 @@ class LipSwish(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         beta = F.softplus(self.raw_beta)
-        return x * torch.sigmoid(beta * x) / 1.1
+        # In place on temporaries only (autograd keeps the sigmoid's output, not its input, and
+        # the product's inputs, not its output): one activation-sized tensor less per call.
+        return (x * torch.sigmoid_(beta * x)).div_(1.1)
 
 
 def _activation(name: str) -> nn.Module:

@@ -9,7 +9,9 @@ Both blocks map data to noise by ``F(x) = x + g(x)`` with a Lipschitz-constraine
 
 Per-dimension contribution (LCMA Sec. 3.2.2): the diagonal of ``log(I + J_g)``, estimated with the
 **same** probe and coefficients as ``sum_k (-1)^(k+1) / k * c_k * v ⊙ w_k``. Summed over the
-dimensions it is the scalar estimate, bit for bit: the blocks compute the scalar as that sum.
+dimensions it is the scalar estimate: ``forward_with_diag`` computes the scalar as that sum;
+``forward`` accumulates the per-example sums term by term (same draws, equal up to rounding)
+and keeps no input-sized buffer across terms.
 
 Estimators:
 
@@ -145,14 +147,17 @@ def _series(
     coefficients: Sequence[float],
     create_graph: bool,
     neumann: bool,
+    per_dimension: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
-    """Diagonal estimate of ``log(I + J_g)`` (averaged over probes) and Neumann vectors.
+    """Series estimate of ``log(I + J_g)`` (averaged over probes) and Neumann vectors.
 
     Returns:
-        ``(diag, neumann_vectors)``: ``diag`` shaped like ``x``; for each probe, when
-        ``neumann``, ``sum_{j<n} (-1)^j c_{j+1} v^T J_g^j`` (else an empty list).
+        ``(estimate, neumann_vectors)``: ``estimate`` is the diagonal, shaped like ``x``, when
+        ``per_dimension``, else its per-example sum ``(B,)`` accumulated term by term (no
+        buffer of the input's size is kept across terms); for each probe, when ``neumann``,
+        ``sum_{j<n} (-1)^j c_{j+1} v^T J_g^j`` (else an empty list).
     """
-    diag = torch.zeros_like(x)
+    estimate = torch.zeros_like(x) if per_dimension else x.new_zeros(x.shape[0])
     vectors = []
     for v in probes:
         w = v
@@ -161,10 +166,11 @@ def _series(
             if vector is not None:
                 vector = vector + ((-1) ** (k + 1) * c_k) * w
             (w,) = torch.autograd.grad(g, x, w, create_graph=create_graph, retain_graph=True)
-            diag = diag + ((-1) ** (k + 1) * c_k / k) * (w * v)
+            term = w * v if per_dimension else _sum_except_batch(w * v)
+            estimate = estimate + ((-1) ** (k + 1) * c_k / k) * term
         if vector is not None:
             vectors.append(vector)
-    return diag / len(probes), vectors
+    return estimate / len(probes), vectors
 
 
 def _batch_jacobian(g: Tensor, x: Tensor, create_graph: bool) -> Tensor:
@@ -205,10 +211,12 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
             x_leaf = x.detach().requires_grad_(True)
             g = block.net(x_leaf)
             probes = _draw_probes(x_leaf, plan.n_probes, plan.probe)
-            diag, vectors = _series(g, x_leaf, probes, plan.coefficients, False, True)
+            logdet, vectors = _series(
+                g, x_leaf, probes, plan.coefficients, False, True, per_dimension=False
+            )
         ctx.g, ctx.x_leaf, ctx.params = g, x_leaf, params
         ctx.probes, ctx.vectors = probes, vectors
-        return g.detach(), _sum_except_batch(diag).detach()
+        return g.detach(), logdet.detach()
 
     @staticmethod
     def backward(ctx, grad_g, grad_logdet):  # type: ignore[override]
@@ -342,10 +350,13 @@ class _ResidualBlock(DiagMixin, Transform):
             g = self.net(x_in)
             probes = _draw_probes(x_in, plan.n_probes, plan.probe)
             create_graph = differentiable and not neumann
-            diag, vectors = _series(g, x_in, probes, plan.coefficients, create_graph, neumann)
-            logdet = _sum_except_batch(diag)
+            estimate, vectors = _series(
+                g, x_in, probes, plan.coefficients, create_graph, neumann, want_diag
+            )
+            diag = estimate if want_diag else None
+            logdet = _sum_except_batch(estimate) if want_diag else estimate
             if neumann:
-                diag = diag.detach()
+                diag = diag.detach() if diag is not None else None
                 surrogate = x.new_zeros(x.shape[0])
                 for v, vector in zip(probes, vectors):
                     (vjp,) = torch.autograd.grad(g, x_in, vector, create_graph=True)
@@ -353,8 +364,9 @@ class _ResidualBlock(DiagMixin, Transform):
                 surrogate = surrogate / len(probes)
                 logdet = logdet.detach() + (surrogate - surrogate.detach())
         if not differentiable:
-            g, logdet, diag = g.detach(), logdet.detach(), diag.detach()
-        return g, logdet, diag if want_diag else None
+            g, logdet = g.detach(), logdet.detach()
+            diag = diag.detach() if diag is not None else None
+        return g, logdet, diag
 
     def _exact(
         self, x: Tensor, want_diag: bool, differentiable: bool
