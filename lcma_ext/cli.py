@@ -767,16 +767,22 @@ def _diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
         "LCMA split diagnostics of the NMS contribution maps (per split point: local blocks, "
         "exact ties and near-ties of the 2nd/3rd contribution, share of blocks whose kept set "
         "differs from `channel`, `checkerboard`, and the most common pattern of the block's own "
-        "channel group; 0 in the last column means a static split in disguise):",
+        "channel group, 0 meaning a static split in disguise; share of sites whose kept set "
+        "equals the channel-granularity choice; entropy in bits of the kept-position pattern, "
+        "0 to 2; see docs/granularity.md):",
         "",
-        "| split | blocks | ties | near-ties | ≠ channel | ≠ checkerboard | ≠ group mode |",
-        "|---|---|---|---|---|---|---|",
+        "| split | blocks | ties | near-ties | ≠ channel | ≠ checkerboard | ≠ group mode "
+        "| = channel granularity | pattern entropy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for index, entry in enumerate(diagnostics):
+        agrees = entry.get("agrees_with_channel_granularity", math.nan)
+        entropy = entry.get("kept_position_entropy", math.nan)
         lines.append(
             f"| {index} | {entry['blocks']} | {entry['ties']} | {entry['near_ties']} "
             f"| {entry['differs_from_channel']:.3f} | {entry['differs_from_checkerboard']:.3f} "
-            f"| {entry['differs_from_group_modal']:.3f} |"
+            f"| {entry['differs_from_group_modal']:.3f} | {_fmt(agrees, 3)} "
+            f"| {_fmt(entropy, 3)} |"
         )
     return [*lines, ""]
 
@@ -798,7 +804,7 @@ def _bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
     }
     if bounds:
         ses = "; ".join(
-            f"{a}: " + ", ".join(_fmt(se, 4) for se in e.get("bpd_mc_se_per_seed", []) if se)
+            f"{a}: " + ", ".join(f"{se:.2g}" for se in e.get("bpd_mc_se_per_seed", []) if se)
             for a, e in bounds.items()
         )
         lines += [

@@ -57,6 +57,11 @@ def test_quick_run_writes_every_output(quick_run):
     assert [d["blocks"] for d in diagnostics] == [16, 8]  # 4x4x4 then 8x2x2 groups of 4
     assert all(0.0 <= d["differs_from_channel"] <= 1.0 for d in diagnostics)
     assert "| split | blocks | ties |" in table
+    for index, entry in enumerate(diagnostics):  # the consistency columns come from the json
+        row = next(line for line in table.splitlines() if line.startswith(f"| {index} | "))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[-2]) == pytest.approx(entry["agrees_with_channel_granularity"], abs=5e-4)
+        assert float(cells[-1]) == pytest.approx(entry["kept_position_entropy"], abs=5e-4)
 
 
 def test_rerun_resumes_without_retraining(quick_run, capsys):

@@ -11,6 +11,8 @@ import torch
 
 from lcma_ext import normflows as lnf
 
+from brute_force import jacobian, svd_attribution
+
 BATCH = 2
 
 
@@ -74,10 +76,8 @@ def _make(name: str, seed: int = 0):
 
 
 def _jacobian(flow, x_single):
-    def flat(v):
-        return flow.inverse(v.view(1, *x_single.shape))[0].reshape(-1)
-
-    return torch.autograd.functional.jacobian(flat, x_single.reshape(-1))
+    """Jacobian of the data-to-noise map (normflows' ``inverse``) at one example."""
+    return jacobian(lambda batch: flow.inverse(batch)[0], x_single)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -162,13 +162,10 @@ def test_glow_block_1x1_attribution_matches_numpy_reference(attribution):
     flow, x = _make(f"glow_{attribution}")
     conv = flow.flows[1]
     weight = conv._assemble_W().detach().numpy()
-    u, s, _ = np.linalg.svd(weight)
-    expected = {
-        "svd-index": np.log(s),
-        "svd-energy": (u**2) @ np.log(s),
-        # W = P L U: output channel j = row i of L U with P[j, i] = 1.
-        "lu": conv.P.numpy() @ conv.log_S.detach().numpy(),
-    }[attribution]
+    if attribution == "lu":  # W = P L U: output channel j = row i of L U with P[j, i] = 1.
+        expected = conv.P.numpy() @ conv.log_S.detach().numpy()
+    else:
+        expected = svd_attribution(weight, attribution)
     with torch.no_grad():
         _, _, diag = lnf.data_to_noise_with_diag(conv, x, attribution=attribution)
     np.testing.assert_allclose(diag[0, :, 0, 0].numpy(), expected, rtol=1e-9, atol=1e-10)
