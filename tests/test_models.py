@@ -22,6 +22,8 @@ from lcma_ext.models import (
     scale_parameters,
 )
 
+from brute_force import jacobian
+
 
 def _net(in_channels: int, out_channels: int) -> ConvResNet:
     return ConvResNet(in_channels, out_channels, hidden_channels=6, num_blocks=1)
@@ -40,13 +42,9 @@ def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """Per example: ``slogdet`` of the full Jacobian and the log|diagonal| of the Jacobian."""
     logdets, diagonals = [], []
     for example in x:
-
-        def fn(flat, shape=example.shape):
-            return transform(flat.view(1, *shape))[0].reshape(-1)
-
-        jacobian = torch.autograd.functional.jacobian(fn, example.reshape(-1))
-        logdets.append(torch.linalg.slogdet(jacobian)[1])
-        diagonals.append(torch.log(torch.diagonal(jacobian).abs()))
+        full = jacobian(lambda batch: transform(batch)[0], example)
+        logdets.append(torch.linalg.slogdet(full)[1])
+        diagonals.append(torch.log(torch.diagonal(full).abs()))
     return torch.stack(logdets), torch.stack(diagonals)
 
 
@@ -137,6 +135,36 @@ def test_level_matches_brute_force(model):
         assert outputs.shape == (3, 4 * c, h // 2, w // 2)
         assert tuple(T.carry_positions(level, shape).shape) == (4 * c, h // 2, w // 2)
         torch.testing.assert_close(level.inverse(outputs)[0], x)
+
+
+@pytest.mark.parametrize("model", ["iresnet", "resflow"])
+@pytest.mark.parametrize("squeeze", ["pixel", "haar"])
+def test_residual_level_passes_block_arguments_and_matches_brute_force(model, squeeze):
+    torch.manual_seed(2)
+    factory = make_level_factory(
+        model, "tiny", hidden=6, squeeze=squeeze, exact=True, coeff=0.8, max_iter=300
+    )
+    level = factory(0, (1, 4, 4)).double()
+    blocks = [
+        t
+        for t in level._transforms
+        if isinstance(t, (T.ResidualFlowBlock, T.InvertibleResNetBlock))
+    ]
+    assert len(blocks) == 2
+    assert all(b.exact and b.max_iter == 300 and b.net.net[1].coeff == 0.8 for b in blocks)
+    squeeze_class = T.HaarSqueezeTransform if squeeze == "haar" else T.SqueezeTransform
+    assert type(level._transforms[0]) is squeeze_class
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    level(x)  # ActNorm data-initialization (training mode)
+    _randomize(level, seed=1, scale=0.1)
+    level.eval()  # no spectral-norm updates between the calls below
+    logabsdet = _check_diag_protocol(level, x)
+    exact, _ = _brute_force(level, x)
+    torch.testing.assert_close(logabsdet, exact, rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_exact'"):
+        make_level_factory(model, "tiny", n_exact=3)(0, (1, 4, 4))
+    with pytest.raises(ValueError, match="expected the hidden width as hidden="):
+        make_level_factory(model, "tiny", hidden_channels=8)
 
 
 def test_level_families_have_their_layers():

@@ -17,7 +17,6 @@ References:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -200,23 +199,33 @@ def glow_level_factory(
     return factory
 
 
-def _residual_factory(family: str, config: dict[str, int], **block_kwargs: Any) -> LevelFactory:
+def _residual_factory(
+    family: str, config: dict[str, int], squeeze: str, block_kwargs: dict[str, Any]
+) -> LevelFactory:
+    _check_squeeze(squeeze)
+    if "hidden_channels" in block_kwargs:
+        raise ValueError(
+            f"expected the hidden width as hidden= (the {family} size's default); got "
+            "hidden_channels="
+        )
     block_class = (
         residual.InvertibleResNetBlock if family == "iresnet" else residual.ResidualFlowBlock
     )
-    accepted = inspect.signature(block_class).parameters
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, height, width = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [T.SqueezeTransform()]
+        layers: list[Transform] = [_squeeze_layer(squeeze)]
         for _ in range(config["steps"]):
-            kwargs = {k: v for k, v in block_kwargs.items() if k in accepted}
-            if "hidden_channels" in accepted:
-                kwargs["hidden_channels"] = config["hidden"]
             if family == "resflow":
                 layers.append(T.ActNorm(channels))
             # The squeezed image shape: the conv net normalizes its true operator norm on it.
-            layers.append(block_class((channels, height, width), **kwargs))
+            layers.append(
+                block_class(
+                    (channels, height, width),
+                    hidden_channels=config["hidden"],
+                    **block_kwargs,
+                )
+            )
         return T.CompositeTransform(layers)
 
     return factory
@@ -228,11 +237,17 @@ def iresnet_level_factory(
     hidden: int | None = None,
     blocks: int | None = None,
     steps: int | None = None,
+    squeeze: str = "pixel",
     **block_kwargs: Any,
 ) -> LevelFactory:
-    """i-ResNet level: squeeze, then ``steps`` invertible residual blocks."""
+    """i-ResNet level: squeeze, then ``steps`` invertible residual blocks.
+
+    ``block_kwargs`` go to every :class:`~lcma_ext.transforms.InvertibleResNetBlock` (an
+    unknown name raises ``TypeError`` when the level is built); ``squeeze`` is one of
+    :data:`SQUEEZES`.
+    """
     config = _resolve("iresnet", size, {"hidden": hidden, "blocks": blocks, "steps": steps})
-    return _residual_factory("iresnet", config, **block_kwargs)
+    return _residual_factory("iresnet", config, squeeze, block_kwargs)
 
 
 def resflow_level_factory(
@@ -241,11 +256,17 @@ def resflow_level_factory(
     hidden: int | None = None,
     blocks: int | None = None,
     steps: int | None = None,
+    squeeze: str = "pixel",
     **block_kwargs: Any,
 ) -> LevelFactory:
-    """Residual Flow level: squeeze, then ``steps`` x [ActNorm, residual flow block]."""
+    """Residual Flow level: squeeze, then ``steps`` x [ActNorm, residual flow block].
+
+    ``block_kwargs`` go to every :class:`~lcma_ext.transforms.ResidualFlowBlock` (an unknown
+    name raises ``TypeError`` when the level is built); ``squeeze`` is one of
+    :data:`SQUEEZES`.
+    """
     config = _resolve("resflow", size, {"hidden": hidden, "blocks": blocks, "steps": steps})
-    return _residual_factory("resflow", config, **block_kwargs)
+    return _residual_factory("resflow", config, squeeze, block_kwargs)
 
 
 #: Model name -> ``(size="tiny", **overrides) -> LevelFactory``.
