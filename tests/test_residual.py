@@ -96,6 +96,11 @@ def _exact_reference(block, x):
     return np.array(logdets), np.stack(diagonals).reshape(x.shape)
 
 
+def _all_sign_vectors(dim: int) -> torch.Tensor:
+    """All ``2^dim`` Rademacher vectors ``(2^dim, dim)``: their mean ``v v^T`` is exactly I."""
+    return torch.tensor(list(itertools.product([-1.0, 1.0], repeat=dim)), dtype=torch.float64)
+
+
 def _within_standard_errors(draws: np.ndarray, expected: np.ndarray, atol: float = 0.0):
     """Assert the mean of ``draws`` (first axis) equals ``expected`` within 4 standard errors."""
     mean = draws.mean(0)
@@ -150,10 +155,7 @@ def test_truncated_series_converges_to_exact_value():
     block = _block(T.InvertibleResNetBlock, (3,), coeff=0.9)
     x = _inputs((3,), batch=1)
     lipschitz = lipschitz_bound(block.net)
-    signs = [
-        torch.tensor(s, dtype=torch.float64).view(1, 3)
-        for s in itertools.product([-1, 1], repeat=3)
-    ]
+    signs = [s.view(1, 3) for s in _all_sign_vectors(3)]
     expected_logdet, expected_diag = _exact_reference(block, x)
     errors = []
     for n in (1, 2, 4, 8, 16, 32, 64):
@@ -303,7 +305,7 @@ def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
     """
     block = _block(T.ResidualFlowBlock, (3,), coeff=0.9)
     x = _inputs((3,), batch=3)
-    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=3)), dtype=torch.float64)
+    signs = _all_sign_vectors(3)
     plan = R._Plan((1.0, 1.0, 1.3, 2.1, 0.6), len(signs), "rademacher")
     monkeypatch.setattr(block, "_plan", lambda: plan)
     monkeypatch.setattr(
