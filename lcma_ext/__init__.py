@@ -8,10 +8,11 @@ References:
 """
 
 from lcma_ext import distributions, transforms
-from lcma_ext.contributions import ContributionMaps, estimate_contributions, plot_contributions
+from lcma_ext.contributions import ContributionMaps, estimate_contributions
 from lcma_ext.flows import log_prob_with_contributions
 from lcma_ext.multiscale import ContributionMultiscaleFlow
 from lcma_ext.pipeline import build_multiscale_transform, build_nms_transform, lcma_from_nms
+from lcma_ext.plotting import plot_contributions
 from lcma_ext.splits import ChannelSplit, CheckerboardSplit, LCMASplit, RandomSplit, make_split
 
 __version__ = "0.1.0"

@@ -438,7 +438,7 @@ def _contributions(exp: Experiment, nms_flow):
 
 
 def _plot_contributions(maps, out: Path) -> list[Path]:
-    from lcma_ext.contributions import plot_contributions
+    from lcma_ext.plotting import plot_contributions
 
     paths = []
     for level in range(len(maps.maps)):
@@ -1072,7 +1072,7 @@ def command_contributions(args: argparse.Namespace) -> list[Path]:
     out = args.out or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    from lcma_ext.contributions import plot_contributions
+    from lcma_ext.plotting import plot_contributions
 
     for level in range(len(maps.maps)):
         path = out / f"contributions_level{level}.png"

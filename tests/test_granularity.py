@@ -16,7 +16,8 @@ from nflows.distributions import StandardNormal
 from nflows.flows import Flow
 from test_multiscale import _brute_force_log_prob, glow_factory
 
-from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform, plot_contributions
+from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
+from lcma_ext.plotting import plot_contributions
 from lcma_ext import splits as S
 from lcma_ext.contributions import _maps_from_data, estimate_contributions
 from lcma_ext.multiscale import build_levels, level_output_shape
