@@ -12,8 +12,13 @@ positions holds some data dimension (tracked through its own levels and through 
 splits, which keep only the survivors), and gets that dimension's NMS contribution. This is the
 paper's "at the next layer, only the log-det terms for the dimensions which came through flow
 layers are considered". Since this depends on the multi-scale levels' own rearrangements (a
-Glow level's 1x1 convolution has a random channel permutation), the maps are computed for
-specific level instances, whose ``carry_positions`` are stored so that a mismatch is detected.
+Glow level's 1x1 convolution has a random channel permutation), the levels' rearrangements
+(``carry_positions``) are stored with the maps, so that a mismatch is detected.
+
+:func:`track_splits` is the one walk over the levels: it carries the data index of every
+position through each level and each split, builds each split point's split (from a
+:class:`lcma_ext.splits.SplitSpec`) and keeps the survivors. The maps, positions and splits of
+:class:`ContributionMaps`, the builders of :mod:`lcma_ext.pipeline` and the experiments all use it.
 
 References:
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
@@ -34,47 +39,142 @@ from nflows.transforms import base as nflows_base
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
 from lcma_ext.multiscale import LevelFactory, build_levels
-from lcma_ext.splits import (
-    DEFAULT_REGION_SIZE,
-    FACTOR_OUT,
-    NEAR_TIE_RTOL,
-    PLACEMENTS,
-    LCMASplit,
-    fit_region_size,
-    kept_shape,
-    split_diagnostics,
-)
-from lcma_ext.transforms.base import require_diag_aware
+from lcma_ext.splits import FACTOR_OUT, PLACEMENTS, Split, SplitSpec, kept_shape
+from lcma_ext.storage import CorruptFileError, atomic_save, load_torch_file
+from lcma_ext.transforms.base import carry_positions, require_diag_aware
 
-__all__ = ["ContributionMaps", "estimate_contributions"]
+__all__ = ["ContributionMaps", "TrackedSplits", "estimate_contributions", "track_splits"]
 
 _FORMAT = "lcma-ext-contributions"
-_VERSION = 1
+#: Version 2 stores only what was measured (version 1 files also held derived tensors).
+_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+@dataclass
+class TrackedSplits:
+    """What :func:`track_splits` finds at each split point ``l`` (shapes without batch).
+
+    Attributes:
+        splits: The split built at each split point.
+        maps: The contribution map in the split's input layout (``None`` without maps).
+        level_positions: Per level (all ``K``), its rearrangement: entry ``q`` is the flat
+            index, in the level's input, of the dimension at output position ``q``.
+        factored_positions: The data dimension at each position of the factored half.
+        kept_positions: Likewise for the kept half (the next level's input).
+    """
+
+    splits: list[Split]
+    maps: list[Tensor | None]
+    level_positions: list[Tensor]
+    factored_positions: list[Tensor]
+    kept_positions: list[Tensor]
+
+
+def track_splits(
+    levels: Sequence[nflows_base.Transform | Tensor],
+    input_shape: Sequence[int],
+    specs: Sequence[SplitSpec | str],
+    *,
+    data_maps: Sequence[Tensor] | None = None,
+    layout_maps: Sequence[Tensor | None] | None = None,
+    placement: str = "post_squeeze",
+    seed: int = 0,
+) -> TrackedSplits:
+    """Walk the levels, build each split point's split and keep its survivors.
+
+    The data index of every position is carried through each level and each split. At split
+    point ``l`` the contribution map in that layout is the NMS contribution of the data
+    dimension at each position (``data_maps[l]``), so later split points see only the
+    dimensions that survived the earlier splits (the paper's Sec. 3.4).
+
+    Args:
+        levels: The ``K`` multi-scale levels (diag-aware transforms), or their rearrangements
+            as :func:`lcma_ext.transforms.base.carry_positions` gives them.
+        input_shape: Event shape of the data.
+        specs: One split spec (or name) per split point (``K - 1``).
+        data_maps: Per split point, a map in the data's layout (``input_shape``), e.g.
+            :attr:`ContributionMaps.data_maps`; its entries are gathered in float64.
+        layout_maps: Per split point, a map already in the split's input layout (used as
+            given); at most one of ``data_maps`` and ``layout_maps``.
+        placement: ``"post_squeeze"`` or ``"squeeze"``.
+        seed: Seed of the random splits: split point ``l`` uses ``seed + l``.
+
+    Raises:
+        ValueError: for counts that do not match, or a spec that needs a map and has none.
+    """
+    levels, specs = list(levels), [SplitSpec.parse(spec) for spec in specs]
+    if len(specs) != len(levels) - 1:
+        raise ValueError(
+            f"expected {len(levels) - 1} split specs for {len(levels)} levels; got {len(specs)}"
+        )
+    if data_maps is not None and layout_maps is not None:
+        raise ValueError("expected data_maps or layout_maps; got both")
+    given = data_maps if data_maps is not None else layout_maps
+    if given is not None and len(given) != len(specs):
+        raise ValueError(f"expected {len(specs)} maps for {len(levels)} levels; got {len(given)}")
+    shape = tuple(int(size) for size in input_shape)
+    positions = torch.arange(math.prod(shape)).view(shape)  # data index at each position
+    out = TrackedSplits([], [], [], [], [])
+    for index, level in enumerate(levels):
+        if isinstance(level, Tensor):
+            rearrangement = level.cpu()
+            if rearrangement.numel() != positions.numel():
+                raise ValueError(
+                    f"expected level {index}'s rearrangement over {positions.numel()} "
+                    f"dimensions; got {rearrangement.numel()}"
+                )
+        else:
+            rearrangement = carry_positions(level, shape).cpu()
+        out.level_positions.append(rearrangement)
+        if index == len(levels) - 1:
+            break
+        carried = positions.reshape(-1)[rearrangement]
+        contribution = None
+        if data_maps is not None:
+            contribution = data_maps[index].detach().cpu().double().reshape(-1)[carried]
+        elif layout_maps is not None:
+            contribution = layout_maps[index]
+        spec = specs[index]
+        split = spec.build(
+            tuple(carried.shape),
+            contribution if spec.needs_contributions else None,
+            seed + index,
+            placement,
+        )
+        factored, kept = split.carry(carried.unsqueeze(0))
+        out.splits.append(split)
+        out.maps.append(contribution)
+        out.factored_positions.append(factored[0])
+        out.kept_positions.append(kept[0])
+        positions = kept[0]
+        shape = tuple(positions.shape)
+    return out
 
 
 @dataclass
 class ContributionMaps:
     """Averaged cumulative contributions of an NMS flow, per split point.
 
+    Only what was measured is stored: the maps in the data's layout and the rearrangements of
+    the multi-scale levels they are mapped through. The maps in each split's layout, the
+    kept and factored positions, the splits and the diagnostics are derived from them by
+    :func:`track_splits` with the LCMA rule ``factor_out`` at every split point.
+
     Attributes:
         input_shape: Event shape of the data.
         placement: ``"post_squeeze"`` or ``"squeeze"``.
         data_maps: Per split point ``l``, the NMS contribution ``L^(l)`` of every data
             dimension, shaped like the data (float64).
-        maps: Per split point, ``L^(l)`` in the multi-scale flow's layout at that split point
-            (the split's input shape), for the levels the maps were computed with.
-        level_positions: Per level, ``carry_positions(level, level_input_shape)``: how those
-            levels rearrange dimensions (used to detect levels that do not match).
-        factored_positions: Per split point, the data dimension at each position of the
-            factored half (long tensor in the factored half's shape).
-        kept_positions: Likewise for the kept half.
-        diagnostics: Per split point, :func:`lcma_ext.splits.split_diagnostics` of ``maps``.
-        factor_out: The rule the positions and later maps were tracked with (``"low"``:
+        level_positions: Per level, ``carry_positions(level, level_input_shape)``: how the
+            multi-scale levels rearrange dimensions (used to detect levels that do not match).
+        factor_out: The LCMA rule the derived maps and positions are tracked with (``"low"``:
             LCMA, ``"high"``: the reverse).
         num_examples: Number of examples averaged over.
         levels: In memory only (never saved): the multi-scale levels the maps were computed
-            for, reused by :meth:`lcma_ext.ContributionMultiscaleFlow.from_contributions`.
+            for, reused by :func:`lcma_ext.pipeline.build_multiscale_transform`.
 
     Shapes:
         data_maps[l]: ``input_shape``; maps[l]: output shape of multi-scale level ``l``.
@@ -83,87 +183,116 @@ class ContributionMaps:
     input_shape: tuple[int, ...]
     placement: str
     data_maps: list[Tensor]
-    maps: list[Tensor] = field(default_factory=list)
-    level_positions: list[Tensor] = field(default_factory=list)
-    factored_positions: list[Tensor] = field(default_factory=list)
-    kept_positions: list[Tensor] = field(default_factory=list)
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    level_positions: list[Tensor]
     factor_out: str = "low"
     num_examples: int = 0
     levels: list[nflows_base.Transform] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.input_shape = tuple(int(size) for size in self.input_shape)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"expected placement in {PLACEMENTS}; got {self.placement!r}")
+        if self.factor_out not in FACTOR_OUT:
+            raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {self.factor_out!r}")
+        if len(self.level_positions) != len(self.data_maps) + 1:
+            raise ValueError(
+                f"expected {len(self.data_maps) + 1} level rearrangements for "
+                f"{len(self.data_maps)} split points; got {len(self.level_positions)}"
+            )
+        for index, data_map in enumerate(self.data_maps):
+            if tuple(data_map.shape) != self.input_shape:
+                raise ValueError(
+                    f"expected data map {index} of shape {self.input_shape}; got "
+                    f"{tuple(data_map.shape)}"
+                )
 
     @property
     def num_levels(self) -> int:
         """Number of levels of the flows (split points + 1)."""
         return len(self.data_maps) + 1
 
-    def _level_input_shapes(self) -> list[tuple[int, ...]]:
-        shapes = [tuple(self.input_shape)]
-        for positions in self.level_positions[:-1]:
-            shapes.append(kept_shape(tuple(positions.shape), self.placement))
-        return shapes
+    def track(
+        self,
+        levels: Sequence[nflows_base.Transform] | None = None,
+        specs: Sequence[SplitSpec | str] | None = None,
+        *,
+        check: bool = True,
+        seed: int = 0,
+    ) -> TrackedSplits:
+        """:func:`track_splits` of these maps through ``levels``.
+
+        Args:
+            levels: The multi-scale levels; ``None``: the stored rearrangements.
+            specs: One split spec or name per split point; ``None``: the LCMA rule
+                :attr:`factor_out` at every split point.
+            check: Raise if ``levels`` rearrange dimensions unlike the stored ones.
+            seed: Seed of random splits (split point ``l`` uses ``seed + l``).
+
+        Raises:
+            RuntimeError: if ``check`` and the levels do not match.
+        """
+        if levels is not None and check:
+            self.check_levels(levels)
+        if specs is None:
+            specs = [SplitSpec("lcma", self.factor_out)] * len(self.data_maps)
+        return track_splits(
+            self.level_positions if levels is None else levels,
+            self.input_shape,
+            specs,
+            data_maps=self.data_maps,
+            placement=self.placement,
+            seed=seed,
+        )
+
+    @property
+    def maps(self) -> list[Tensor]:
+        """Per split point, ``L^(l)`` in the multi-scale layout at that split point."""
+        return self.track().maps
+
+    @property
+    def factored_positions(self) -> list[Tensor]:
+        """Per split point, the data dimension at each position of the factored half."""
+        return self.track().factored_positions
+
+    @property
+    def kept_positions(self) -> list[Tensor]:
+        """Per split point, the data dimension at each position of the kept half."""
+        return self.track().kept_positions
+
+    @property
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """Per split point, :func:`lcma_ext.diagnostics.split_diagnostics` of :attr:`maps`."""
+        return [split_diagnostics(m, self.placement, NEAR_TIE_RTOL) for m in self.maps]
+
+    def splits(self) -> list[Split]:
+        """One :class:`lcma_ext.splits.LCMASplit` per split point, by the maps' own rule.
+
+        The splits factor out :attr:`factor_out` at every split point, the rule the maps of
+        later split points were tracked with.
+        """
+        return self.track().splits
 
     def check_levels(self, levels: Sequence[nflows_base.Transform]) -> None:
         """Raise ``RuntimeError`` unless ``levels`` rearrange dimensions as the stored ones."""
         levels = list(levels)
         if len(levels) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} levels; got {len(levels)}")
-        if not self.level_positions:
-            return
-        for index, (level, shape) in enumerate(zip(levels, self._level_input_shapes())):
-            positions = _positions(level, shape)
-            stored = self.level_positions[index]
+        shape = self.input_shape
+        for index, (level, stored) in enumerate(zip(levels, self.level_positions)):
+            positions = carry_positions(require_diag_aware(level), shape).cpu()
             if positions.shape != stored.shape or not torch.equal(positions, stored.cpu()):
                 raise RuntimeError(
                     f"expected level {index} to rearrange dimensions like the level the "
                     "contributions were mapped with; got a different rearrangement (e.g. another "
                     "random 1x1-convolution permutation). Reuse the same level instances "
-                    "(lcma_from_nms, or from_contributions with the maps' in-memory levels), "
-                    "seed torch identically before building them, or pass remap=True"
+                    "(lcma_from_nms, or the maps' in-memory levels), seed torch identically "
+                    "before building them, or pass remap=True"
                 )
-
-    def maps_for_levels(
-        self,
-        levels: Sequence[nflows_base.Transform],
-        factor_out: str = "low",
-        check: bool = True,
-        granularity: str = "site",
-        region_size: int = DEFAULT_REGION_SIZE,
-    ) -> list[Tensor]:
-        """The maps at each split point in the layout of ``levels`` (split with LCMA).
-
-        Args:
-            levels: The multi-scale levels.
-            factor_out: ``"low"`` (LCMA) or ``"high"``: which dimensions survive each split,
-                hence which NMS contributions later split points see.
-            check: Raise if ``levels`` differ from the stored ``level_positions``.
-            granularity: Granularity of the LCMA splits that decide the survivors (see
-                :class:`lcma_ext.splits.LCMASplit`); ``"region"`` tiles are capped at each
-                split point's grid (:func:`lcma_ext.splits.fit_region_size`).
-            region_size: Tile side for ``"region"``.
-
-        Raises:
-            RuntimeError: if ``check`` and the levels do not match.
-        """
-        if check:
-            self.check_levels(levels)
-        tracked = _track(
-            self.data_maps,
-            levels,
-            self.input_shape,
-            self.placement,
-            factor_out,
-            granularity,
-            region_size,
-        )
-        return tracked["maps"]
-
-    def splits(self, factor_out: str = "low") -> list[LCMASplit]:
-        """One :class:`LCMASplit` per split point, from :attr:`maps`."""
-        return [LCMASplit(m, factor_out, self.placement) for m in self.maps]
+            if index < len(levels) - 1:
+                shape = kept_shape(tuple(positions.shape), self.placement)
 
     def save(self, path: str | Path) -> None:
-        """Write a small file of plain tensors, lists, strings and numbers.
+        """Write a small file of plain tensors, lists, strings and numbers, atomically.
 
         It loads with ``torch.load(path, weights_only=True)`` (no pickled classes); the
         in-memory ``levels`` are not saved.
@@ -176,83 +305,38 @@ class ContributionMaps:
             "factor_out": self.factor_out,
             "num_examples": int(self.num_examples),
             "data_maps": [t.detach().cpu() for t in self.data_maps],
-            "maps": [t.detach().cpu() for t in self.maps],
             "level_positions": [t.cpu() for t in self.level_positions],
-            "factored_positions": [t.cpu() for t in self.factored_positions],
-            "kept_positions": [t.cpu() for t in self.kept_positions],
-            "diagnostics": list(self.diagnostics),
         }
-        torch.save(state, str(path))
+        atomic_save(state, path)
 
     @classmethod
     def load(cls, path: str | Path) -> ContributionMaps:
         """Read a file written by :meth:`save` (with ``weights_only=True``).
 
         Raises:
-            ValueError: if the file is not a contributions file of a known version.
+            FileNotFoundError: if there is no such file.
+            CorruptFileError: (a ``ValueError``) if the file is corrupt, truncated, not a
+                contributions file or of an unknown version; the message names the file.
         """
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        expected = "an lcma-ext contributions file"
+        state = load_torch_file(path, expected)
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError(f"expected an lcma-ext contributions file; got {path}")
-        if state.get("version") != _VERSION:
-            raise ValueError(f"expected version {_VERSION}; got {state.get('version')}")
-        return cls(
-            input_shape=tuple(state["input_shape"]),
-            placement=state["placement"],
-            data_maps=list(state["data_maps"]),
-            maps=list(state["maps"]),
-            level_positions=list(state["level_positions"]),
-            factored_positions=list(state["factored_positions"]),
-            kept_positions=list(state["kept_positions"]),
-            diagnostics=list(state["diagnostics"]),
-            factor_out=state["factor_out"],
-            num_examples=int(state["num_examples"]),
-        )
-
-
-def _positions(level: nflows_base.Transform, shape: Sequence[int]) -> Tensor:
-    index = torch.arange(math.prod(shape)).view(1, *shape)
-    return require_diag_aware(level).carry(index)[0].cpu()
-
-
-def _track(
-    data_maps: Sequence[Tensor],
-    levels: Sequence[nflows_base.Transform],
-    input_shape: Sequence[int],
-    placement: str,
-    factor_out: str,
-    granularity: str = "site",
-    region_size: int = DEFAULT_REGION_SIZE,
-) -> dict[str, list]:
-    """Carry data indices through ``levels`` and LCMA splits; collect maps per split point."""
-    if factor_out not in FACTOR_OUT:
-        raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {factor_out!r}")
-    levels = list(levels)
-    if len(levels) != len(data_maps) + 1:
-        raise ValueError(
-            f"expected {len(data_maps) + 1} levels for {len(data_maps)} split points; got "
-            f"{len(levels)}"
-        )
-    shape = tuple(input_shape)
-    positions = torch.arange(math.prod(shape)).view(1, *shape)  # data index at each position
-    out: dict[str, list] = {k: [] for k in ("maps", "level", "factored", "kept", "diagnostics")}
-    for index, level in enumerate(levels):
-        out["level"].append(_positions(level, shape))
-        carried = require_diag_aware(level).carry(positions).cpu()
-        if index == len(levels) - 1:
-            break
-        contribution = data_maps[index].detach().cpu().double().reshape(-1)[carried[0]]
-        size = region_size
-        if granularity == "region":
-            size = fit_region_size(contribution.shape, region_size, placement)
-        split = LCMASplit(contribution, factor_out, placement, granularity, size)
-        factored, positions = split.carry(carried)
-        out["maps"].append(contribution)
-        out["factored"].append(factored[0])
-        out["kept"].append(positions[0])
-        out["diagnostics"].append(split_diagnostics(contribution, placement, NEAR_TIE_RTOL))
-        shape = tuple(positions.shape[1:])
-    return out
+            raise CorruptFileError(path, expected, "another kind of file")
+        if state.get("version") not in _READABLE_VERSIONS:
+            raise CorruptFileError(
+                path, f"{expected} of version {_READABLE_VERSIONS}", f"{state.get('version')!r}"
+            )
+        try:
+            return cls(
+                input_shape=tuple(state["input_shape"]),
+                placement=state["placement"],
+                data_maps=list(state["data_maps"]),
+                level_positions=list(state["level_positions"]),
+                factor_out=state["factor_out"],
+                num_examples=int(state["num_examples"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CorruptFileError(path, expected, f"inconsistent content ({error})") from error
 
 
 def _nms_levels(nms_transform: Any) -> list[nflows_base.Transform]:
@@ -332,6 +416,8 @@ def estimate_contributions(
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"expected placement in {PLACEMENTS}; got {placement!r}")
+    if factor_out not in FACTOR_OUT:
+        raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {factor_out!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"expected a positive int batch_size; got {batch_size!r}")
     nms_levels = _nms_levels(nms_transform)
@@ -410,16 +496,17 @@ def _maps_from_data(
     factor_out: str,
     num_examples: int,
 ) -> ContributionMaps:
-    tracked = _track(data_maps, levels, input_shape, placement, factor_out)
     return ContributionMaps(
         input_shape=tuple(input_shape),
         placement=placement,
         data_maps=data_maps,
-        maps=tracked["maps"],
-        level_positions=tracked["level"],
-        factored_positions=tracked["factored"],
-        kept_positions=tracked["kept"],
-        diagnostics=tracked["diagnostics"],
+        level_positions=track_splits(
+            levels,
+            input_shape,
+            [SplitSpec("lcma", factor_out)] * len(data_maps),
+            data_maps=data_maps,
+            placement=placement,
+        ).level_positions,
         factor_out=factor_out,
         num_examples=num_examples,
         levels=levels,

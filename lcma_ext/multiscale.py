@@ -1,5 +1,8 @@
 """``ContributionMultiscaleFlow``: nflows' multi-scale composite with a pluggable split per level.
 
+The structure only; builders from split names and contribution maps are in
+:mod:`lcma_ext.pipeline`.
+
 References:
     L. Dinh, J. Sohl-Dickstein, S. Bengio. Density estimation using Real NVP. ICLR 2017.
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
@@ -8,23 +11,14 @@ References:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from nflows.transforms import base as nflows_base
 from torch import Tensor, nn
 
-from lcma_ext.splits import (
-    PLACEMENTS,
-    SPLIT_NAMES,
-    ChannelSplit,
-    Split,
-    kept_shape,
-    make_split,
-)
+from lcma_ext.splits import PLACEMENTS, ChannelSplit, Split, kept_shape
 from lcma_ext.transforms.base import DiagMixin, carry_positions, require_diag_aware
 
 __all__ = [
@@ -262,107 +256,3 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
             split = splits[index] if index < len(splits) else None
             shape = flow.add_transform(level, output_shape, split)
         return flow
-
-    @classmethod
-    def from_contributions(
-        cls,
-        level_factory: LevelFactory | None,
-        input_shape: Sequence[int],
-        contributions: Any = None,
-        split: str = "lcma",
-        *,
-        num_levels: int | None = None,
-        levels: Sequence[nflows_base.Transform] | None = None,
-        placement: str | None = None,
-        seed: int = 0,
-        remap: bool = False,
-    ) -> ContributionMultiscaleFlow:
-        """Build an (untrained) multi-scale flow whose split points follow ``contributions``.
-
-        Args:
-            level_factory: ``level_factory(level_index, input_shape) -> Transform``; used only
-                when neither ``levels`` nor in-memory levels inside ``contributions`` exist.
-            input_shape: Event shape of the data.
-            contributions: A :class:`lcma_ext.ContributionMaps` (from
-                :func:`lcma_ext.estimate_contributions` or ``ContributionMaps.load``), a list of
-                maps (one tensor per split point, in this flow's layout), or ``None`` for the
-                static splits.
-            split: One of :data:`lcma_ext.splits.SPLIT_NAMES`.
-            num_levels: Number of levels; taken from ``contributions`` when given.
-            levels: Prebuilt levels to use as they are.
-            placement: ``"post_squeeze"`` or ``"squeeze"``; taken from ``contributions`` when
-                it is a ``ContributionMaps``.
-            seed: Seed of :class:`lcma_ext.RandomSplit`; split point ``l`` uses ``seed + l``.
-            remap: If the levels rearrange dimensions differently from the ones the maps were
-                measured with (for example a freshly built Glow level with another random 1x1
-                convolution permutation), ``False`` raises, ``True`` re-maps the NMS
-                contributions onto these levels (no NMS run is needed).
-
-        Levels are chosen in this order: ``levels``; deep copies of the levels kept in memory by
-        ``contributions`` (so random permutations agree with the measured maps); new levels from
-        ``level_factory``.
-
-        Raises:
-            ValueError: for inconsistent arguments or maps.
-            RuntimeError: for levels that do not match the maps (unless ``remap``).
-        """
-        if split not in SPLIT_NAMES:
-            raise ValueError(f"expected a split name in {SPLIT_NAMES}; got {split!r}")
-        is_maps_object = hasattr(contributions, "maps_for_levels")
-        if is_maps_object:
-            if placement is not None and placement != contributions.placement:
-                raise ValueError(
-                    f"expected placement {contributions.placement!r} (the maps' placement); "
-                    f"got {placement!r}"
-                )
-            placement = contributions.placement
-            if num_levels is not None and num_levels != contributions.num_levels:
-                raise ValueError(
-                    f"expected num_levels {contributions.num_levels} (from the maps); got "
-                    f"{num_levels}"
-                )
-            num_levels = contributions.num_levels
-            if tuple(input_shape) != tuple(contributions.input_shape):
-                raise ValueError(
-                    f"expected input_shape {tuple(contributions.input_shape)} (from the maps); "
-                    f"got {tuple(input_shape)}"
-                )
-        elif contributions is not None:
-            contributions = list(contributions)
-            if num_levels is not None and num_levels != len(contributions) + 1:
-                raise ValueError(
-                    f"expected {num_levels - 1} maps for {num_levels} levels; got "
-                    f"{len(contributions)}"
-                )
-            num_levels = len(contributions) + 1
-        placement = "post_squeeze" if placement is None else placement
-        if levels is not None:
-            levels = list(levels)
-            num_levels = len(levels) if num_levels is None else num_levels
-            if len(levels) != num_levels:
-                raise ValueError(f"expected {num_levels} levels; got {len(levels)}")
-        elif is_maps_object and contributions.levels is not None:
-            levels = [copy.deepcopy(level) for level in contributions.levels]
-        else:
-            if num_levels is None:
-                raise ValueError("expected num_levels (no contributions or levels given); got None")
-            if level_factory is None:
-                raise ValueError("expected a level_factory (no levels given); got None")
-            levels = build_levels(level_factory, input_shape, num_levels, placement)
-
-        maps: list[Tensor | None] = [None] * (num_levels - 1)
-        if split in ("lcma", "high"):
-            if contributions is None:
-                raise ValueError(f"split {split!r} expected contributions; got None")
-            if is_maps_object:
-                factor_out = "low" if split == "lcma" else "high"
-                maps = contributions.maps_for_levels(levels, factor_out, check=not remap)
-            else:
-                maps = contributions
-        splits = []
-        shape = tuple(input_shape)
-        for index, level in enumerate(levels[:-1]):
-            output_shape = level_output_shape(level, shape)
-            splits.append(make_split(split, output_shape, maps[index], seed + index, placement))
-            shape = kept_shape(output_shape, placement)
-        return cls.from_levels(levels, input_shape, splits)

@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from nflows.transforms import base as nflows_base
+from torch import Tensor
 
-from lcma_ext.contributions import ContributionMaps, estimate_contributions
+from lcma_ext.contributions import ContributionMaps, estimate_contributions, track_splits
 from lcma_ext.multiscale import (
     ContributionMultiscaleFlow,
     LevelFactory,
@@ -27,13 +28,7 @@ from lcma_ext.multiscale import (
     check_level_arguments,
     level_output_shape,
 )
-from lcma_ext.splits import (
-    DEFAULT_REGION_SIZE,
-    GRANULAR_SPLIT_NAMES,
-    SPLIT_NAMES,
-    kept_shape,
-    make_split,
-)
+from lcma_ext.splits import DEFAULT_REGION_SIZE, SplitSpec
 from lcma_ext.transforms import CompositeTransform, SqueezeTransform
 
 __all__ = [
@@ -78,137 +73,116 @@ def build_nms_transform(
     return CompositeTransform(levels)
 
 
+def _split_specs(
+    split: str | SplitSpec | Sequence[str | SplitSpec], num_splits: int, region_size: int
+) -> list[SplitSpec]:
+    """One :class:`SplitSpec` per split point from a name, a spec or one of them per point."""
+    if isinstance(split, (str, SplitSpec)):
+        return [SplitSpec.parse(split, region_size)] * num_splits
+    specs = [SplitSpec.parse(item, region_size) for item in split]
+    if len(specs) != num_splits:
+        raise ValueError(
+            f"expected one split per split point ({num_splits}); got {len(specs)} ({split!r})"
+        )
+    return specs
+
+
+def _check_maps(
+    maps: ContributionMaps, input_shape: tuple[int, ...], num_levels: int, placement: str
+) -> None:
+    if tuple(maps.input_shape) != input_shape:
+        raise ValueError(
+            f"expected input_shape {tuple(maps.input_shape)} (from the maps); got {input_shape}"
+        )
+    if num_levels != maps.num_levels:
+        raise ValueError(f"expected num_levels {maps.num_levels} (from the maps); got {num_levels}")
+    if maps.placement != placement:
+        raise ValueError(
+            f"expected placement {maps.placement!r} (the contributions'); got {placement!r}"
+        )
+
+
 def build_multiscale_transform(
-    level_factory: LevelFactory,
+    level_factory: LevelFactory | None,
     input_shape: Sequence[int],
     num_levels: int,
-    split: str = "channel",
-    contributions: ContributionMaps | Sequence[Any] | None = None,
+    split: str | SplitSpec | Sequence[str | SplitSpec] = "channel",
+    contributions: ContributionMaps | Sequence[Tensor] | None = None,
     seed: int = 0,
     placement: str = "post_squeeze",
     levels: Sequence[nflows_base.Transform] | None = None,
     remap: bool = False,
     region_size: int = DEFAULT_REGION_SIZE,
 ) -> ContributionMultiscaleFlow:
-    """A multi-scale flow from ``level_factory`` with the named split at every split point.
+    """A multi-scale flow with the named split at every split point (the one builder).
+
+    The levels are walked once by :func:`lcma_ext.contributions.track_splits`, which builds
+    each split point's split and, with a :class:`ContributionMaps`, tracks the survivors: split
+    point ``l`` sees the NMS contributions of the dimensions that the splits before it kept.
 
     Args:
-        level_factory: ``level_factory(level_index, input_shape) -> Transform``.
+        level_factory: ``level_factory(level_index, input_shape) -> Transform``; used only
+            when neither ``levels`` nor in-memory levels of ``contributions`` exist.
         input_shape: Event shape of the data.
         num_levels: Number of levels (split points: ``num_levels - 1``).
-        split: One of :data:`lcma_ext.splits.SPLIT_NAMES` or
+        split: A name of :data:`lcma_ext.splits.SPLIT_NAMES` or
             :data:`lcma_ext.splits.GRANULAR_SPLIT_NAMES` (``"lcma-channel"``, ``"lcma-region"``,
             ``"high-channel"``, ``"high-region"``: LCMA with that granularity, see
-            docs/granularity.md).
-        contributions: Required for the LCMA names; see
-            :meth:`ContributionMultiscaleFlow.from_contributions`. With a
-            :class:`ContributionMaps`, later split points see the contributions of the
-            dimensions that the chosen split (granularity included) keeps.
+            docs/granularity.md), a :class:`lcma_ext.splits.SplitSpec`, or a sequence of them
+            with one per split point (e.g. ``["lcma", "high"]``, the paper's Table 4).
+        contributions: Required for the LCMA names: a :class:`ContributionMaps` (from
+            :func:`lcma_ext.estimate_contributions` or ``ContributionMaps.load``), or a list of
+            maps, one per split point, already in this flow's layout.
         seed: Seed of the random split (split point ``l`` uses ``seed + l``).
         placement: ``"post_squeeze"`` or ``"squeeze"``; must match ``contributions``.
-        levels: Prebuilt levels to use instead of the factory.
-        remap: See :meth:`ContributionMultiscaleFlow.from_contributions`.
+        levels: Prebuilt levels to use as they are.
+        remap: If the levels rearrange dimensions differently from the ones the maps were
+            measured with (for example a freshly built Glow level with another random 1x1
+            convolution permutation), ``False`` raises, ``True`` maps the NMS contributions
+            onto these levels (no NMS run is needed).
         region_size: Tile side of the ``"*-region"`` splits, in sites of each split point's
             grid of local blocks, capped at the grid (default 4).
 
+    Levels are chosen in this order: ``levels``; deep copies of the levels kept in memory by
+    ``contributions`` (so random permutations agree with the measured maps); new levels from
+    ``level_factory``.
+
     Raises:
-        ValueError: for an unknown split name or missing contributions.
+        ValueError: for an unknown split name, missing contributions or inconsistent shapes.
+        RuntimeError: for levels that do not match the maps (unless ``remap``).
     """
-    if split not in SPLIT_NAMES + GRANULAR_SPLIT_NAMES:
-        raise ValueError(
-            f"expected a split name in {SPLIT_NAMES + GRANULAR_SPLIT_NAMES}; got {split!r}"
-        )
-    if isinstance(contributions, ContributionMaps) and contributions.placement != placement:
-        raise ValueError(
-            f"expected placement {contributions.placement!r} (the contributions'); got "
-            f"{placement!r}"
-        )
-    if split in GRANULAR_SPLIT_NAMES:
-        return _granular_multiscale(
-            level_factory,
-            input_shape,
-            num_levels,
-            split,
-            contributions,
-            placement,
-            levels,
-            remap,
-            region_size,
-        )
-    return ContributionMultiscaleFlow.from_contributions(
-        level_factory,
-        input_shape,
-        contributions,
-        split,
-        num_levels=num_levels,
-        levels=levels,
-        placement=placement,
-        seed=seed,
-        remap=remap,
-    )
-
-
-def _granular_multiscale(
-    level_factory: LevelFactory,
-    input_shape: Sequence[int],
-    num_levels: int,
-    split: str,
-    contributions: ContributionMaps | Sequence[Any] | None,
-    placement: str,
-    levels: Sequence[nflows_base.Transform] | None,
-    remap: bool,
-    region_size: int,
-) -> ContributionMultiscaleFlow:
-    """:func:`build_multiscale_transform` for :data:`GRANULAR_SPLIT_NAMES`.
-
-    Levels are chosen as in :meth:`ContributionMultiscaleFlow.from_contributions`; the NMS
-    maps are tracked through splits of the same granularity.
-    """
-    if contributions is None:
-        raise ValueError(f"split {split!r} expected contributions; got None")
+    check_level_arguments(num_levels, placement)
     shape = tuple(int(size) for size in input_shape)
-    if isinstance(contributions, ContributionMaps):
-        if shape != tuple(contributions.input_shape):
-            raise ValueError(
-                f"expected input_shape {tuple(contributions.input_shape)} (from the maps); got "
-                f"{shape}"
-            )
-        if num_levels != contributions.num_levels:
-            raise ValueError(
-                f"expected num_levels {contributions.num_levels} (from the maps); got {num_levels}"
-            )
-        if levels is None and contributions.levels is not None:
-            levels = [copy.deepcopy(level) for level in contributions.levels]
-    if levels is None:
-        levels = build_levels(level_factory, shape, num_levels, placement)
-    levels = list(levels)
-    if len(levels) != num_levels:
-        raise ValueError(f"expected {num_levels} levels; got {len(levels)}")
-    rule, _, granularity = split.partition("-")
-    if isinstance(contributions, ContributionMaps):
-        maps = contributions.maps_for_levels(
-            levels,
-            "low" if rule == "lcma" else "high",
-            check=not remap,
-            granularity=granularity,
-            region_size=region_size,
-        )
-    else:
-        maps = list(contributions)
+    specs = _split_specs(split, num_levels - 1, region_size)
+    maps = contributions
+    if isinstance(maps, ContributionMaps):
+        _check_maps(maps, shape, num_levels, placement)
+    elif maps is not None:
+        maps = list(maps)
         if len(maps) != num_levels - 1:
             raise ValueError(
                 f"expected {num_levels - 1} maps for {num_levels} levels; got {len(maps)}"
             )
-    splits = []
-    for index, level in enumerate(levels[:-1]):
-        output_shape = level_output_shape(level, shape)
-        splits.append(
-            make_split(
-                split, output_shape, maps[index], placement=placement, region_size=region_size
-            )
+    needing = [spec.name for spec in specs if spec.needs_contributions]
+    if needing and maps is None:
+        raise ValueError(f"split {needing[0]!r} expected contributions; got None")
+    if levels is not None:
+        levels = list(levels)
+        if len(levels) != num_levels:
+            raise ValueError(f"expected {num_levels} levels; got {len(levels)}")
+    elif isinstance(maps, ContributionMaps) and maps.levels is not None:
+        levels = [copy.deepcopy(level) for level in maps.levels]
+    else:
+        if level_factory is None:
+            raise ValueError("expected a level_factory (no levels given); got None")
+        levels = build_levels(level_factory, shape, num_levels, placement)
+    if isinstance(maps, ContributionMaps):
+        tracked = maps.track(levels, specs, check=not remap and bool(needing), seed=seed)
+    else:
+        tracked = track_splits(
+            levels, shape, specs, layout_maps=maps, placement=placement, seed=seed
         )
-        shape = kept_shape(output_shape, placement)
-    return ContributionMultiscaleFlow.from_levels(levels, input_shape, splits)
+    return ContributionMultiscaleFlow.from_levels(levels, shape, tracked.splits)
 
 
 def lcma_from_nms(
@@ -258,7 +232,7 @@ def lcma_from_nms(
         batch_size=batch_size,
         progress=progress,
     )
-    flow = ContributionMultiscaleFlow.from_contributions(
-        level_factory, input_shape, maps, split, levels=levels, placement=placement
+    flow = build_multiscale_transform(
+        level_factory, input_shape, num_levels, split, maps, placement=placement, levels=levels
     )
     return flow, maps

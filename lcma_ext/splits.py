@@ -53,6 +53,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,25 +65,27 @@ __all__ = [
     "FACTOR_OUT",
     "GRANULARITIES",
     "GRANULAR_SPLIT_NAMES",
-    "NEAR_TIE_RTOL",
     "PLACEMENTS",
     "SPLIT_NAMES",
+    "SPLIT_RULES",
     "ChannelSplit",
     "CheckerboardSplit",
     "IndexSplit",
     "LCMASplit",
     "RandomSplit",
     "Split",
+    "SplitSpec",
     "fit_region_size",
     "kept_block_positions",
     "kept_shape",
     "make_split",
-    "split_diagnostics",
     "split_shapes",
 ]
 
 PLACEMENTS = ("post_squeeze", "squeeze")
 SPLIT_NAMES = ("channel", "checkerboard", "random", "lcma", "high")
+#: Rules of :class:`SplitSpec` (``"lcma"`` with ``factor_out="high"`` is the name ``"high"``).
+SPLIT_RULES = ("channel", "checkerboard", "random", "lcma")
 FACTOR_OUT = ("low", "high")
 #: Granularity of the LCMA choice: per site (the paper), per tile of sites, per channel group.
 GRANULARITIES = ("site", "region", "channel")
@@ -92,8 +95,6 @@ DEFAULT_REGION_SIZE = 4
 GRANULAR_SPLIT_NAMES = ("lcma-channel", "lcma-region", "high-channel", "high-region")
 #: Tie-break preference over block positions ``k = 2 dy + dx``: TL, BR, TR, BL.
 BLOCK_PRIORITY = (0, 3, 1, 2)
-#: Relative difference below which two contributions count as a near-tie in the diagnostics.
-NEAR_TIE_RTOL = 1e-6
 _CHECKERBOARD_KEPT = (0, 3)
 _CHECKERBOARD_FACTORED = (1, 2)
 
@@ -320,7 +321,10 @@ class IndexSplit(Split):
 
     Subclasses implement :meth:`_build_index` returning the flat input indices of the factored
     half and of the kept half, each in the layout of its output shape. ``forward`` is then a
-    single ``index_select`` and ``inverse`` its inverse gather.
+    single ``index_select`` and ``inverse`` its inverse gather. The permutation ``index`` is
+    saved with the state; its inverse is derived. Loading a state checks that the stored index
+    is a permutation and is the one this split's settings (and, for :class:`LCMASplit`, its
+    stored map) give, so the state of another split kind or a corrupted index is refused.
 
     Args:
         input_shape: Event shape; ``None`` defers building until :meth:`bind` (which
@@ -336,7 +340,7 @@ class IndexSplit(Split):
     ) -> None:
         super().__init__(placement)
         self.register_buffer("index", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("inverse_index", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("inverse_index", torch.zeros(0, dtype=torch.long), persistent=False)
         self.input_shape: Shape | None = None
         self.factored_shape: Shape | None = None
         self.kept_shape: Shape | None = None
@@ -356,18 +360,18 @@ class IndexSplit(Split):
                 )
             return self
         factored_shape, kept_shape_ = self.output_shapes(shape)
-        factored, kept = self._build_index(shape)
-        index = torch.cat([factored.reshape(-1), kept.reshape(-1)]).to(self.index.device)
-        numel = int(torch.tensor(shape).prod())
-        if index.numel() != numel or not torch.equal(
-            torch.sort(index).values, torch.arange(numel, device=index.device)
-        ):  # internal consistency, not user input
+        index = self._full_index(shape)
+        if not _is_permutation(index, _numel(shape)):  # internal consistency, not user input
             raise RuntimeError(f"{type(self).__name__} built an index that is no permutation")
         self.index = index
         self.inverse_index = torch.argsort(index)
         self.input_shape = shape
         self.factored_shape, self.kept_shape = factored_shape, kept_shape_
         return self
+
+    def _full_index(self, shape: Shape) -> Tensor:
+        factored, kept = self._build_index(shape)
+        return torch.cat([factored.reshape(-1), kept.reshape(-1)]).to(self.index.device)
 
     def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
@@ -404,26 +408,73 @@ class IndexSplit(Split):
         flat = torch.cat([factored.reshape(batch, -1), kept.reshape(batch, -1)], dim=1)
         return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
 
-    def masks(self) -> tuple[Tensor, Tensor]:
-        """Boolean masks shaped like one input event: ``(factored_mask, kept_mask)``."""
-        self._require_bound()
-        kept = torch.zeros(_numel(self.input_shape), dtype=torch.bool, device=self.index.device)
-        kept[self.index[_numel(self.factored_shape) :]] = True
-        return (~kept).view(self.input_shape), kept.view(self.input_shape)
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # A split bound to a different shape than the stored one cannot load it.
         stored = state_dict.get(prefix + "index")
-        if (
-            stored is not None
-            and self.input_shape is not None
-            and stored.numel() != _numel(self.input_shape)
-        ):
+        name = type(self).__name__
+        if stored is not None and self.input_shape is not None:
+            numel = _numel(self.input_shape)
+            if stored.numel() != numel:
+                raise ValueError(
+                    f"{name}: expected a stored index of {numel} entries; got {stored.numel()}"
+                )
+            if not _is_permutation(stored.reshape(-1), numel):
+                raise ValueError(
+                    f"{name}: expected a stored index that is a permutation of 0..{numel - 1}; "
+                    "got one that is not"
+                )
+        # A refused state leaves the split as it was.
+        settings = self.settings()
+        buffers = {key: value for key, value in self._buffers.items() if value is not None}
+        buffers = {key: value.clone() for key, value in buffers.items()}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except ValueError:
+            for key, value in settings.items():
+                setattr(self, key, value)
+            for key, value in buffers.items():
+                self._buffers[key] = value
+            raise
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings that define this split (saved with its state)."""
+        return {"placement": self.placement}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, **self.settings()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Take the settings saved with a state; refuse the state of another split kind.
+
+        The ``placement``, which fixes the output shapes, must be equal; the other settings
+        (a random split's seed, an LCMA split's rule and granularity) are taken from the state,
+        as the state's tensors are. The stored index must then be the one they give.
+
+        Raises:
+            ValueError: if ``state`` was saved by another split class or placement, or its
+                index is not the one its settings give.
+        """
+        name = type(self).__name__
+        kind = state.get("kind") if isinstance(state, dict) else None
+        if kind != name:
+            raise ValueError(f"expected the state of a {name}; got the state of a {kind}")
+        stored = {key: value for key, value in state.items() if key != "kind"}
+        settings = self.settings()
+        if set(stored) != set(settings) or stored["placement"] != self.placement:
             raise ValueError(
-                f"{type(self).__name__}: expected a stored index of {_numel(self.input_shape)} "
-                f"entries; got {stored.numel()}"
+                f"expected the state of a {name} with settings like {settings}; got {stored}"
             )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for key, value in stored.items():
+            setattr(self, key, value)
+        if self.input_shape is None:
+            return
+        expected = self._full_index(self.input_shape)
+        if self.index.shape == expected.shape and not torch.equal(self.index, expected):
+            raise ValueError(
+                f"{type(self).__name__}: expected the stored index that the stored settings "
+                f"{self.settings()} give; got another permutation (the state of another split)"
+            )
+        self.inverse_index = torch.argsort(self.index)
 
     def extra_repr(self) -> str:
         return f"input_shape={self.input_shape}, placement={self.placement!r}"
@@ -434,6 +485,15 @@ def _numel(shape: Sequence[int]) -> int:
     for size in shape:
         numel *= int(size)
     return numel
+
+
+def _is_permutation(index: Tensor, numel: int) -> bool:
+    """Whether the flat long tensor ``index`` is a permutation of ``0 .. numel - 1``."""
+    return (
+        index.dtype == torch.long
+        and index.numel() == numel
+        and torch.equal(torch.sort(index).values, torch.arange(numel, device=index.device))
+    )
 
 
 def _block_index(kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int):
@@ -536,6 +596,9 @@ class RandomSplit(IndexSplit):
             torch.sort(permutation[:num_factored]).values,
             torch.sort(permutation[num_factored:]).values,
         )
+
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, **super().settings()}
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}, " + super().extra_repr()
@@ -692,9 +755,8 @@ class LCMASplit(IndexSplit):
     ``region_size x region_size`` sites, ranked by the tile's mean contribution of each block
     position) or ``"channel"`` (one choice per channel group for the whole image: a static
     split derived from data, so each kept channel holds the same block position everywhere).
-    The kept block positions are stored in the buffer ``kept_positions`` and the granularity in
-    ``granularity_code``, so both survive ``state_dict`` (loading a state also restores
-    :attr:`granularity` and :attr:`region_size`).
+    The map is a buffer, so it survives ``state_dict``; loading a state requires the same
+    ``factor_out``, ``granularity`` and ``region_size`` (see :class:`IndexSplit`).
 
     Args:
         contributions: Averaged cumulative contribution map of one event in the layout of this
@@ -741,46 +803,34 @@ class LCMASplit(IndexSplit):
         self.granularity = granularity
         self.region_size = region_size
         self.register_buffer("contributions", contributions.detach().clone())
-        self.register_buffer("kept_positions", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("granularity_code", self._code(granularity, region_size))
         self.bind(tuple(contributions.shape))
 
-    @staticmethod
-    def _code(granularity: str, region_size: int) -> Tensor:
-        return torch.tensor([GRANULARITIES.index(granularity), region_size], dtype=torch.long)
+    @property
+    def kept_positions(self) -> Tensor:
+        """Kept block positions ``(G, 2, h, w)`` (vector data: kept indices ``(D // 2,)``)."""
+        return self._positions()[0]
 
-    def _build_index(self, shape):
+    def _positions(self) -> tuple[Tensor, Tensor]:
         kept, factored = kept_block_positions(
             self.contributions, self.placement, self.factor_out, self.granularity, self.region_size
         )
-        self.kept_positions = kept.to(self.index.device)
+        return kept.to(self.index.device), factored.to(self.index.device)
+
+    def _build_index(self, shape):
+        kept, factored = self._positions()
         if len(shape) == 1:
             return factored, kept
         positions, (c4, h, w) = _block_layout(shape, self.placement)
         factored_index, kept_index = _block_index(kept, factored, c4, h, w)
         return _compose(positions, factored_index), _compose(positions, kept_index)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # States saved before the granularity option hold a site-granularity split: derive the
-        # new buffers from the stored map so that such checkpoints still load strictly.
-        stored = state_dict.get(prefix + "contributions")
-        if stored is not None and prefix + "granularity_code" not in state_dict:
-            state_dict[prefix + "granularity_code"] = self._code("site", DEFAULT_REGION_SIZE)
-            if prefix + "kept_positions" not in state_dict:
-                kept, _ = kept_block_positions(stored, self.placement, self.factor_out)
-                state_dict[prefix + "kept_positions"] = kept
-        code = state_dict.get(prefix + "granularity_code")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if code is not None and code.numel() == 2:
-            self.granularity = GRANULARITIES[int(code[0])]
-            self.region_size = int(code[1])
-
-    def diagnostics(self, rtol: float = NEAR_TIE_RTOL) -> dict[str, Any]:
-        """Tie and static-split diagnostics of this split's map; see :func:`split_diagnostics`.
-
-        They describe the per-site (paper) rule on the map, whatever this split's granularity.
-        """
-        return split_diagnostics(self.contributions, self.placement, rtol)
+    def settings(self) -> dict[str, Any]:
+        return {
+            "factor_out": self.factor_out,
+            "granularity": self.granularity,
+            "region_size": self.region_size,
+            **super().settings(),
+        }
 
     def extra_repr(self) -> str:
         granularity = f"granularity={self.granularity!r}, "
@@ -789,17 +839,126 @@ class LCMASplit(IndexSplit):
         return f"factor_out={self.factor_out!r}, " + granularity + super().extra_repr()
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """A split name parsed once: the rule, which half is factored out, the granularity.
+
+    Names (:meth:`parse`, :attr:`name`): ``"channel"``, ``"checkerboard"``, ``"random"``;
+    ``"lcma"`` (factor out the low-contribution half, the paper) and ``"high"`` (the high half,
+    the ablation) at site granularity; ``"<lcma|high>-<region|channel>"`` at a coarser one
+    (:data:`GRANULAR_SPLIT_NAMES`).
+
+    Args:
+        rule: ``"channel"``, ``"checkerboard"``, ``"random"`` or ``"lcma"``.
+        factor_out: ``"low"`` or ``"high"`` (only for ``"lcma"``).
+        granularity: ``"site"``, ``"region"`` or ``"channel"`` (only for ``"lcma"``).
+        region_size: Tile side of ``"region"``, capped at each split point's block grid by
+            :meth:`build` (:func:`fit_region_size`).
+
+    Raises:
+        ValueError: for an unknown rule, factor_out or granularity, or an LCMA option on a
+            static rule.
+    """
+
+    rule: str = "channel"
+    factor_out: str = "low"
+    granularity: str = "site"
+    region_size: int = DEFAULT_REGION_SIZE
+
+    def __post_init__(self) -> None:
+        if self.rule not in SPLIT_RULES:
+            raise ValueError(f"expected a split rule in {SPLIT_RULES}; got {self.rule!r}")
+        if self.factor_out not in FACTOR_OUT:
+            raise ValueError(f"expected factor_out in {FACTOR_OUT}; got {self.factor_out!r}")
+        _check_granularity(self.granularity, self.region_size)
+        if self.rule != "lcma" and (self.factor_out, self.granularity) != ("low", "site"):
+            raise ValueError(
+                f"expected factor_out='low' and granularity='site' for the static rule "
+                f"{self.rule!r}; got {self.factor_out!r} and {self.granularity!r}"
+            )
+
+    @classmethod
+    def parse(cls, name: str | SplitSpec, region_size: int = DEFAULT_REGION_SIZE) -> SplitSpec:
+        """The spec of a split name (a :class:`SplitSpec` is returned as it is).
+
+        Raises:
+            ValueError: for a name not in :data:`SPLIT_NAMES` or :data:`GRANULAR_SPLIT_NAMES`.
+        """
+        if isinstance(name, SplitSpec):
+            return name
+        if name not in SPLIT_NAMES + GRANULAR_SPLIT_NAMES:
+            raise ValueError(
+                f"expected a split name in {SPLIT_NAMES + GRANULAR_SPLIT_NAMES}; got {name!r}"
+            )
+        rule, _, granularity = name.partition("-")
+        if rule not in ("lcma", "high"):
+            return cls(rule, region_size=region_size)
+        factor_out = "low" if rule == "lcma" else "high"
+        return cls("lcma", factor_out, granularity or "site", region_size)
+
+    @property
+    def name(self) -> str:
+        """The split name, e.g. ``"lcma"``, ``"high-region"`` or ``"random"``."""
+        if self.rule != "lcma":
+            return self.rule
+        prefix = "lcma" if self.factor_out == "low" else "high"
+        return prefix if self.granularity == "site" else f"{prefix}-{self.granularity}"
+
+    @property
+    def needs_contributions(self) -> bool:
+        """Whether :meth:`build` needs a contribution map."""
+        return self.rule == "lcma"
+
+    def build(
+        self,
+        input_shape: Sequence[int],
+        contributions: Tensor | None = None,
+        seed: int = 0,
+        placement: str = "post_squeeze",
+    ) -> Split:
+        """The split of inputs of event shape ``input_shape``, bound to it.
+
+        Args:
+            input_shape: The split's input event shape.
+            contributions: The map in that layout (required for ``"lcma"``).
+            seed: Seed of :class:`RandomSplit`.
+            placement: ``"post_squeeze"`` or ``"squeeze"``.
+
+        Raises:
+            ValueError: for a missing map or one whose shape differs from ``input_shape``.
+        """
+        shape = _as_shape(input_shape)
+        if self.rule == "channel":
+            return ChannelSplit(placement=placement).bind(shape)
+        if self.rule == "checkerboard":
+            return CheckerboardSplit(shape, placement=placement)
+        if self.rule == "random":
+            return RandomSplit(seed=seed, input_shape=shape, placement=placement)
+        if contributions is None:
+            raise ValueError(f"split {self.name!r} expected a contribution map; got None")
+        if tuple(contributions.shape) != shape:
+            raise ValueError(
+                f"expected a contribution map of shape {shape} (the split's input shape); got "
+                f"{tuple(contributions.shape)}"
+            )
+        region_size = self.region_size
+        if self.granularity == "region":
+            region_size = fit_region_size(shape, region_size, placement)
+        return LCMASplit(contributions, self.factor_out, placement, self.granularity, region_size)
+
+
 def make_split(
-    name: str,
+    name: str | SplitSpec,
     input_shape: Sequence[int],
     contributions: Tensor | None = None,
     seed: int = 0,
     placement: str = "post_squeeze",
     region_size: int = DEFAULT_REGION_SIZE,
 ) -> Split:
-    """Build a split by name (:data:`SPLIT_NAMES` or :data:`GRANULAR_SPLIT_NAMES`).
+    """Build a split by name (:data:`SPLIT_NAMES` or :data:`GRANULAR_SPLIT_NAMES`) or spec.
 
-    ``"high"`` is ``LCMASplit(contributions, factor_out="high")``. ``"lcma-channel"``,
+    ``SplitSpec.parse(name, region_size).build(input_shape, contributions, seed, placement)``:
+    ``"high"`` is ``LCMASplit(contributions, factor_out="high")``; ``"lcma-channel"``,
     ``"lcma-region"``, ``"high-channel"`` and ``"high-region"`` are :class:`LCMASplit` with
     that ``factor_out`` (``lcma``: ``"low"``) and granularity; for ``"*-region"`` the tile side
     is ``fit_region_size(input_shape, region_size, placement)``, i.e. capped at the block grid.
@@ -808,137 +967,4 @@ def make_split(
         ValueError: for an unknown name, a missing contribution map for the LCMA names,
             or a map whose shape differs from ``input_shape``.
     """
-    shape = _as_shape(input_shape)
-    if name == "channel":
-        return ChannelSplit(placement=placement).bind(shape)
-    if name == "checkerboard":
-        return CheckerboardSplit(shape, placement=placement)
-    if name == "random":
-        return RandomSplit(seed=seed, input_shape=shape, placement=placement)
-    if name in ("lcma", "high", *GRANULAR_SPLIT_NAMES):
-        if contributions is None:
-            raise ValueError(f"split {name!r} expected a contribution map; got None")
-        if tuple(contributions.shape) != shape:
-            raise ValueError(
-                f"expected a contribution map of shape {shape} (the split's input shape); got "
-                f"{tuple(contributions.shape)}"
-            )
-        rule, _, granularity = name.partition("-")
-        factor_out = "low" if rule == "lcma" else "high"
-        if granularity == "region":
-            region_size = fit_region_size(shape, region_size, placement)
-        return LCMASplit(contributions, factor_out, placement, granularity or "site", region_size)
-    raise ValueError(f"expected a split name in {SPLIT_NAMES + GRANULAR_SPLIT_NAMES}; got {name!r}")
-
-
-#: Bitmasks (bit ``k`` = block position ``k``) of the six possible kept pairs.
-_PAIR_CODES = (3, 5, 9, 6, 10, 12)
-
-
-def _mean_entropy_bits(shares: Tensor) -> float:
-    """Mean over rows of the entropy in bits of each row's distribution (``0 log 0 = 0``)."""
-    terms = torch.where(shares > 0, -shares * torch.log2(shares), torch.zeros_like(shares))
-    return float(terms.sum(1).mean()) + 0.0  # + 0.0: no -0.0
-
-
-def _pattern_name(mask: int) -> str:
-    return "+".join(name for bit, name in enumerate(("TL", "TR", "BL", "BR")) if mask >> bit & 1)
-
-
-@torch.no_grad()
-def split_diagnostics(
-    contributions: Tensor, placement: str = "post_squeeze", rtol: float = NEAR_TIE_RTOL
-) -> dict[str, Any]:
-    """How decisive, and how static, the LCMA split of one contribution map is.
-
-    Per local block, the decision is between the 2nd and 3rd highest contributions.
-
-    Returns:
-        A dict of plain Python numbers (safe for ``torch.load(weights_only=True)``):
-        ``blocks`` (number of local blocks; 1 for vector data), ``ties`` (blocks whose 2nd and
-        3rd values are equal), ``near_ties`` (relative difference ``|a - b| / max(|a|, |b|)``
-        below ``rtol``, ties included), ``differs_from_channel`` (fraction of blocks whose kept
-        set differs from :class:`ChannelSplit`'s; in nflows' squeeze ordering the channel split
-        keeps the bottom row of every block when there is one channel group (a one-channel
-        image at the first level), but whole blocks or none when the number of groups is even,
-        which makes this 1.0 by construction),
-        ``differs_from_checkerboard``, ``differs_from_modal`` (from the most common within-block
-        pattern over all blocks), ``differs_from_group_modal`` (from the most common pattern of
-        the block's own channel group; 0.0 means the split is spatially static per channel, a
-        static split in disguise), ``kept_overlap_with_channel`` (fraction of kept dimensions
-        that ChannelSplit also keeps), ``patterns`` (count per kept pattern, e.g. "TL+BR"),
-        and the spatial consistency of the per-site choice: ``agrees_with_channel_granularity``
-        (fraction of blocks whose kept set equals the ``granularity="channel"`` choice of their
-        channel group), ``kept_position_entropy`` (mean over channel groups of the entropy, in
-        bits, of the histogram of kept block positions over the group's sites: 1.0 when every
-        site keeps the same two positions, 2.0 when each position is kept at half the sites)
-        and ``kept_pattern_entropy`` (likewise over the six kept pairs: 0.0 for a spatially
-        static choice, at most ``log2(6)``). Vector data has one block: 1.0, 0.0 and 0.0.
-    """
-    values = check_contributions(contributions, placement).detach().to("cpu", torch.float64)
-    if values.dim() == 1:
-        d = values.shape[0]
-        ranked = _rank_vector(values)
-        sorted_values = values[ranked]
-        a, b = sorted_values[d // 2 - 1], sorted_values[d // 2]
-        kept = torch.zeros(d, dtype=torch.bool)
-        kept[ranked[: d // 2]] = True
-        channel_kept = torch.arange(d) >= d - d // 2
-        checker_kept = torch.arange(d) % 2 == 1
-        tie = bool(a == b)
-        near = tie or bool((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
-        return {
-            "blocks": 1,
-            "ties": int(tie),
-            "near_ties": int(near),
-            "differs_from_channel": float(not torch.equal(kept, channel_kept)),
-            "differs_from_checkerboard": float(not torch.equal(kept, checker_kept)),
-            "differs_from_modal": 0.0,
-            "differs_from_group_modal": 0.0,
-            "kept_overlap_with_channel": float((kept & channel_kept).sum() / max(d // 2, 1)),
-            "patterns": {},
-            "agrees_with_channel_granularity": 1.0,
-            "kept_position_entropy": 0.0,
-            "kept_pattern_entropy": 0.0,
-        }
-    if placement == "squeeze":
-        values = _squeeze_layout(values)
-    c4, h, w = values.shape
-    groups = c4 // 4
-    blocks = values.view(groups, 4, h, w)
-    sorted_values = torch.sort(blocks, dim=1, descending=True).values
-    a, b = sorted_values[:, 1], sorted_values[:, 2]
-    ties = a == b
-    near = ties | ((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
-    ranked = _rank_blocks(blocks)
-    weights = torch.tensor([1, 2, 4, 8]).view(1, 4, 1, 1)
-    kept_mask = torch.zeros(groups, 4, h, w, dtype=torch.long).scatter(1, ranked[:, :2], 1)
-    mask = (kept_mask * weights).sum(1)  # (G, h, w) bitmask of kept positions
-    channel_kept = (4 * torch.arange(groups).view(groups, 1) + torch.arange(4)) >= 2 * groups
-    channel_mask = (channel_kept.long() * weights.view(1, 4)).sum(1).view(groups, 1, 1)
-    checker_mask = sum(1 << k for k in _CHECKERBOARD_KEPT)
-    codes, counts = torch.unique(mask, return_counts=True)
-    modal = int(codes[torch.argmax(counts)])
-    group_modal = torch.mode(mask.view(groups, -1), dim=1).values.view(groups, 1, 1)
-    overlap = (kept_mask.bool() & channel_kept.view(groups, 4, 1, 1)).sum()
-    static = _rank_tiles(blocks, (h, w))[:, :2, :1, :1]  # channel granularity, one per group
-    static_mask = torch.zeros(groups, 4, 1, 1, dtype=torch.long).scatter(1, static, 1)
-    agrees = mask == (static_mask * weights).sum(1)
-    position_share = kept_mask.double().mean(dim=(2, 3)) / 2  # (G, 4), rows sum to 1
-    pattern_share = torch.stack(
-        [(mask == code).double().mean(dim=(1, 2)) for code in _PAIR_CODES], dim=1
-    )  # (G, 6)
-    return {
-        "blocks": int(mask.numel()),
-        "ties": int(ties.sum()),
-        "near_ties": int(near.sum()),
-        "differs_from_channel": float((mask != channel_mask).double().mean()),
-        "differs_from_checkerboard": float((mask != checker_mask).double().mean()),
-        "differs_from_modal": float((mask != modal).double().mean()),
-        "differs_from_group_modal": float((mask != group_modal).double().mean()),
-        "kept_overlap_with_channel": float(overlap / (2 * mask.numel())),
-        "patterns": {_pattern_name(int(code)): int(count) for code, count in zip(codes, counts)},
-        "agrees_with_channel_granularity": float(agrees.double().mean()),
-        "kept_position_entropy": _mean_entropy_bits(position_share),
-        "kept_pattern_entropy": _mean_entropy_bits(pattern_share),
-    }
+    return SplitSpec.parse(name, region_size).build(input_shape, contributions, seed, placement)

@@ -15,9 +15,10 @@ import torch
 from nflows.transforms import Transform
 from torch.utils.data import DataLoader, TensorDataset
 
-from lcma_ext import ContributionMaps, ContributionMultiscaleFlow, estimate_contributions
+from lcma_ext import ContributionMaps, build_multiscale_transform, estimate_contributions
 from lcma_ext import transforms as T
 from lcma_ext.multiscale import build_levels
+from lcma_ext.storage import CorruptFileError
 from lcma_ext.transforms.base import DiagMixin
 
 SHAPE = (1, 8, 8)
@@ -138,9 +139,16 @@ def test_tracking_matches_closed_form(num_levels, factor_out):
 
     # the flow built from the maps keeps exactly those dimensions at every split point
     split = "lcma" if factor_out == "low" else "high"
-    flow = ContributionMultiscaleFlow.from_contributions(ms_factory, SHAPE, maps, split)
+    flow = build_multiscale_transform(ms_factory, SHAPE, num_levels, split, maps)
     positions = torch.arange(64).view(1, *SHAPE)
     for level, split_object, expected in zip(flow._transforms, flow.splits, expected_kept):
+        _, positions = split_object.carry(level.carry(positions))
+        assert torch.equal(positions[0], expected)
+    # and so do the maps' own splits, by the rule the maps were tracked with (for
+    # factor_out="high" too: later split points rank the survivors of the high rule)
+    positions = torch.arange(64).view(1, *SHAPE)
+    for level, split_object, expected in zip(levels, maps.splits(), expected_kept):
+        assert split_object.factor_out == factor_out
         _, positions = split_object.carry(level.carry(positions))
         assert torch.equal(positions[0], expected)
 
@@ -179,9 +187,30 @@ def test_save_load_round_trip(tmp_path):
     for name in ("data_maps", "maps", "level_positions", "factored_positions", "kept_positions"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(loaded, name), getattr(maps, name)))
     assert all(torch.equal(a.index, b.index) for a, b in zip(loaded.splits(), maps.splits()))
+    # only what was measured is stored; the rest is derived
+    assert set(raw) == {
+        "format", "version", "input_shape", "placement", "factor_out", "num_examples",
+        "data_maps", "level_positions",
+    }  # fmt: skip
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="expected an lcma-ext contributions file"):
         ContributionMaps.load(tmp_path / "other.pt")
+
+
+def test_a_truncated_or_corrupt_file_names_itself(tmp_path):
+    nms, _ = hand_built_nms(3, seed=0)
+    maps = estimate_contributions(nms, torch.randn(4, *SHAPE), ms_factory, progress=False)
+    path = tmp_path / "contributions.pt"
+    maps.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["contributions.pt"]  # no temporary left
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CorruptFileError, match=r"contributions\.pt'; got a corrupt or truncated"):
+        ContributionMaps.load(path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"contributions\.pt"):
+        ContributionMaps.load(path)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        ContributionMaps.load(tmp_path / "missing.pt")
 
 
 def test_levels_with_another_rearrangement_are_detected():
@@ -194,9 +223,9 @@ def test_levels_with_another_rearrangement_are_detected():
     maps = estimate_contributions(nms, data, levels_a, progress=False)
     maps.check_levels(levels_a)
     with pytest.raises(RuntimeError, match="expected level 0 to rearrange dimensions"):
-        ContributionMultiscaleFlow.from_contributions(ms_factory, SHAPE, maps, levels=levels_b)
-    flow = ContributionMultiscaleFlow.from_contributions(
-        ms_factory, SHAPE, maps, levels=levels_b, remap=True
+        build_multiscale_transform(ms_factory, SHAPE, 3, "lcma", maps, levels=levels_b)
+    flow = build_multiscale_transform(
+        ms_factory, SHAPE, 3, "lcma", maps, levels=levels_b, remap=True
     )
     direct = estimate_contributions(nms, data, levels_b, progress=False)
     for split, expected in zip(flow.splits, direct.maps):
@@ -204,10 +233,8 @@ def test_levels_with_another_rearrangement_are_detected():
     # a loaded file has no levels: a factory seeded as before rebuilds matching ones
     maps.levels = None
     torch.manual_seed(1)
-    rebuilt = ContributionMultiscaleFlow.from_contributions(ms_factory, SHAPE, maps)
-    reference = ContributionMultiscaleFlow.from_contributions(
-        ms_factory, SHAPE, maps, levels=levels_a
-    )
+    rebuilt = build_multiscale_transform(ms_factory, SHAPE, 3, "lcma", maps)
+    reference = build_multiscale_transform(ms_factory, SHAPE, 3, "lcma", maps, levels=levels_a)
     for a, b in zip(rebuilt.splits, reference.splits):
         assert torch.equal(a.index, b.index)
 
@@ -228,7 +255,7 @@ def test_errors():
         estimate_contributions(nms, [data, torch.randn(2, 1, 4, 4)], ms_factory, progress=False)
     maps = estimate_contributions(nms, data, ms_factory, progress=False)
     with pytest.raises(ValueError, match=r"expected input_shape \(1, 8, 8\)"):
-        ContributionMultiscaleFlow.from_contributions(ms_factory, (1, 4, 4), maps)
+        build_multiscale_transform(ms_factory, (1, 4, 4), 3, "lcma", maps)
     with pytest.raises(ValueError, match="split 'lcma' expected contributions"):
-        ContributionMultiscaleFlow.from_contributions(ms_factory, SHAPE, None, num_levels=3)
+        build_multiscale_transform(ms_factory, SHAPE, 3, "lcma", None)
     assert math.prod(maps.maps[0].shape) == 64

@@ -17,11 +17,12 @@ from nflows.flows import Flow
 from test_multiscale import _brute_force_log_prob, glow_factory
 
 from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
-from lcma_ext.plotting import plot_contributions
 from lcma_ext import splits as S
 from lcma_ext.contributions import _maps_from_data, estimate_contributions
+from lcma_ext.diagnostics import split_diagnostics
 from lcma_ext.multiscale import build_levels, level_output_shape
 from lcma_ext.pipeline import build_nms_transform
+from lcma_ext.plotting import plot_contributions
 
 # --- a crafted map -------------------------------------------------------------------------
 # Two channel groups on a 2 x 4 grid of local blocks; values per site as (TL, TR, BL, BR).
@@ -219,7 +220,7 @@ def maps():
     # the granularities choose different survivors.
     generator = torch.Generator().manual_seed(6)
     data_maps = [torch.randn(1, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2)]
-    return dataclasses.replace(measured, data_maps=data_maps, maps=[], diagnostics=[])
+    return dataclasses.replace(measured, data_maps=data_maps)
 
 
 @pytest.mark.parametrize("name", S.GRANULAR_SPLIT_NAMES)
@@ -262,7 +263,7 @@ def _entropy(counts) -> float:
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 def test_diagnostics_agreement_and_entropy_on_the_crafted_map(placement):
-    diagnostics = S.split_diagnostics(_map(_blocks(), placement), placement)
+    diagnostics = split_diagnostics(_map(_blocks(), placement), placement)
     # group 0: 4 of 8 sites keep TL+BR (the channel choice); group 1 agrees everywhere
     assert diagnostics["agrees_with_channel_granularity"] == pytest.approx(12 / 16, abs=1e-15)
     # group 0 keeps TL 5, TR 1, BL 4, BR 6 times; group 1 keeps TR and BL at every site (1 bit)
@@ -271,7 +272,7 @@ def test_diagnostics_agreement_and_entropy_on_the_crafted_map(placement):
     # group 0 patterns TL+BL 1, TR+BL 1, BL+BR 2, TL+BR 4 (1.75 bits); group 1 one pattern
     assert diagnostics["kept_pattern_entropy"] == pytest.approx(1.75 / 2, abs=1e-12)
     constant = _map(_blocks()[:, :, :1, :1].expand(2, 4, 2, 4), placement)
-    static = S.split_diagnostics(constant, placement)
+    static = split_diagnostics(constant, placement)
     assert static["agrees_with_channel_granularity"] == 1.0
     assert static["kept_position_entropy"] == 1.0 and static["kept_pattern_entropy"] == 0.0
 
@@ -286,7 +287,8 @@ def test_state_dict_round_trip_restores_granularity(placement, granularity, regi
     blocks = torch.randn(2, 4, 4, 4, generator=generator, dtype=torch.float64)
     split = S.LCMASplit(_map(blocks, placement), "high", placement, granularity, region_size)
     state = split.state_dict()
-    assert {"index", "inverse_index", "contributions", "kept_positions"} <= set(state)
+    assert {"index", "contributions"} <= set(state)
+    assert not {"inverse_index", "kept_positions", "granularity_code"} & set(state)  # derived
     other = S.LCMASplit(
         _map(torch.randn(2, 4, 4, 4, generator=generator), placement), "high", placement
     )
@@ -297,17 +299,6 @@ def test_state_dict_round_trip_restores_granularity(placement, granularity, regi
     x = torch.randn(2, *split.input_shape, generator=generator)
     for a, b in zip(split(x), other(x)):
         assert torch.equal(a, b)
-
-
-def test_state_without_granularity_loads_as_site():
-    # a state saved before the granularity option: no kept_positions or granularity_code
-    values = _map(_blocks(), "post_squeeze")
-    state = S.LCMASplit(values).state_dict()
-    del state["kept_positions"], state["granularity_code"]
-    split = S.LCMASplit(torch.randn(8, 2, 4, dtype=torch.float64), granularity="channel")
-    split.load_state_dict(state)
-    assert split.granularity == "site"
-    assert torch.equal(split.kept_positions, torch.tensor([SITE0, KEPT1]).permute(0, 3, 1, 2))
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lcma_ext import splits as S
+from lcma_ext.diagnostics import split_diagnostics
 
 Builder = Callable[[tuple[int, ...], str, torch.Generator], S.Split]
 
@@ -137,7 +138,7 @@ def test_constant_map_gives_the_checkerboard(placement, shape):
     lcma = S.LCMASplit(torch.full(shape, 0.5), placement=placement)
     checkerboard = S.CheckerboardSplit(shape, placement)
     assert torch.equal(lcma.index, checkerboard.index)
-    diagnostics = lcma.diagnostics()
+    diagnostics = split_diagnostics(lcma.contributions, placement)
     assert diagnostics["ties"] == diagnostics["blocks"]
     assert diagnostics["differs_from_checkerboard"] == 0.0
 
@@ -164,7 +165,7 @@ def test_diagnostics_count_ties_and_near_ties():
         (0.0, 3.0, 2.0, 1.0),  # decisive
     ]
     values = torch.tensor(blocks, dtype=torch.float64).t().reshape(4, 1, 4)
-    diagnostics = S.split_diagnostics(values)
+    diagnostics = split_diagnostics(values)
     assert diagnostics["blocks"] == 4
     assert diagnostics["ties"] == 1
     assert diagnostics["near_ties"] == 2
@@ -186,7 +187,7 @@ def test_state_dict_round_trip(name):
     shape = (8, 2, 2)
     split = SPLITS[name](shape, "post_squeeze", generator)
     state = split.state_dict()
-    assert "index" in state and "inverse_index" in state
+    assert "index" in state and "inverse_index" not in state  # the inverse is derived
     if name in ("lcma", "high"):
         other = S.LCMASplit(_map(shape, generator), split.factor_out)
     else:
@@ -195,6 +196,55 @@ def test_state_dict_round_trip(name):
     x = torch.randn(3, *shape, generator=generator)
     for a, b in zip(split(x), other(x)):
         assert torch.equal(a, b)
+
+
+def test_load_state_refuses_another_split():
+    shape = (8, 2, 2)
+    checkerboard = S.CheckerboardSplit(shape)
+    random = S.RandomSplit(3, shape)
+    with pytest.raises(ValueError, match="expected the state of a RandomSplit; got the state of"):
+        random.load_state_dict(checkerboard.state_dict())
+    with pytest.raises(ValueError, match="expected the state of a CheckerboardSplit"):
+        checkerboard.load_state_dict(random.state_dict())
+    assert torch.equal(random.index, S.RandomSplit(3, shape).index)  # unchanged
+    # another placement changes the output shapes: refused
+    with pytest.raises(ValueError, match="with settings like"):
+        S.CheckerboardSplit((8, 4, 4), "post_squeeze").load_state_dict(
+            S.CheckerboardSplit((8, 4, 4), "squeeze").state_dict()
+        )
+
+
+def test_load_state_refuses_an_index_that_is_no_permutation_or_not_its_own():
+    shape = (8, 2, 2)
+    state = S.RandomSplit(3, shape).state_dict()
+    broken = dict(state, index=torch.zeros(32, dtype=torch.long))
+    with pytest.raises(ValueError, match="is a permutation"):
+        S.RandomSplit(3, shape).load_state_dict(broken)
+    swapped = state["index"].clone()
+    swapped[[0, -1]] = swapped[[-1, 0]]  # a permutation, but not seed 3's
+    with pytest.raises(ValueError, match="another permutation"):
+        S.RandomSplit(3, shape).load_state_dict(dict(state, index=swapped))
+    lcma = S.LCMASplit(torch.rand(shape, dtype=torch.float64))
+    tampered = dict(lcma.state_dict(), index=S.CheckerboardSplit(shape).index)
+    target = S.LCMASplit(torch.zeros(shape, dtype=torch.float64))
+    before = target.index.clone()
+    with pytest.raises(ValueError, match="another permutation"):
+        target.load_state_dict(tampered)
+    assert target.factor_out == "low" and target.granularity == "site"
+    assert torch.equal(target.index, before)  # a refused state leaves the split as it was
+
+
+def test_load_state_takes_the_saved_settings():
+    shape = (8, 4, 4)
+    values = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    saved = S.LCMASplit(values, "high", granularity="region", region_size=2)
+    target = S.LCMASplit(torch.zeros(shape, dtype=torch.float64))
+    target.load_state_dict(saved.state_dict())
+    assert (target.factor_out, target.granularity, target.region_size) == ("high", "region", 2)
+    assert torch.equal(target.index, saved.index)
+    assert torch.equal(target.inverse_index, saved.inverse_index)
+    x = torch.randn(2, *shape)
+    assert torch.equal(target.inverse(*target(x)), x)
 
 
 def test_unbound_split_binds_once():
