@@ -29,6 +29,7 @@ from lcma_ext.models.couplings import (
     RealNVPAffineCouplingTransform,
 )
 from lcma_ext.models.nets import ConvResNet
+from lcma_ext.multiscale import LevelFactory
 from lcma_ext.transforms import residual
 
 __all__ = [
@@ -43,8 +44,6 @@ __all__ = [
     "realnvp_level_factory",
     "resflow_level_factory",
 ]
-
-LevelFactory = Callable[[int, tuple[int, ...]], Transform]
 
 SIZE_NAMES = ("tiny", "small", "medium", "paper")
 
