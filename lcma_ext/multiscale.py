@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lcma_ext.splits import PLACEMENTS, ChannelSplit, Split, kept_shape
 from lcma_ext.transforms.base import DiagMixin, carry_positions, require_diag_aware
+from lcma_ext.transforms.factor_prior import PRIORS, ConditionalGaussianPrior
 
 __all__ = [
     "ContributionMultiscaleFlow",
@@ -100,17 +101,27 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
     def __init__(self, num_transforms: int, split_dim: int = 1) -> None:
         super().__init__(num_transforms, split_dim=split_dim)
         self._splits = nn.ModuleList()
+        # split point index (as a string) -> the conditional prior of its factored half; a
+        # split point without an entry has the standard-normal prior (nflows' behaviour)
+        self._priors = nn.ModuleDict()
 
     @property
     def splits(self) -> list[Split]:
         """The split objects, one per split point (``num_transforms - 1``)."""
         return list(self._splits)
 
+    @property
+    def priors(self) -> list[ConditionalGaussianPrior | None]:
+        """Per split point, its conditional prior, or ``None`` for the standard normal."""
+        return [self._priors[str(index)] if str(index) in self._priors else None
+                for index in range(len(self._splits))]  # fmt: skip
+
     def add_transform(
         self,
         transform: nflows_base.Transform,
         transform_output_shape: Sequence[int],
         split: Split | None = None,
+        prior: str | ConditionalGaussianPrior = "standard",
     ) -> tuple[int, ...] | None:
         """Add the next level and the split after it.
 
@@ -119,6 +130,10 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
             transform_output_shape: Event shape of the level's outputs.
             split: The split after this level; ``None`` means ``ChannelSplit(split_dim)``. Must
                 be ``None`` for the last level, which is not split.
+            prior: The prior of the factored half: ``"standard"`` (default; the standard normal,
+                as nflows), ``"conditional"`` (Glow's learned Gaussian given the kept half, a
+                zero-initialised :class:`lcma_ext.transforms.ConditionalGaussianPrior`), or such
+                a prior built for the split's halves. Must be ``"standard"`` on the last level.
 
         Returns:
             The kept half's event shape (the next level's input shape), or ``None`` after the
@@ -126,8 +141,13 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
 
         Raises:
             RuntimeError: when adding more than ``num_transforms`` levels.
-            ValueError: for a split on the last level or a shape the split cannot take.
+            ValueError: for a split or prior on the last level, an unknown prior, or a shape
+                the split cannot take.
         """
+        if not isinstance(prior, ConditionalGaussianPrior) and prior not in PRIORS:
+            raise ValueError(
+                f"expected prior in {PRIORS} or a ConditionalGaussianPrior; got {prior!r}"
+            )
         if len(self._transforms) >= self._num_transforms:
             raise RuntimeError(f"expected at most {self._num_transforms} transforms; got one more")
         shape = tuple(int(size) for size in transform_output_shape)
@@ -135,6 +155,10 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         if last:
             if split is not None:
                 raise ValueError("expected split=None for the last transform (it is not split)")
+            if prior != "standard":
+                raise ValueError(
+                    "expected prior='standard' for the last transform (it has no factored half)"
+                )
             self._transforms.append(transform)
             self._output_shapes.append(shape)
             return None
@@ -144,6 +168,15 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
             raise TypeError(f"expected a lcma_ext.splits.Split; got {type(split).__name__}")
         factored_shape, kept = split.output_shapes(shape)
         split.bind(shape)
+        if prior == "conditional":
+            prior = ConditionalGaussianPrior(factored_shape, kept)
+        if isinstance(prior, ConditionalGaussianPrior):
+            if (prior.factored_shape, prior.kept_shape) != (tuple(factored_shape), tuple(kept)):
+                raise ValueError(
+                    f"expected a prior for halves {tuple(factored_shape)} and {tuple(kept)}; got "
+                    f"one for {prior.factored_shape} and {prior.kept_shape}"
+                )
+            self._priors[str(len(self._splits))] = prior
         self._transforms.append(transform)
         self._splits.append(split)
         self._output_shapes.append(tuple(factored_shape))
@@ -166,9 +199,12 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         hiddens = inputs
         all_outputs = []
         total_logabsdet = inputs.new_zeros(batch_size)
-        for transform, split in zip(self._transforms[:-1], self._splits):
+        for transform, split, prior in zip(self._transforms[:-1], self._splits, self.priors):
             transform_outputs, logabsdet = transform(hiddens, context)
             outputs, hiddens = split(transform_outputs)
+            if prior is not None:
+                outputs, prior_logabsdet = prior(outputs, hiddens)
+                logabsdet = logabsdet + prior_logabsdet
             all_outputs.append(outputs.reshape(batch_size, -1))
             total_logabsdet += logabsdet
         outputs, logabsdet = self._transforms[-1](hiddens, context)
@@ -191,8 +227,13 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         total_logabsdet = inputs.new_zeros(inputs.shape[0])
         hiddens, logabsdet = self._transforms[-1].inverse(chunks[-1], context)
         total_logabsdet += logabsdet
+        priors = self.priors
         for index in range(len(self._splits) - 1, -1, -1):
-            joined = self._splits[index].inverse(chunks[index], hiddens)
+            factored = chunks[index]
+            if priors[index] is not None:
+                factored, logabsdet = priors[index].inverse(factored, hiddens)
+                total_logabsdet += logabsdet
+            joined = self._splits[index].inverse(factored, hiddens)
             hiddens, logabsdet = self._transforms[index].inverse(joined, context)
             total_logabsdet += logabsdet
         return hiddens, total_logabsdet
@@ -203,6 +244,7 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         hiddens = inputs
         all_outputs, all_diags = [], []
         total_logabsdet = inputs.new_zeros(batch_size)
+        priors = self.priors
         for index, transform in enumerate(self._transforms):
             level = require_diag_aware(transform, f"ContributionMultiscaleFlow level {index}")
             outputs, logabsdet, diag = level.forward_with_diag(hiddens, context, diag)
@@ -211,6 +253,11 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
                 split = self._splits[index]
                 outputs, hiddens = split(outputs)
                 factored_diag, diag = split.carry(diag)
+                prior = priors[index]
+                if prior is not None:
+                    outputs, prior_logabsdet, own = prior.forward_with_diag(outputs, hiddens)
+                    total_logabsdet += prior_logabsdet
+                    factored_diag = factored_diag + own
             else:
                 factored_diag = diag
             all_outputs.append(outputs.reshape(batch_size, -1))
@@ -238,21 +285,36 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         levels: Sequence[nflows_base.Transform],
         input_shape: Sequence[int],
         splits: Sequence[Split | None] | None = None,
+        prior: str | Sequence[str] = "standard",
     ) -> ContributionMultiscaleFlow:
         """Assemble a flow from built levels and one split per split point (``None``: channel).
 
+        Args:
+            levels: The levels.
+            input_shape: Event shape of the data.
+            splits: One split per split point; ``None`` for channel splits everywhere.
+            prior: ``"standard"`` or ``"conditional"`` (see :meth:`add_transform`) for every
+                split point, or one of them per split point.
+
         Raises:
-            ValueError: if the number of splits is not ``len(levels) - 1``.
+            ValueError: if the number of splits or priors is not ``len(levels) - 1``.
         """
         splits = [None] * (len(levels) - 1) if splits is None else list(splits)
         if len(splits) != len(levels) - 1:
             raise ValueError(
                 f"expected {len(levels) - 1} splits for {len(levels)} levels; got {len(splits)}"
             )
+        priors = [prior] * len(splits) if isinstance(prior, str) else list(prior)
+        if len(priors) != len(splits):
+            raise ValueError(
+                f"expected {len(splits)} priors for {len(levels)} levels; got {len(priors)}"
+            )
         flow = cls(len(levels))
         shape = tuple(input_shape)
         for index, level in enumerate(levels):
             output_shape = level_output_shape(level, shape)
-            split = splits[index] if index < len(splits) else None
-            shape = flow.add_transform(level, output_shape, split)
+            if index < len(splits):
+                shape = flow.add_transform(level, output_shape, splits[index], priors[index])
+            else:
+                flow.add_transform(level, output_shape)
         return flow

@@ -113,6 +113,7 @@ def build_multiscale_transform(
     levels: Sequence[nflows_base.Transform] | None = None,
     remap: bool = False,
     region_size: int = DEFAULT_REGION_SIZE,
+    prior: str | Sequence[str] = "standard",
 ) -> ContributionMultiscaleFlow:
     """A multi-scale flow with the named split at every split point (the one builder).
 
@@ -142,6 +143,10 @@ def build_multiscale_transform(
             onto these levels (no NMS run is needed).
         region_size: Tile side of the ``"*-region"`` splits, in sites of each split point's
             grid of local blocks, capped at the grid (default 4).
+        prior: Prior of the factored halves, for every split point or one per split point:
+            ``"standard"`` (default, the standard normal) or ``"conditional"`` (Glow's learned
+            Gaussian given the kept half, zero-initialised, so the untrained flow equals the
+            standard one; see :class:`lcma_ext.transforms.ConditionalGaussianPrior`).
 
     Levels are chosen in this order: ``levels``; deep copies of the levels kept in memory by
     ``contributions`` (so random permutations agree with the measured maps); new levels from
@@ -182,7 +187,7 @@ def build_multiscale_transform(
         tracked = track_splits(
             levels, shape, specs, layout_maps=maps, placement=placement, seed=seed
         )
-    return ContributionMultiscaleFlow.from_levels(levels, shape, tracked.splits)
+    return ContributionMultiscaleFlow.from_levels(levels, shape, tracked.splits, prior)
 
 
 def lcma_from_nms(

@@ -21,6 +21,7 @@ from lcma_ext.transforms.coupling import (
     PiecewiseRationalQuadraticCouplingTransform,
 )
 from lcma_ext.transforms.cross_unit import CrossUnitCoupling
+from lcma_ext.transforms.factor_prior import PRIORS, ConditionalGaussianPrior
 from lcma_ext.transforms.haar import HAAR_SUBBANDS, HaarSqueezeTransform, haar_matrix
 from lcma_ext.transforms.lu import ATTRIBUTIONS, LULinear, OneByOneConvolution, svd_attribution
 from lcma_ext.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
@@ -36,10 +37,12 @@ from lcma_ext.transforms.residual import (
 __all__ = [
     "ATTRIBUTIONS",
     "HAAR_SUBBANDS",
+    "PRIORS",
     "ActNorm",
     "AdditiveCouplingTransform",
     "AffineCouplingTransform",
     "CompositeTransform",
+    "ConditionalGaussianPrior",
     "CrossUnitCoupling",
     "DiagMixin",
     "DiagTransform",
