@@ -1,9 +1,13 @@
 """Copy the results of an ``lcma-ext run`` into README.md (never edit those figures by hand).
 
 The block between ``<!-- results:start -->`` and ``<!-- results:end -->`` in README.md is replaced
-by the run's ``results.md``, and the run's contribution heatmap of the first split point is
-copied to ``docs/images/contributions_level0.png``, which README.md shows. ``--marker NAME``
-replaces the ``<!-- NAME:start -->`` block instead (and copies no image).
+by the run's report, rendered from its ``results.json`` by the current
+``lcma_ext.experiments.report.results_markdown``: the README gets every column the code writes
+today (the split diagnostics' consistency columns included), even from a run folder written by
+an older version; ``results.md`` is used only when there is no ``results.json``. The run's
+contribution heatmap of the first split point is copied to
+``docs/images/contributions_level0.png``, which README.md shows. ``--marker NAME`` replaces the
+``<!-- NAME:start -->`` block instead (and copies no image).
 
 Usage::
 
@@ -15,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +39,16 @@ def splice(readme: str, block: str, marker: str = "results") -> str:
     return f"{head}{start}\n{block.strip()}\n{end}{tail}"
 
 
+def report(run: Path) -> str:
+    """The run's ``results.md`` as the current code writes it (from ``results.json``)."""
+    results = run / "results.json"
+    if results.is_file():
+        from lcma_ext.experiments.report import results_markdown
+
+        return results_markdown(json.loads(results.read_text()))
+    return (run / "results.md").read_text()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="--out folder of a finished lcma-ext run")
@@ -42,14 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         "--marker", default="results", help="README block to replace (default: results)"
     )
     args = parser.parse_args(argv)
-    results = args.run / "results.md"
+    results = args.run / "results.json"
+    if not results.is_file():
+        results = args.run / "results.md"
     heatmap = args.run / "contributions_level0.png"
     copy_image = args.marker == "results"
     for path in (results, heatmap) if copy_image else (results,):
         if not path.is_file():
             print(f"update_readme: expected {path} from a finished run; got none", file=sys.stderr)
             return 2
-    table = results.read_text()
+    table = report(args.run)
     # results.md starts with a level-1 title; demote it under the README's section.
     table = "\n".join(
         "###" + line[1:] if line.startswith("# ") else line for line in table.splitlines()

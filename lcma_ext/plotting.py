@@ -1,4 +1,4 @@
-"""Figures: contribution heatmaps with kept and factored dimensions.
+"""Figures: contribution heatmaps with kept and factored dimensions, learning curves, image grids.
 
 matplotlib is imported inside each function, with the Agg backend, so importing this module
 draws in nothing.
@@ -7,6 +7,7 @@ draws in nothing.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,10 @@ import torch
 from torch import Tensor
 
 from lcma_ext.contributions import ContributionMaps
-from lcma_ext.splits import kept_block_positions, split_diagnostics
+from lcma_ext.diagnostics import split_diagnostics
+from lcma_ext.splits import kept_block_positions
 
-__all__ = ["plot_contributions"]
+__all__ = ["plot_contributions", "plot_learning_curves", "save_image_grid"]
 
 
 def _alive_masks(maps: ContributionMaps, index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -47,7 +49,7 @@ def plot_contributions(
     last panel, the kept-position map: the kept pair of block positions at every site of the
     split's block grid (channel groups side by side), titled with the share of sites that agree
     with the channel-granularity choice and the kept-position entropy (see
-    :func:`lcma_ext.splits.split_diagnostics`). Vector data is drawn as a ``1 x D`` image.
+    :func:`lcma_ext.diagnostics.split_diagnostics`). Vector data is drawn as a ``1 x D`` image.
     matplotlib is imported here, with the Agg backend.
 
     Args:
@@ -134,3 +136,90 @@ def _plot_kept_positions(fig: Any, ax: Any, maps: ContributionMaps, index: int) 
         + (" (of the low rule)" if maps.factor_out == "high" else ""),
         fontsize=8,
     )
+
+
+def plot_learning_curves(
+    runs: dict[str, list[dict[str, Any]]], path: str | Path, nms: dict[str, Any] | None = None
+) -> None:
+    """Train and test bits/dim per epoch, one colour per arm, one line per seed.
+
+    Args:
+        runs: Per arm, run summaries with ``train_bpd_curve`` and ``test_bpd_curve``
+            (``(epoch, bpd)`` pairs), as ``runs/<arm>_seed<k>.json`` hold them.
+        path: The PNG to write.
+        nms: The NMS run summary, drawn dashed in black (optional).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, (arm, arm_runs) in enumerate(runs.items()):
+        colour = colours[index % len(colours)]
+        for k, run in enumerate(arm_runs):
+            label = arm if k == 0 else None
+            train = run["train_bpd_curve"]
+            axes[0].plot(range(1, len(train) + 1), train, color=colour, alpha=0.7, label=label)
+            if run["test_bpd_curve"]:
+                epochs, values = zip(*run["test_bpd_curve"])
+                axes[1].plot(epochs, values, color=colour, alpha=0.7, label=label)
+    if nms and nms["test_bpd_curve"]:
+        epochs, values = zip(*nms["test_bpd_curve"])
+        axes[1].plot(epochs, values, color="black", linestyle="--", label="nms (no split)")
+    for axis, title in zip(axes, ("train bits/dim", "test bits/dim")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    # Zoom on the converged part: the first epochs are far above.
+    finals = [
+        v
+        for arm_runs in runs.values()
+        for r in arm_runs
+        for _, v in r["test_bpd_curve"]
+        if math.isfinite(v)
+    ]
+    if finals:
+        low = min(finals)
+        axes[1].set_ylim(low - 0.05, low + max(0.5, 4 * (statistics.median(finals) - low)))
+    figure.tight_layout()
+    figure.savefig(str(path), dpi=100, format="png")
+    plt.close(figure)
+
+
+def save_image_grid(images: Tensor, path: str | Path, nrow: int = 8) -> None:
+    """Save ``(N, C, H, W)`` images in ``[0, 1]`` as one grid PNG.
+
+    Uses ``torchvision.utils.save_image`` when torchvision is installed, else matplotlib.
+    """
+    import numpy as np
+
+    images = torch.nan_to_num(images.float(), nan=0.0).clamp(0, 1)
+    try:
+        from torchvision.utils import save_image
+    except ImportError:
+        save_image = None
+    if save_image is not None:
+        save_image(images, str(path), nrow=nrow, padding=1, format="png")
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.ones((rows * (h + 1) + 1, nrow * (w + 1) + 1, c), dtype=np.float32)
+    for index in range(n):
+        r, q = divmod(index, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = (
+            images[index].permute(1, 2, 0).numpy()
+        )
+    figure = plt.figure(figsize=(nrow * 0.6, rows * 0.6), dpi=100)
+    axis = figure.add_axes((0, 0, 1, 1))
+    axis.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    axis.axis("off")
+    figure.savefig(str(path), format="png")
+    plt.close(figure)

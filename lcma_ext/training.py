@@ -166,11 +166,23 @@ def save_checkpoint(path: str | Path, **state) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint`."""
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    Raises:
+        ValueError: if ``path`` does not exist, or is corrupt or truncated (the message names
+            the file; the ``torch.load`` error is the ``__cause__``).
+    """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"expected a checkpoint file; got {str(path)!r} (not found)")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        detail = " ".join(str(error).split())[:160]
+        raise ValueError(
+            f"expected a checkpoint written by save_checkpoint; got {str(path)!r}, corrupt or "
+            f"truncated ({type(error).__name__}: {detail})"
+        ) from error
 
 
 def train_flow(

@@ -1,4 +1,8 @@
-"""The ``lcma-ext`` command line: the --quick smoke run end to end, resume, and argument errors."""
+"""The ``lcma-ext`` command line: the --quick smoke run end to end, resume, messages and errors.
+
+The layers below have their own tests (tests/test_experiments_*.py); only these CLI tests import
+``lcma_ext.cli``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from lcma_ext import cli
-from lcma_ext.cli import ARMS, aggregate, main, mixed_lcma_splits
+from lcma_ext.cli import main
+from lcma_ext.experiments import ARMS, ExperimentConfig, run_comparison
 
 QUICK = ["run", "--quick", "--no-progress"]
 
@@ -52,6 +56,7 @@ def test_quick_run_writes_every_output(quick_run):
     assert {"torch", "nflows", "normflows", "lcma_ext"} <= set(results["versions"])
     assert math.isfinite(results["nms"]["test_bpd"])
     table = (out / "results.md").read_text()
+    assert "**Smoke run**" in table and "Uniform baseline: 4.0875 bpd" in table
     assert "| lcma |" in table and "paired Δ per seed" in table and "median" in table
     diagnostics = results["contribution_diagnostics"]
     assert [d["blocks"] for d in diagnostics] == [16, 8]  # 4x4x4 then 8x2x2 groups of 4
@@ -127,30 +132,6 @@ def test_contributions_command(quick_run, tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_mixed_splits_all_low_is_lcma_and_all_high_is_high(quick_run):
-    from lcma_ext.contributions import ContributionMaps
-    from lcma_ext.models import make_level_factory
-    from lcma_ext.pipeline import build_levels, build_multiscale_transform
-
-    maps = ContributionMaps.load(quick_run / "contributions.pt")
-    factory = make_level_factory("realnvp", "tiny")
-    levels = build_levels(factory, (1, 8, 8), 3)
-    for side, arm in (("low", "lcma"), ("high", "high")):
-        mixed = mixed_lcma_splits(maps, levels, (1, 8, 8), (side, side))
-        named = build_multiscale_transform(
-            factory, (1, 8, 8), 3, split=arm, contributions=maps, levels=levels, remap=True
-        ).splits
-        for a, b in zip(mixed, named):
-            a.bind(b.input_shape)
-            assert torch.equal(a.index, b.index)
-    low_high = mixed_lcma_splits(maps, levels, (1, 8, 8), ("low", "high"))
-    low_low = mixed_lcma_splits(maps, levels, (1, 8, 8), ("low", "low"))
-    for split in (*low_high, *low_low):
-        split.bind(split.input_shape or tuple(maps.maps[0].shape))
-    assert torch.equal(low_high[0].index, low_low[0].index)
-    assert not torch.equal(low_high[1].index, low_low[1].index)
-
-
 def test_ablate_levels_quick(tmp_path):
     out = tmp_path / "ablate"
     args = ["ablate-levels", "--quick", "--no-progress", "--seeds", "1", "--epochs", "1"]
@@ -159,81 +140,6 @@ def test_ablate_levels_quick(tmp_path):
     assert set(results["arms"]) == {"high-high", "high-low", "low-high", "low-low"}
     assert results["reference_arm"] == "low-low"
     assert all(math.isfinite(e["bpd_mean"]) for e in results["arms"].values())
-
-
-def test_aggregate_flags_without_dropping():
-    def run(seed, bpd, diverged=False):
-        return {
-            "seed": seed,
-            "test_bpd": bpd,
-            "diverged": diverged,
-            "diverged_reason": "non-finite loss" if diverged else "",
-            "train_time_s": 1.0,
-            "parameters": 10,
-            "epochs_done": 1,
-        }
-
-    runs = {
-        "channel": [run(0, 2.0), run(1, 2.1), run(2, 2.2)],
-        "lcma": [run(0, 1.9), run(1, 9.0), run(2, float("nan"), diverged=True)],
-    }
-    arms = aggregate(runs, "channel", [0, 1, 2], gap=0.5)
-    lcma = arms["lcma"]
-    assert lcma["diverged"] == [False, True, True] and lcma["n_diverged"] == 2
-    assert lcma["bpd_mean"] == pytest.approx((1.9 + 9.0) / 2)  # outlier kept, NaN left out
-    assert lcma["bpd_median"] == pytest.approx((1.9 + 9.0) / 2)
-    assert lcma["paired_diff_vs_channel"][:2] == pytest.approx([-0.1, 6.9])
-    assert math.isnan(lcma["paired_diff_vs_channel"][2])
-    assert lcma["wins_vs_reference"] == 1
-    assert arms["channel"]["diverged"] == [False, False, False]
-    assert "lcma" in cli.results_markdown(
-        {
-            "config": {
-                "command": "run",
-                "model": "m",
-                "size": "s",
-                "dataset": "d",
-                "seeds": [0, 1, 2],
-                "epochs": 1,
-                "nms_epochs": 1,
-                "levels": 3,
-                "batch_size": 64,
-                "lr": 1e-3,
-            },
-            "arms": arms,
-            "reference_arm": "channel",
-            "outlier_gap": 0.5,
-            "nms": None,
-            "wall_time_s": 1.0,
-            "device": "cpu",
-            "versions": {
-                "cpu": "x",
-                "platform": "p",
-                "torch_threads": "2",
-                "torch": "t",
-                "nflows": "n",
-            },
-        }
-    )
-
-
-@pytest.mark.parametrize(
-    ("kind", "expected"),
-    [
-        ("exact", None),
-        ("roulette estimate", "unbiased estimate"),
-        ("truncated series", "a biased estimate"),
-        ("IWAE-128", "upper bound on bits/dim"),
-    ],
-)
-def test_bound_notes_explain_each_bpd_kind(kind, expected):
-    arms = {"channel": {"bpd_kind": kind, "bpd_mc_se_per_seed": [0.01]}}
-    text = " ".join(cli._bound_notes(arms))
-    if expected is None:
-        assert text == ""
-    else:
-        assert expected in text
-        assert ("Monte Carlo standard error" in text) == kind.startswith("IWAE")
 
 
 @pytest.mark.parametrize(
@@ -275,3 +181,76 @@ def test_module_entry_point_help():
         [sys.executable, "-m", "lcma_ext", "run", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "--nms-epochs" in done.stdout and "--arms" in done.stdout
+
+
+def test_the_api_gives_the_cli_figures(quick_run, tmp_path):
+    results = run_comparison(ExperimentConfig(quick=True, out=tmp_path / "api", progress=False))
+    cli = json.loads((quick_run / "results.json").read_text())
+    for arm in ARMS:
+        assert results["arms"][arm]["bpd_per_seed"] == cli["arms"][arm]["bpd_per_seed"], arm
+    assert results["nms"]["test_bpd"] == cli["nms"]["test_bpd"]
+    assert results["config"] == cli["config"]
+
+
+def test_no_progress_still_prints_the_results(quick_run, capsys):
+    assert main([*QUICK, "--out", str(quick_run)]) == 0
+    out = capsys.readouterr().out
+    assert "| lcma | exact |" in out and "Smoke run" in out
+
+
+def test_help_shows_every_default_quick_and_resuming():
+    done = subprocess.run(
+        [sys.executable, "-m", "lcma_ext", "run", "--help"], capture_output=True, text=True
+    )
+    text = " ".join(done.stdout.split())
+    options = [o for o in ("--dataset", "--model", "--size", "--levels", "--epochs",
+               "--nms-epochs", "--seeds", "--batch-size", "--lr", "--device", "--out",
+               "--data-root", "--limit", "--image-size", "--outlier-gap", "--arms",
+               "--region-size", "--quick", "--no-progress", "--allow-diverged-nms")]  # fmt: skip
+    help_lines = done.stdout.split("\n  -")[1:]
+    for option in options:
+        entry = next(line for line in help_lines if line.startswith(option[1:]))
+        assert "default" in entry, option
+    assert "(default: 0.001)" in text and "digits 30" in text and "--quick 3" in text
+    assert "--quick is a smoke run" in text and "Rerun the same command with the same --out" in text
+
+
+def test_version(capsys):
+    import lcma_ext
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"lcma-ext {lcma_ext.__version__}"
+
+
+def _one_line_error(capsys, command="run"):
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"lcma-ext {command}: error:"), err
+    return err
+
+
+def test_an_unusable_out_is_one_line(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main([*QUICK, "--out", str(file)]) == 2
+    assert "expected --out to be a folder" in _one_line_error(capsys)
+
+
+def test_a_corrupt_state_file_is_one_line(quick_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(quick_run, out)
+    (out / "runs" / "lcma_seed0.json").write_text('{"arm": "lc')
+    assert main([*QUICK, "--out", str(out)]) == 2
+    err = _one_line_error(capsys)
+    assert "lcma_seed0.json' is corrupt or truncated" in err and "delete it and rerun" in err
+
+
+def test_a_diverged_nms_is_one_line(tmp_path, capsys):
+    argv = [*QUICK, "--limit", "64", "--epochs", "1", "--nms-epochs", "1", "--lr", "1000"]
+    assert main([*argv, "--out", str(tmp_path / "d")]) == 2
+    err = _one_line_error(capsys)
+    assert "NMS pre-training diverged" in err and "--allow-diverged-nms" in err
+    assert "not found" not in err

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from lcma_ext.cli import ARMS, LATENT_ARMS, VAE_ARMS, main
+from lcma_ext.cli import main
+from lcma_ext.experiments import ARMS, LATENT_ARMS, VAE_ARMS
 
 TINY = [
     "run",

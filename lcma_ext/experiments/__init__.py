@@ -1,0 +1,59 @@
+"""The LCMA paper's comparisons from Python: configuration, arms, runner, statistics, reports.
+
+Example (a smoke run of about a minute on a 2-core CPU)::
+
+    from lcma_ext.experiments import ExperimentConfig, load_arm, run_comparison
+
+    results = run_comparison(ExperimentConfig(quick=True, out="runs/smoke", progress=False))
+    print(results["arms"]["lcma"]["bpd_per_seed"])
+    flow = load_arm("runs/smoke", "lcma", seed=0)   # the trained nflows Flow
+
+Modules: :mod:`~lcma_ext.experiments.config` (:class:`ExperimentConfig`),
+:mod:`~lcma_ext.experiments.arms` (the arm registry), :mod:`~lcma_ext.experiments.runner`
+(:func:`run_comparison`, :func:`run_level_ablation`, :func:`load_arm`),
+:mod:`~lcma_ext.experiments.stats`, :mod:`~lcma_ext.experiments.report` and
+:mod:`~lcma_ext.experiments.store` (atomic writes, corrupt-file errors).
+"""
+
+from lcma_ext.experiments.arms import ArmSpec, arm_spec, build_arm, register_arm, registered_arms
+from lcma_ext.experiments.config import (
+    ARMS,
+    GRANULARITY_ARMS,
+    LATENT_ARMS,
+    VAE_ARMS,
+    ExperimentConfig,
+)
+from lcma_ext.experiments.report import results_markdown, uniform_bpd
+from lcma_ext.experiments.runner import (
+    load_arm,
+    load_run_data,
+    plot_checkpoint_contributions,
+    run_comparison,
+    run_level_ablation,
+)
+from lcma_ext.experiments.stats import aggregate
+from lcma_ext.experiments.store import ExperimentError, NMSDivergedError, StateFileError
+
+__all__ = [
+    "ARMS",
+    "GRANULARITY_ARMS",
+    "LATENT_ARMS",
+    "VAE_ARMS",
+    "ArmSpec",
+    "ExperimentConfig",
+    "ExperimentError",
+    "NMSDivergedError",
+    "StateFileError",
+    "aggregate",
+    "arm_spec",
+    "build_arm",
+    "load_arm",
+    "load_run_data",
+    "plot_checkpoint_contributions",
+    "register_arm",
+    "registered_arms",
+    "results_markdown",
+    "run_comparison",
+    "run_level_ablation",
+    "uniform_bpd",
+]

@@ -1,0 +1,397 @@
+"""``ExperimentConfig``: every option of ``lcma-ext run`` and ``lcma-ext ablate-levels``.
+
+A plain dataclass (no argparse): the command line builds one from its arguments, a Python user
+builds one directly. :meth:`ExperimentConfig.validate` checks everything that can be checked
+before any training (names, numbers, the device, ``levels`` and the ``*-region`` tile against
+the shape of the embedded datasets); :meth:`ExperimentConfig.check_shape` repeats the shape
+checks once a dataset of unknown shape is loaded, still before the NMS pre-training.
+
+Example:
+    >>> from lcma_ext.experiments import ExperimentConfig
+    >>> config = ExperimentConfig(quick=True, out="/tmp/smoke", progress=False)
+    >>> config.validate()
+    >>> config.train_epochs, config.seed_list, config.data_limit
+    (3, [0, 1], 512)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lcma_ext.data import DATASETS, VISION_DATASETS
+from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
+
+__all__ = [
+    "ARMS",
+    "COMMANDS",
+    "DEFAULTS",
+    "FALLBACK_DEFAULTS",
+    "GRANULARITY_ARMS",
+    "LATENT_ARMS",
+    "QUICK",
+    "REFERENCE_ARM",
+    "REGION_SIZE",
+    "VAE_ARMS",
+    "ExperimentConfig",
+    "parse_arms",
+]
+
+#: The commands an :class:`ExperimentConfig` describes.
+COMMANDS = ("run", "ablate-levels")
+#: The split arms ``run`` trains by default.
+ARMS = ("lcma", "channel", "checkerboard", "random", "high")
+#: Arms that ``arms`` also accepts (not run by default): LCMA with a coarser granularity.
+GRANULARITY_ARMS = ("lcma-channel", "lcma-region", "high-channel", "high-region")
+#: Default ``region_size`` of the ``*-region`` arms (sites of each split's block grid).
+REGION_SIZE = 4
+#: The arm every other arm is compared with (the first arm when it is not run).
+REFERENCE_ARM = "channel"
+#: Flow-VAE arms (paper 001 Sec. 3.1): the ``channel`` arm's flow with a VAE prior of
+#: dim(eps) = D / R for ``flow-vae-R``; ``flow-vae`` in ``arms`` means all three.
+VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
+#: Latent-shaping arms (not run by default), see docs/latent_shaping.md.
+LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
+#: Most split points ``ablate-levels`` accepts (2^4 = 16 arms).
+MAX_ABLATION_SPLITS = 4
+
+#: Per-dataset defaults (chosen so the digits default finishes in 10 minutes on a 2-core CPU).
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"epochs": 30, "nms_epochs": 30, "seeds": 3},
+    "patches": {"epochs": 10, "nms_epochs": 10, "seeds": 3},
+}
+FALLBACK_DEFAULTS: dict[str, Any] = {"epochs": 10, "nms_epochs": 10, "seeds": 3}
+#: What ``quick`` sets (unless given explicitly): a smoke run of about a minute.
+QUICK: dict[str, int] = {"epochs": 3, "nms_epochs": 3, "seeds": 2, "limit": 512}
+
+#: Event shapes known without loading the data (not ``imagefolder``'s).
+KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8),
+    "patches": (3, 16, 16),
+    "mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "celeba": (3, 64, 64),
+}
+
+
+def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
+    """``"lcma,flow-vae"`` or a sequence -> a tuple of arm names (``flow-vae`` expanded, deduped).
+
+    Names are not checked here (see :meth:`ExperimentConfig.validate`).
+    """
+    items = arms.split(",") if isinstance(arms, str) else list(arms)
+    names = tuple(str(a).strip() for a in items if str(a).strip())
+    names = tuple(x for a in names for x in (VAE_ARMS if a == "flow-vae" else (a,)))
+    return tuple(dict.fromkeys(names))
+
+
+def _positive_int(value: Any, minimum: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _positive_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+@dataclass
+class ExperimentConfig:
+    """Every option of ``lcma-ext run`` / ``ablate-levels`` (field = option with underscores).
+
+    ``None`` means the per-dataset default (:data:`DEFAULTS`), which ``quick`` replaces by
+    :data:`QUICK`. The resolved values are the properties :attr:`train_epochs`,
+    :attr:`nms_train_epochs`, :attr:`seed_list`, :attr:`data_limit`, :attr:`out_dir` and
+    :meth:`num_levels`.
+
+    Attributes:
+        command: ``"run"`` (Algorithm 1, every arm of ``arms``) or ``"ablate-levels"`` (every
+            high/low choice over the split points, Table 4).
+        dataset, model, size: See :data:`lcma_ext.data.DATASETS`, :data:`lcma_ext.models.MODELS`
+            and :data:`lcma_ext.models.SIZE_NAMES`.
+        levels: Levels (split points + 1); ``None``: as many squeezes as fit, at most 4.
+        epochs, nms_epochs: Epochs per arm and of the NMS pre-training.
+        seeds: Number of seeds (``0 .. seeds - 1``).
+        batch_size, lr: Adam settings (identical for every arm).
+        device: A torch device name.
+        out: The run folder; ``None``: ``runs/<command>-<dataset>-<model>-<size>[-quick]``.
+        data_root, limit, image_size: Data location (torchvision datasets), images per split,
+            ImageFolder resize.
+        outlier_gap: Flag a run more than this many bits/dim above its arm's median.
+        quick: Smoke run: 512 images, 2 seeds, 3 epochs (explicit values still win).
+        progress: Show progress bars and status lines.
+        arms: ``run`` only: the arms to train (:func:`parse_arms` accepts ``"a,b"``).
+        region_size: Tile side of the ``*-region`` arms, capped at each split's grid.
+        allow_diverged_nms: Go on after a diverged NMS pre-training (every arm built from its
+            contributions is then labelled as such); by default a diverged NMS stops the run.
+    """
+
+    command: str = "run"
+    dataset: str = "digits"
+    model: str = "realnvp"
+    size: str = "tiny"
+    levels: int | None = None
+    epochs: int | None = None
+    nms_epochs: int | None = None
+    seeds: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    device: str = "cpu"
+    out: Path | None = None
+    data_root: Path | None = None
+    limit: int | None = None
+    image_size: int | None = None
+    outlier_gap: float = 0.5
+    quick: bool = False
+    progress: bool = True
+    arms: tuple[str, ...] = ARMS
+    region_size: int = REGION_SIZE
+    allow_diverged_nms: bool = False
+
+    def __post_init__(self) -> None:
+        if self.out is not None:
+            self.out = Path(self.out)
+        if self.data_root is not None:
+            self.data_root = Path(self.data_root)
+        self.arms = parse_arms(self.arms)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """A copy with ``changes`` (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------------------------
+    # resolved values
+
+    @property
+    def _defaults(self) -> dict[str, Any]:
+        defaults = dict(DEFAULTS.get(self.dataset, FALLBACK_DEFAULTS))
+        if self.quick:
+            defaults.update({k: v for k, v in QUICK.items() if k != "limit"})
+        return defaults
+
+    @property
+    def train_epochs(self) -> int:
+        """Epochs per arm."""
+        return self.epochs or self._defaults["epochs"]
+
+    @property
+    def nms_train_epochs(self) -> int:
+        """Epochs of the NMS pre-training."""
+        return self.nms_epochs or self._defaults["nms_epochs"]
+
+    @property
+    def seed_list(self) -> list[int]:
+        """The seeds ``0 .. seeds - 1``."""
+        return list(range(self.seeds or self._defaults["seeds"]))
+
+    @property
+    def data_limit(self) -> int | None:
+        """Images per split (``quick``: 512 unless ``limit`` is given)."""
+        return self.limit or (QUICK["limit"] if self.quick else None)
+
+    @property
+    def out_dir(self) -> Path:
+        """The run folder."""
+        if self.out is not None:
+            return self.out
+        name = f"{self.command}-{self.dataset}-{self.model}-{self.size}"
+        return Path("runs") / (name + ("-quick" if self.quick else ""))
+
+    @property
+    def torch_device(self) -> torch.device:
+        """``device`` as a ``torch.device`` (raises ``ValueError`` when unusable)."""
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(
+                f"expected a torch device such as cpu or cuda; got {self.device!r}"
+            ) from error
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"expected an available device; got {self.device!r} (CUDA is not available)"
+            )
+        if device.type == "cuda" and device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"expected an available device; got {self.device!r} "
+                    f"({torch.cuda.device_count()} CUDA devices)"
+                )
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(
+                f"expected an available device; got {self.device!r} (MPS is not available)"
+            )
+        return device
+
+    def known_shape(self) -> tuple[int, ...] | None:
+        """The dataset's event shape when it is known without loading the data, else ``None``."""
+        return KNOWN_SHAPES.get(self.dataset)
+
+    def num_levels(self, shape: Sequence[int]) -> int:
+        """``levels``, or the default for images of ``shape``."""
+        return self.levels if self.levels is not None else default_num_levels(shape)
+
+    def arm_names(self, num_levels: int) -> tuple[str, ...]:
+        """The arms this configuration trains, in training order."""
+        if self.command == "ablate-levels":
+            from lcma_ext.experiments.arms import ablation_choices, choice_name
+
+            return tuple(choice_name(c) for c in ablation_choices(num_levels - 1))
+        return self.arms
+
+    def reference_arm(self, num_levels: int) -> str:
+        """The arm the paired differences are taken against."""
+        if self.command == "ablate-levels":
+            return "-".join(("low",) * (num_levels - 1))
+        return REFERENCE_ARM if REFERENCE_ARM in self.arms else self.arms[0]
+
+    # ------------------------------------------------------------------------------------------
+    # validation
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` ("expected ...; got ...") for anything wrong before training."""
+        choices = {
+            "command": (self.command, COMMANDS),
+            "dataset": (self.dataset, DATASETS),
+            "model": (self.model, tuple(MODELS)),
+            "size": (self.size, SIZE_NAMES),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"expected {name} in {', '.join(allowed)}; got {value!r}")
+        counts = {
+            "levels": (self.levels, 2),
+            "epochs": (self.epochs, 1),
+            "nms_epochs": (self.nms_epochs, 1),
+            "seeds": (self.seeds, 1),
+            "limit": (self.limit, 2),
+            "image_size": (self.image_size, 2),
+        }
+        for name, (value, minimum) in counts.items():
+            if value is not None and not _positive_int(value, minimum):
+                raise ValueError(f"expected {name} as an integer >= {minimum}; got {value!r}")
+        if not _positive_int(self.batch_size):
+            raise ValueError(f"expected batch_size as an integer >= 1; got {self.batch_size!r}")
+        if not _positive_int(self.region_size):
+            raise ValueError(f"expected region_size as an integer >= 1; got {self.region_size!r}")
+        for name in ("lr", "outlier_gap"):
+            if not _positive_number(getattr(self, name)):
+                raise ValueError(
+                    f"expected {name} as a positive number; got {getattr(self, name)!r}"
+                )
+        self.torch_device  # noqa: B018 - raises for an unusable device
+        if self.dataset in VISION_DATASETS and self.data_root is None:
+            raise ValueError(f"expected --data-root for dataset {self.dataset!r}; got None")
+        if self.command == "run":
+            self._validate_arms()
+        shape = self.known_shape()
+        if shape is not None:
+            self.check_shape(shape)
+
+    def _validate_arms(self) -> None:
+        from lcma_ext.experiments.arms import registered_arms
+
+        known = registered_arms()
+        unknown = [a for a in self.arms if a not in known]
+        if not self.arms or unknown:
+            listed = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS)
+            raise ValueError(
+                f"expected arms as a comma-separated subset of {listed} (or flow-vae); got "
+                f"{','.join(self.arms) or 'none'!r}"
+            )
+        if "haar" in self.arms and self.model not in ("realnvp", "glow"):
+            raise ValueError(
+                f"expected --model realnvp or glow for the haar arm; got {self.model!r}"
+            )
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """The checks that need the data's event ``shape``: levels, ablation size, region tiles."""
+        shape = tuple(int(s) for s in shape)
+        if self.levels is not None and self.levels > max_num_levels(shape):
+            raise ValueError(
+                f"expected --levels <= {max_num_levels(shape)} for images of shape {shape}; "
+                f"got {self.levels}"
+            )
+        num_levels = self.num_levels(shape)
+        if self.command == "ablate-levels" and num_levels - 1 > MAX_ABLATION_SPLITS:
+            raise ValueError(
+                f"expected at most {MAX_ABLATION_SPLITS} split points (16 arms) for "
+                f"ablate-levels; got {num_levels - 1} (pass a smaller --levels)"
+            )
+        if self.command == "run" and any(a.endswith("-region") for a in self.arms):
+            _, h, w = shape
+            for split in range(num_levels - 1):  # post-squeeze grid of split point ``split``
+                h, w = h // 2, w // 2
+                size = min(self.region_size, h, w)
+                if h % size or w % size:
+                    raise ValueError(
+                        f"expected --region-size to divide the {h}x{w} block grid of split "
+                        f"point {split} (capped at the grid); got {self.region_size}"
+                    )
+
+    # ------------------------------------------------------------------------------------------
+    # the stored configuration
+
+    def record(self, data: Any, alpha: float, num_levels: int) -> dict[str, Any]:
+        """``config.json``: what must match for a rerun to reuse finished runs.
+
+        Args:
+            data: The loaded :class:`lcma_ext.data.ImageDataset`.
+            alpha: The logit pre-processing's ``alpha``.
+            num_levels: The resolved number of levels.
+        """
+        from lcma_ext.training import TrainConfig
+
+        return {
+            "command": self.command,
+            "dataset": self.dataset,
+            "model": self.model,
+            "size": self.size,
+            "levels": num_levels,
+            "epochs": self.train_epochs,
+            "nms_epochs": self.nms_train_epochs,
+            "seeds": self.seed_list,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "l2_scale": TrainConfig().l2_scale,
+            "grad_clip": TrainConfig().grad_clip,
+            "alpha": alpha,
+            "levels_of_data": data.levels,
+            "shape": list(data.shape),
+            "num_train": int(data.train.shape[0]),
+            "num_test": int(data.test.shape[0]),
+            "limit": self.limit,
+            "quick": self.quick,
+            # only when not the default, so that existing run folders still match
+            **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], **overrides: Any) -> ExperimentConfig:
+        """The configuration of a stored ``config.json`` (``out``, ``data_root`` etc. given)."""
+        seeds = record["seeds"]
+        fields = {
+            "command": record["command"],
+            "dataset": record["dataset"],
+            "model": record["model"],
+            "size": record["size"],
+            "levels": record["levels"],
+            "epochs": record["epochs"],
+            "nms_epochs": record["nms_epochs"],
+            "seeds": len(seeds),
+            "batch_size": record["batch_size"],
+            "lr": record["lr"],
+            "limit": record.get("limit"),
+            "quick": record.get("quick", False),
+            "region_size": record.get("region_size", REGION_SIZE),
+        }
+        fields.update(overrides)
+        return cls(**fields)

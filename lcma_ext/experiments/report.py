@@ -1,0 +1,276 @@
+"""Reports of a comparison: ``results.json`` and ``results.md``.
+
+``results.md`` is the table of :func:`results_markdown` (mean ± std, median, difference of
+means, paired per-seed differences and wins against the reference arm, flags), the notes on
+non-exact bits/dim, the split diagnostics of the NMS maps, the NMS flow's own bits/dim and the
+uniform-model baseline. A ``quick`` run is marked as a smoke run, a diverged run says
+"diverged", and every arm built on the contributions of a diverged NMS says so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lcma_ext.distributions import RESIDUAL_KINDS
+from lcma_ext.experiments.store import write_json, write_text
+
+__all__ = [
+    "UNIFORM_MARGIN",
+    "bound_notes",
+    "diagnostics_markdown",
+    "results_markdown",
+    "uniform_bpd",
+    "versions",
+    "write_results",
+]
+
+#: An arm whose mean bits/dim is within this of the uniform baseline (or above) is marked.
+UNIFORM_MARGIN = 0.05
+
+
+def uniform_bpd(levels_of_data: int) -> float:
+    """Bits/dim of the uniform model on the dequantized data: ``log2(levels)`` (4.09 for digits).
+
+    The pre-processing's bits/dim include the logit Jacobian and the discretization term, so a
+    model uniform on ``v = (x + u) / levels`` scores exactly ``log2(levels)``.
+    """
+    return math.log2(levels_of_data)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    """Library versions, platform, CPU and torch threads, as ``results.json`` records them."""
+    from importlib import metadata
+
+    import lcma_ext
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "lcma_ext": lcma_ext.__version__,
+        "torch": torch.__version__,
+        "nflows": version("nflows"),
+        "normflows": version("normflows"),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": f"{_cpu_name()} ({os.cpu_count()} logical cores)",
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def _fmt(value: float | None, digits: int = 4, signed: bool = False) -> str:
+    if value is None or not math.isfinite(value):
+        return "nan"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
+    """Per split point: how decisive and how static the LCMA split of the NMS maps is."""
+    if not diagnostics:
+        return []
+    lines = [
+        "LCMA split diagnostics of the NMS contribution maps (per split point: local blocks, "
+        "exact ties and near-ties of the 2nd/3rd contribution, share of blocks whose kept set "
+        "differs from `channel`, `checkerboard`, and the most common pattern of the block's own "
+        "channel group, 0 meaning a static split in disguise; share of sites whose kept set "
+        "equals the channel-granularity choice; entropy in bits of the kept-position pattern, "
+        "0 to 2; see docs/granularity.md):",
+        "",
+        "| split | blocks | ties | near-ties | ≠ channel | ≠ checkerboard | ≠ group mode "
+        "| = channel granularity | pattern entropy |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for index, entry in enumerate(diagnostics):
+        agrees = entry.get("agrees_with_channel_granularity", math.nan)
+        entropy = entry.get("kept_position_entropy", math.nan)
+        lines.append(
+            f"| {index} | {entry['blocks']} | {entry['ties']} | {entry['near_ties']} "
+            f"| {entry['differs_from_channel']:.3f} | {entry['differs_from_checkerboard']:.3f} "
+            f"| {entry['differs_from_group_modal']:.3f} | {_fmt(agrees, 3)} "
+            f"| {_fmt(entropy, 3)} |"
+        )
+    return [*lines, ""]
+
+
+def bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """Explain non-exact bits/dim (estimates, IWAE-K bounds) and the Haar arm; empty if exact."""
+    lines = []
+    kinds = {a: e.get("bpd_kind", "exact") for a, e in arms.items()}
+    if set(kinds.values()) & set(RESIDUAL_KINDS):
+        lines += [
+            "bpd kind: `roulette estimate` is a Residual Flow's eval-mode log-likelihood, its "
+            "log-dets by the Russian-roulette power series with 20 exact terms: an unbiased "
+            "estimate of the exact bits/dim; `truncated series` is i-ResNet's 20-term series, "
+            "a biased estimate (see docs/residual.md).",
+            "",
+        ]
+    bounds = {
+        a: e for a, e in arms.items() if kinds[a] != "exact" and kinds[a] not in RESIDUAL_KINDS
+    }
+    if bounds:
+        ses = "; ".join(
+            f"{a}: " + ", ".join(f"{se:.2g}" for se in e.get("bpd_mc_se_per_seed", []) if se)
+            for a, e in bounds.items()
+        )
+        lines += [
+            "bpd kind: `exact` is the flow's exact likelihood of the dequantized data; "
+            "`IWAE-K` is the importance-weighted bound with K Monte Carlo samples per test "
+            "image (Flow-VAE: samples of eps; DenseFlow: samples of the cross-unit noise), an "
+            "upper bound on bits/dim in expectation, never exact. Monte Carlo standard error of "
+            f"each seed's IWAE-K bpd: {ses}.",
+            "",
+        ]
+    if "denseflow" in arms:
+        lines += [
+            "`denseflow`: its own architecture (DenseFlow-style Glow units with cross-unit "
+            "coupling, see the params column), so its difference from the other rows is not a "
+            "split-only comparison.",
+            "",
+        ]
+    if "haar" in arms:
+        lines += [
+            "`haar`: one flow on the finest (full-resolution) image with Haar-wavelet squeezes, "
+            "so its bits/dim is that of the finest image, comparable with the other rows (no "
+            "joint multi-resolution likelihood, cf. MSFlow Sec. 5).",
+            "",
+        ]
+    return lines
+
+
+def _flags(entry: dict[str, Any], uniform: float | None) -> str:
+    """The ``flagged`` cell: diverged / outlier seeds, a diverged NMS, the uniform baseline."""
+    flags = []
+    reasons = entry.get("diverged_reasons") or [""] * len(entry["seeds"])
+    for seed, flagged, reason in zip(entry["seeds"], entry["diverged"], reasons):
+        if flagged:
+            kind = "outlier" if reason.startswith("test bpd ") else "diverged"
+            flags.append(f"seed {seed} ({kind})")
+    if entry.get("built_on_diverged_nms"):
+        flags.append("built on a diverged NMS")
+    mean = entry.get("bpd_mean")
+    if uniform is not None and mean is not None and math.isfinite(mean):
+        if mean > uniform + UNIFORM_MARGIN:
+            flags.append("above the uniform baseline")
+        elif mean >= uniform - UNIFORM_MARGIN:
+            flags.append("at the uniform baseline")
+    return ", ".join(flags) or "none"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The ``results.md`` report of a ``run`` or ``ablate-levels`` results dictionary."""
+    config, arms, reference = results["config"], results["arms"], results["reference_arm"]
+    seeds = config["seeds"]
+    nms = results.get("nms")
+    nms_diverged = bool(nms and nms.get("diverged"))
+    uniform = results.get("uniform_bpd")
+    if uniform is None and config.get("levels_of_data"):
+        uniform = uniform_bpd(config["levels_of_data"])
+    lines = [
+        f"# lcma-ext {config['command']}: {config['model']} ({config['size']}) on "
+        f"{config['dataset']}",
+        "",
+    ]
+    if config.get("quick"):
+        images = config.get("num_train", "?")
+        lines += [
+            f"**Smoke run** (`--quick`: {config['epochs']} epochs, {len(seeds)} seeds, "
+            f"{images} training images): it checks that the pipeline runs end to end; its "
+            "figures and wins are not a result.",
+            "",
+        ]
+    nms_note = ""
+    if nms_diverged:
+        nms_note = f" (diverged: {nms.get('diverged_reason') or 'non-finite'})"
+    lines += [
+        f"Test bits/dim (lower is better), {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
+        f"{config['epochs']} epochs per arm, NMS pre-trained {config['nms_epochs']} epochs"
+        f"{nms_note}, {config['levels']} levels, batch {config['batch_size']}, Adam lr "
+        f"{config['lr']}. Every arm: same architecture, optimizer, epochs, seeds and initial "
+        "weights per seed.",
+        "",
+        f"| arm | bpd kind | bpd mean ± std | median | Δ mean vs {reference} | paired Δ per seed "
+        f"| wins | params | train s/seed | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, entry in arms.items():
+        diffs = entry.get(f"paired_diff_vs_{reference}", [])
+        paired = ", ".join(_fmt(d, 3, signed=True) for d in diffs) if arm != reference else "—"
+        delta = (
+            _fmt(entry.get("diff_of_means_vs_reference", math.nan), 4, signed=True)
+            if arm != reference
+            else "—"
+        )
+        wins = f"{entry.get('wins_vs_reference', 0)}/{len(diffs)}" if arm != reference else "—"
+        lines.append(
+            f"| {arm} | {entry.get('bpd_kind', 'exact')} "
+            f"| {_fmt(entry['bpd_mean'])} ± {_fmt(entry['bpd_std'])} "
+            f"| {_fmt(entry['bpd_median'])} | {delta} | {paired} | {wins} "
+            f"| {entry['parameters']:,} | {entry['train_time_s_mean']:.1f} "
+            f"| {_flags(entry, uniform)} |"
+        )
+    lines += [""]
+    if nms_diverged:
+        lines += [
+            f"**The NMS pre-training diverged** ({nms.get('diverged_reason') or 'non-finite'}); "
+            "the run went on because it was asked to (`--allow-diverged-nms`). Every arm "
+            "flagged 'built on a diverged NMS' took its splits from that flow's contributions, "
+            "so its figures say nothing about LCMA.",
+            "",
+        ]
+    lines += bound_notes(arms)
+    lines += diagnostics_markdown(results.get("contribution_diagnostics") or [])
+    if nms:
+        status = f" — diverged ({nms.get('diverged_reason') or 'non-finite'})" * nms_diverged
+        lines.append(
+            f"NMS flow (no split, seed 0, {config['nms_epochs']} epochs): "
+            f"{_fmt(nms['test_bpd'])} bpd{status}."
+        )
+    if uniform is not None:
+        levels = config.get("levels_of_data")
+        lines.append(
+            f"Uniform baseline: {_fmt(uniform)} bpd (log2 of the {levels} pixel levels, a model "
+            "that learned nothing); an arm within "
+            f"{UNIFORM_MARGIN} of it or above is flagged."
+        )
+    lines += [
+        f"Paired Δ = arm − {reference} on the same seed (negative: the arm is better); "
+        f"wins = seeds where the arm beats {reference}. Flagged runs (non-finite, or more than "
+        f"{results['outlier_gap']} bpd above their arm's median) are kept in every statistic "
+        "except that non-finite values are left out of mean/std/median.",
+        "",
+        f"Wall time {results['wall_time_s']:.0f} s (this invocation) on "
+        f"{results['versions']['cpu']}, {results['versions']['platform']} "
+        f"({results['versions']['torch_threads']} torch threads, device {results['device']}); "
+        f"torch {results['versions']['torch']}, nflows {results['versions']['nflows']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_results(out: str | Path, results: dict[str, Any]) -> None:
+    """Write ``results.json`` and ``results.md`` into ``out`` (atomically)."""
+    out = Path(out)
+    write_json(out / "results.json", results)
+    write_text(out / "results.md", results_markdown(results))

@@ -1,0 +1,645 @@
+"""The runner: ``run_comparison``, ``run_level_ablation``, ``load_arm``, and the run store.
+
+The run store is the ``out`` folder::
+
+    config.json                 the configuration (a rerun must match it)
+    runs/nms.json               NMS pre-training summary
+    runs/<arm>_seed<k>.json     one finished run: test bits/dim, flags, curves
+    checkpoints/nms.pt          NMS flow (with the metadata ``lcma-ext contributions`` needs)
+    checkpoints/<arm>_seed<k>.pt  model, optimizer, epoch, random state (after every epoch)
+    contributions.pt            the NMS contribution maps
+    results.json, results.md    the comparison; contributions_level<l>.png, samples_*.png,
+                                learning_curves.png
+
+Every file is written atomically (:mod:`lcma_ext.experiments.store`). A rerun with the same
+configuration skips finished runs (their summaries), resumes an unfinished one from its last
+epoch (its checkpoint), and rewrites the results. A corrupt or truncated state file raises
+:class:`~lcma_ext.experiments.store.StateFileError` naming the file; deleting it and rerunning
+redoes that step.
+
+Reproducibility: the NMS flow is built after ``torch.manual_seed(0)``; every arm builder calls
+``torch.manual_seed(seed)`` right before building its levels; the contributions are estimated on
+the first 2048 training images with dequantization noise seed 7; runs are trained in the order
+``for seed in seeds: for arm in arms``; sample grids use their own generator.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from nflows.flows import Flow
+
+from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
+from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
+from lcma_ext.experiments.arms import arm_spec, build_arm
+from lcma_ext.experiments.config import ExperimentConfig
+from lcma_ext.experiments.report import uniform_bpd, versions, write_results
+from lcma_ext.experiments.stats import aggregate
+from lcma_ext.experiments.store import (
+    ExperimentError,
+    NMSDivergedError,
+    StateFileError,
+    atomic_path,
+    read_json,
+    write_json,
+)
+from lcma_ext.models import build_flow, count_parameters, make_level_factory
+from lcma_ext.plotting import plot_contributions, plot_learning_curves, save_image_grid
+from lcma_ext.sampling import sample_images
+from lcma_ext.training import (
+    TrainConfig,
+    TrainResult,
+    evaluate_bpd,
+    load_checkpoint,
+    save_checkpoint,
+    train_flow,
+)
+
+__all__ = [
+    "CONTRIBUTION_EXAMPLES",
+    "CONTRIBUTION_NOISE_SEED",
+    "MC_SAMPLES",
+    "load_arm",
+    "load_run_data",
+    "plot_checkpoint_contributions",
+    "run_comparison",
+    "run_level_ablation",
+]
+
+#: Contribution estimation uses this many training examples at most.
+CONTRIBUTION_EXAMPLES = 2048
+#: Dequantization noise of the data the contributions are estimated on.
+CONTRIBUTION_NOISE_SEED = 7
+#: Monte Carlo samples of the IWAE-K test estimate of bound-only arms (16 with ``quick``).
+MC_SAMPLES = 128
+#: An NMS flow scoring more than this many bits/dim above the uniform baseline has diverged
+#: (finite but worse than a model that learned nothing; its contributions mean nothing).
+NMS_UNIFORM_MARGIN = 1.0
+#: Sampling temperatures of the sample grids (seed 0 of every arm).
+TEMPERATURES = (1.0, 0.7)
+
+
+class _Run:
+    """Everything one comparison shares: configuration, data, device, run folder."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        config.validate()
+        self.config = config
+        self.device = config.torch_device
+        self.data: ImageDataset = load_dataset(
+            config.dataset,
+            data_root=config.data_root,
+            limit=config.data_limit,
+            image_size=config.image_size,
+        )
+        config.check_shape(self.data.shape)
+        self.num_levels = config.num_levels(self.data.shape)
+        self.arm_config = config.replace(levels=self.num_levels)
+        self.preprocessing = LogitPreprocessing(self.data.levels)
+        self.out = config.out_dir
+        self.seeds = config.seed_list
+        self.record = config.record(self.data, self.preprocessing.alpha, self.num_levels)
+
+    def train_config(self, epochs: int, seed: int) -> TrainConfig:
+        return TrainConfig(
+            epochs=epochs,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            seed=seed,
+            progress=self.config.progress,
+        )
+
+    def say(self, text: str) -> None:
+        if self.config.progress:
+            print(text, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# the run store
+
+
+def _prepare_out(run: _Run) -> None:
+    """Create ``out`` (one-line error when unusable) and check or write ``config.json``."""
+    out = run.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        if isinstance(error, FileExistsError) or (out.exists() and not out.is_dir()):
+            reason = "a file, not a folder"
+        raise ExperimentError(
+            f"expected --out to be a folder this user can write; got {str(out)!r} ({reason})"
+        ) from None
+    path = out / "config.json"
+    if path.is_file():
+        stored = read_json(path)
+        config = run.record
+        if not isinstance(stored, dict):
+            raise StateFileError(path, "not a JSON object")
+        if stored != _json_roundtrip(config):
+            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            raise ExperimentError(
+                f"expected --out to hold runs of the same configuration or nothing; got "
+                f"{str(out)!r} with different {', '.join(changed)} (choose another --out)"
+            )
+    else:
+        write_json(path, run.record)
+
+
+def _json_roundtrip(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def _load_state(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint; :class:`StateFileError` when it is corrupt or truncated."""
+    try:
+        state = load_checkpoint(path, device)
+    except ValueError as error:
+        if not path.is_file():
+            raise ExperimentError(str(error)) from None
+        raise StateFileError(path, error.__cause__ or error) from error
+    if not isinstance(state, dict) or "model" not in state:
+        raise StateFileError(path, "not a checkpoint of lcma-ext")
+    return state
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    summary = read_json(path)
+    if not isinstance(summary, dict) or "test_bpd" not in summary:
+        raise StateFileError(path, "not a run summary")
+    return summary
+
+
+def _summary(run: _Run, arm: str, seed: int, flow: Flow, result: TrainResult) -> dict[str, Any]:
+    """The ``runs/<arm>_seed<k>.json`` summary of a finished training."""
+    data, preprocessing = run.data, run.preprocessing
+    bpd = evaluate_bpd(flow, data.test, preprocessing) if result.epochs_done else math.nan
+    estimate: dict[str, Any] = {"bpd_kind": bpd_kind(flow)}
+    if is_bound_only(flow) and result.epochs_done:
+        # bound-only flows: score the IWAE-K bound (Monte Carlo, with standard errors)
+        samples = 16 if run.config.quick else MC_SAMPLES
+        estimate = evaluate_bpd_mc(flow, data.test, preprocessing, num_samples=samples)
+        estimate["bpd_one_sample"], bpd = bpd, estimate["bpd_iwae"]
+    return {
+        "arm": arm,
+        "seed": seed,
+        "test_bpd": bpd,
+        **estimate,
+        "diverged": bool(result.diverged or not math.isfinite(bpd)),
+        "diverged_reason": result.diverged_reason
+        or ("" if math.isfinite(bpd) else "non-finite test bpd"),
+        "train_time_s": result.train_time_s,
+        "parameters": count_parameters(flow),
+        "epochs_done": result.epochs_done,
+        "train_bpd_curve": result.train_bpd,
+        "test_bpd_curve": result.test_bpd,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# NMS pre-training and contributions
+
+
+def _nms_diverged_message(run: _Run, summary: dict[str, Any]) -> str:
+    reason = summary.get("diverged_reason") or "non-finite test bpd"
+    return (
+        f"NMS pre-training diverged ({reason}; {summary.get('epochs_done', 0)} of "
+        f"{run.config.nms_train_epochs} epochs done, test bpd {summary['test_bpd']}), so its "
+        "contributions cannot choose the LCMA splits; try a smaller --lr (now "
+        f"{run.config.lr}) with another --out, or rerun with --allow-diverged-nms to go on "
+        "(every LCMA arm is then labelled as built on a diverged NMS)"
+    )
+
+
+def _nms_verdict(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
+    """Mark an NMS summary diverged when its finite bpd is far above the uniform baseline."""
+    limit = uniform_bpd(run.data.levels) + NMS_UNIFORM_MARGIN
+    bpd = summary["test_bpd"]
+    if not summary["diverged"] and math.isfinite(bpd) and bpd > limit:
+        reason = f"test bpd {bpd:.3f} > uniform baseline {limit - NMS_UNIFORM_MARGIN:.3f} + 1"
+        summary = {**summary, "diverged": True, "diverged_reason": reason}
+    return summary
+
+
+def _check_nms(run: _Run, summary: dict[str, Any]) -> None:
+    if not summary["diverged"]:
+        return
+    message = _nms_diverged_message(run, summary)
+    if not run.config.allow_diverged_nms:
+        raise NMSDivergedError(message)
+    print(f"lcma-ext: warning: {message.split(', so ')[0]}; going on as asked", file=sys.stderr)
+
+
+def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
+    """Pre-train the NMS flow (seed 0) or load it; returns ``(flow, summary)``."""
+    from lcma_ext.pipeline import build_nms_transform
+
+    config = run.config
+    factory = make_level_factory(config.model, config.size)
+    torch.manual_seed(0)
+    transform = build_nms_transform(factory, run.data.shape, run.num_levels)
+    flow = build_flow(transform, run.data.shape).to(run.device)
+    checkpoint = run.out / "checkpoints" / "nms.pt"
+    summary_path = run.out / "runs" / "nms.json"
+    if summary_path.is_file():
+        summary = _nms_verdict(run, _read_summary(summary_path))
+        _check_nms(run, summary)
+        flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
+        return flow, summary
+    if checkpoint.is_file() and "optimizer" not in _load_state(checkpoint):
+        checkpoint.unlink()  # the weights a diverged first epoch left, not a resumable state
+    result = train_flow(
+        flow,
+        run.data.train,
+        run.preprocessing,
+        run.train_config(config.nms_train_epochs, 0),
+        test_data=run.data.test,
+        checkpoint_path=checkpoint,
+        desc="nms",
+    )
+    summary = _nms_verdict(run, _summary(run, "nms", 0, flow, result))
+    if summary["diverged"]:
+        # Keep the last finished epoch's weights (or, when the first epoch diverged, these):
+        # the same flow a rerun would load.
+        if checkpoint.is_file():
+            flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
+        else:
+            save_checkpoint(checkpoint, model=flow.state_dict(), result=result.to_dict(), epoch=0)
+    _save_meta(run, checkpoint)
+    write_json(summary_path, summary)
+    _check_nms(run, summary)
+    return flow, summary
+
+
+def _save_meta(run: _Run, checkpoint: Path) -> None:
+    """Add what ``lcma-ext contributions`` and :func:`load_arm` need to rebuild the NMS flow."""
+    state = _load_state(checkpoint)
+    config = run.config
+    state["meta"] = {
+        "dataset": config.dataset,
+        "model": config.model,
+        "size": config.size,
+        "levels": run.num_levels,
+        "limit": config.data_limit,
+        "image_size": config.image_size,
+    }
+    save_checkpoint(checkpoint, **state)
+
+
+def _contribution_data(data: ImageDataset, preprocessing: LogitPreprocessing, device) -> Any:
+    """Pre-processed training images (fixed noise) on which contributions are estimated."""
+    images = data.train[:CONTRIBUTION_EXAMPLES]
+    generator = torch.Generator().manual_seed(CONTRIBUTION_NOISE_SEED)
+    y, _ = preprocessing(images, generator=generator)
+    return y.to(device)
+
+
+def _load_maps(path: Path):
+    from lcma_ext.contributions import ContributionMaps
+
+    try:
+        return ContributionMaps.load(path)
+    except FileNotFoundError:
+        raise ExperimentError(
+            f"expected {str(path)!r} from the NMS step; got no such file"
+        ) from None
+    except Exception as error:  # a corrupt file: torch, pickle or format errors
+        raise StateFileError(path, error) from error
+
+
+def _save_maps(maps, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        maps.save(tmp)
+
+
+def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
+    """Estimate (or load) the contribution maps of the NMS flow and plot them per split."""
+    from lcma_ext.contributions import estimate_contributions
+
+    path = run.out / "contributions.pt"
+    if path.is_file():
+        maps = _load_maps(path)
+    else:
+        nms_flow.eval()
+        try:
+            maps = estimate_contributions(
+                nms_flow._transform,
+                _contribution_data(run.data, run.preprocessing, run.device),
+                make_level_factory(run.config.model, run.config.size),
+                run.data.shape,
+                progress=run.config.progress,
+            )
+        except ValueError as error:
+            if not nms_diverged:
+                raise
+            raise NMSDivergedError(
+                f"the diverged NMS flow has no usable contributions ({error}); try a smaller "
+                f"--lr (now {run.config.lr}) with another --out"
+            ) from error
+        _save_maps(maps, path)
+    _plot_contributions(maps, run.out)
+    return maps
+
+
+def _plot_contributions(maps, out: Path, overwrite: bool = False) -> list[Path]:
+    paths = []
+    for level in range(len(maps.data_maps)):
+        path = out / f"contributions_level{level}.png"
+        if overwrite or not path.is_file():
+            with atomic_path(path) as tmp:
+                plot_contributions(maps, tmp, splits=[level])
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# arms
+
+
+def _build(run: _Run, arm: str, maps, seed: int) -> Flow:
+    return build_arm(run.arm_config, arm, maps, seed).to(run.device)
+
+
+def _save_samples(run: _Run, arm: str, flow: Flow) -> None:
+    for temperature in TEMPERATURES:
+        path = run.out / f"samples_{arm}_T{temperature}.png"
+        if not path.is_file():
+            try:
+                images = sample_images(flow, run.preprocessing, 64, temperature, seed=0)
+            except (RuntimeError, ValueError) as error:  # e.g. a diverged model
+                print(f"lcma-ext: warning: no samples for {arm}: {error}", file=sys.stderr)
+                continue
+            with atomic_path(path) as tmp:
+                save_image_grid(images, tmp)
+
+
+def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
+    """Train one arm for one seed (or load its finished result)."""
+    name = f"{arm}_seed{seed}"
+    summary_path = run.out / "runs" / f"{name}.json"
+    checkpoint = run.out / "checkpoints" / f"{name}.pt"
+    flow = None
+    if summary_path.is_file():
+        summary = _read_summary(summary_path)
+    else:
+        if checkpoint.is_file():
+            _load_state(checkpoint)  # a corrupt one is named before training resumes from it
+        flow = _build(run, arm, maps, seed)
+        result = train_flow(
+            flow,
+            run.data.train,
+            run.preprocessing,
+            run.train_config(run.config.train_epochs, seed),
+            test_data=run.data.test,
+            checkpoint_path=checkpoint,
+            desc=f"{arm} seed {seed}",
+        )
+        summary = _summary(run, arm, seed, flow, result)
+        write_json(summary_path, summary)
+        status = "DIVERGED" if summary["diverged"] else f"{summary['test_bpd']:.4f} bpd"
+        run.say(f"  {arm:>14} seed {seed}: {status} ({summary['train_time_s']:.1f} s)")
+    if seed == run.seeds[0] and not all(
+        (run.out / f"samples_{arm}_T{t}.png").is_file() for t in TEMPERATURES
+    ):
+        if flow is None:
+            flow = _build(run, arm, maps, seed)
+            if checkpoint.is_file():
+                flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
+        _save_samples(run, arm, flow)
+    return summary
+
+
+def _results(
+    run: _Run,
+    runs: dict[str, list[dict[str, Any]]],
+    reference: str,
+    nms: dict[str, Any],
+    start: float,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    arms = aggregate(runs, reference, run.seeds, run.config.outlier_gap)
+    nms_diverged = bool(nms and nms.get("diverged"))
+    if nms_diverged:
+        for name, entry in arms.items():
+            if arm_spec(name).uses_contributions:
+                entry["built_on_diverged_nms"] = True
+    results = {
+        "config": run.record,
+        "reference_arm": reference,
+        "outlier_gap": run.config.outlier_gap,
+        "arms": arms,
+        "nms": nms,
+        "wall_time_s": time.perf_counter() - start,
+        "device": str(run.device),
+        "versions": versions(),
+        "runs": runs,
+        **extra,
+        "uniform_bpd": uniform_bpd(run.data.levels),
+        "smoke_run": bool(run.config.quick),
+        **({"nms_diverged": True} if nms_diverged else {}),
+    }
+    write_results(run.out, results)
+    with atomic_path(run.out / "learning_curves.png") as tmp:
+        plot_learning_curves(runs, tmp, nms)
+    return results
+
+
+def _compare(config: ExperimentConfig, command: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    if config.command != command:
+        config = config.replace(command=command)
+    run = _Run(config)
+    _prepare_out(run)
+    arms = config.arm_names(run.num_levels)
+    if command == "run":
+        run.say(
+            f"lcma-ext run: {config.model} ({config.size}) on {config.dataset} {run.data.shape}, "
+            f"{run.num_levels} levels, arms {','.join(arms)}, seeds {run.seeds}, "
+            f"{config.train_epochs} epochs (NMS {config.nms_train_epochs}) -> {run.out}"
+        )
+    nms_flow, nms = _train_nms(run)
+    maps = _contributions(run, nms_flow, bool(nms["diverged"]))
+    del nms_flow
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    for seed in run.seeds:
+        for arm in arms:
+            runs[arm].append(_run_arm(run, arm, maps, seed))
+    reference = config.reference_arm(run.num_levels)
+    if command == "run":
+        extra = {"contribution_diagnostics": list(maps.diagnostics)}
+    else:
+        extra = {
+            "note": f"{reference} is LCMA (factor out the low-contribution half at every split)"
+        }
+    return _results(run, runs, reference, nms, start, extra)
+
+
+def run_comparison(config: ExperimentConfig) -> dict[str, Any]:
+    """``lcma-ext run``: Algorithm 1 with every arm of ``config.arms``.
+
+    Pre-trains the NMS flow (or loads it), estimates its contributions, trains every arm for
+    every seed (or loads the finished runs), and writes the results into ``config.out_dir``.
+
+    Returns:
+        The results, the same content as ``results.json``: ``config``, ``arms`` (per arm
+        ``bpd_per_seed``, ``bpd_mean``, ``bpd_std``, ``bpd_median``, flags, paired differences),
+        ``nms``, ``runs``, ``uniform_bpd``, ``versions`` ...
+
+    Raises:
+        ValueError: for an invalid configuration (before any training).
+        lcma_ext.experiments.NMSDivergedError: when the NMS pre-training diverged (unless
+            ``config.allow_diverged_nms``).
+        lcma_ext.experiments.StateFileError: for a corrupt or truncated file in the run folder.
+    """
+    return _compare(config, "run")
+
+
+def run_level_ablation(config: ExperimentConfig) -> dict[str, Any]:
+    """``lcma-ext ablate-levels``: every high/low choice over the split points (Table 4).
+
+    As :func:`run_comparison`, with the ``2^(levels - 1)`` arms ``high-high``, ``high-low``, ...
+    against the all-low arm (LCMA); ``config.arms`` is ignored.
+    """
+    return _compare(config, "ablate-levels")
+
+
+# ----------------------------------------------------------------------------------------------
+# reading a run folder back
+
+
+def _stored_config(run_dir: Path, **overrides: Any) -> tuple[dict[str, Any], ExperimentConfig]:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ExperimentError(
+            f"expected a run folder of lcma-ext run or ablate-levels; got {str(run_dir)!r} "
+            "without config.json"
+        )
+    record = read_json(path)
+    try:
+        config = ExperimentConfig.from_record(record, out=run_dir, progress=False, **overrides)
+    except (KeyError, TypeError) as error:
+        raise StateFileError(path, f"missing {error}") from error
+    return record, config
+
+
+def _nms_meta(run_dir: Path) -> dict[str, Any]:
+    checkpoint = run_dir / "checkpoints" / "nms.pt"
+    if not checkpoint.is_file():
+        return {}
+    return _load_state(checkpoint).get("meta") or {}
+
+
+def load_run_data(
+    run_dir: str | Path, data_root: str | Path | None = None
+) -> tuple[ImageDataset, LogitPreprocessing]:
+    """The data and pre-processing a run folder was trained and scored on.
+
+    Args:
+        run_dir: The ``out`` folder of a run.
+        data_root: For torchvision datasets (not stored in the run folder).
+    """
+    run_dir = Path(run_dir)
+    record, config = _stored_config(run_dir)
+    data = load_dataset(
+        config.dataset,
+        data_root=data_root,
+        limit=config.data_limit,
+        image_size=_nms_meta(run_dir).get("image_size"),
+    )
+    if [int(data.train.shape[0]), int(data.test.shape[0])] != [
+        record["num_train"],
+        record["num_test"],
+    ]:
+        raise ExperimentError(
+            f"expected {record['num_train']}/{record['num_test']} train/test images as in "
+            f"{str(run_dir / 'config.json')!r}; got {data.train.shape[0]}/{data.test.shape[0]}"
+        )
+    return data, LogitPreprocessing(data.levels)
+
+
+def load_arm(run_dir: str | Path, arm: str, seed: int, device: str = "cpu") -> Flow:
+    """The trained flow of ``arm`` and ``seed``, rebuilt from its run folder alone.
+
+    The arm is rebuilt as the runner built it (``config.json``, ``contributions.pt``, the arm
+    registry; torch's global random state is left as it was) and its last checkpoint is
+    loaded: the weights that were scored, unless the run diverged (then the last finished
+    epoch's).
+
+    Args:
+        run_dir: The ``out`` folder of :func:`run_comparison` / :func:`run_level_ablation`.
+        arm: An arm of that run.
+        seed: One of its seeds.
+        device: Where to put the flow.
+
+    Returns:
+        The flow in eval mode; its test bits/dim
+        (``evaluate_bpd(flow, data.test, preprocessing)`` with :func:`load_run_data`) equals
+        ``runs/<arm>_seed<seed>.json``'s ``test_bpd``.
+    """
+    run_dir = Path(run_dir)
+    record, config = _stored_config(run_dir, device=device)
+    checkpoint = run_dir / "checkpoints" / f"{arm}_seed{seed}.pt"
+    if seed not in record["seeds"] or not checkpoint.is_file():
+        found = sorted(p.stem for p in (run_dir / "checkpoints").glob("*_seed*.pt"))
+        raise ExperimentError(
+            f"expected an arm and seed trained in {str(run_dir)!r} ({', '.join(found) or 'none'});"
+            f" got {arm!r} seed {seed}"
+        )
+    arm_spec(arm)
+    maps = _load_maps(run_dir / "contributions.pt")
+    with torch.random.fork_rng(devices=[]):
+        flow = build_arm(config, arm, maps, seed)
+    flow.load_state_dict(_load_state(checkpoint)["model"])
+    return flow.to(config.torch_device).eval()
+
+
+def plot_checkpoint_contributions(
+    checkpoint: str | Path,
+    out: str | Path | None = None,
+    data_root: str | Path | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[Path]:
+    """``lcma-ext contributions``: re-estimate and plot an NMS checkpoint's contributions.
+
+    Rebuilds the NMS flow from the checkpoint's metadata, re-estimates the contributions on its
+    training data, writes ``contributions_level<l>.png`` and ``contributions.pt`` into ``out``
+    (default: the checkpoint's folder) and returns the PNG paths.
+    """
+    from lcma_ext.contributions import estimate_contributions
+    from lcma_ext.pipeline import build_nms_transform
+
+    checkpoint = Path(checkpoint)
+    state = _load_state(checkpoint)
+    meta = state.get("meta")
+    if meta is None:
+        raise ExperimentError(
+            f"expected an NMS checkpoint written by 'lcma-ext run' (nms.pt); got "
+            f"{str(checkpoint)!r} without metadata"
+        )
+    torch_device = ExperimentConfig(device=device).torch_device
+    data = load_dataset(
+        meta["dataset"], data_root=data_root, limit=meta["limit"], image_size=meta["image_size"]
+    )
+    factory = make_level_factory(meta["model"], meta["size"])
+    transform = build_nms_transform(factory, data.shape, meta["levels"])
+    flow = build_flow(transform, data.shape).to(torch_device)
+    flow.load_state_dict(state["model"])
+    flow.eval()
+    y = _contribution_data(data, LogitPreprocessing(data.levels), torch_device)
+    maps = estimate_contributions(flow._transform, y, factory, data.shape, progress=progress)
+    out = Path(out) if out is not None else checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    paths = _plot_contributions(maps, out, overwrite=True)
+    _save_maps(maps, out / "contributions.pt")
+    return paths

@@ -1,0 +1,94 @@
+"""The run folder's files: atomic writes, and one-line errors for corrupt or truncated ones.
+
+Every state file of a run folder (``config.json``, ``runs/*.json``, ``contributions.pt``,
+``results.json``, ``results.md``, checkpoints, figures) is written to a temporary file in the
+same folder and then renamed over the target (``os.replace``), so an interrupted write never
+leaves a truncated file behind. Reading a file that is corrupt anyway (a disk fault, a copy cut
+short) raises :class:`StateFileError`, one line naming the file and how to recover.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ExperimentError",
+    "NMSDivergedError",
+    "StateFileError",
+    "atomic_path",
+    "read_json",
+    "write_json",
+    "write_text",
+]
+
+
+class ExperimentError(ValueError):
+    """A user-facing error of an experiment (the command line prints it as one line)."""
+
+
+class StateFileError(ExperimentError):
+    """A file of the run folder is corrupt or truncated."""
+
+    def __init__(self, path: str | Path, error: BaseException | str) -> None:
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        reason = " ".join(str(reason).split())
+        if len(reason) > 160:
+            reason = reason[:157] + "..."
+        self.path = Path(path)
+        super().__init__(
+            f"{str(path)!r} is corrupt or truncated ({reason}); delete it and rerun the same "
+            "command to redo that step"
+        )
+
+
+class NMSDivergedError(ExperimentError):
+    """The NMS pre-training diverged (its contributions would choose the LCMA splits)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
+
+    Example:
+        >>> import torch
+        >>> with atomic_path("/tmp/state.pt") as tmp:
+        ...     torch.save({"x": 1}, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as indented JSON to ``path`` atomically (``NaN`` allowed)."""
+    write_text(path, json.dumps(value, indent=2, allow_nan=True))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON state file; :class:`StateFileError` when it is corrupt or truncated."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise StateFileError(path, error) from error

@@ -1,0 +1,183 @@
+"""results.md / results.json: the table, bpd-kind notes, smoke-run and diverged labels, baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lcma_ext.experiments.report import (
+    bound_notes,
+    diagnostics_markdown,
+    results_markdown,
+    uniform_bpd,
+    write_results,
+)
+from lcma_ext.experiments.stats import aggregate
+
+
+def _run(seed, bpd, reason=""):
+    return {
+        "seed": seed,
+        "test_bpd": bpd,
+        "diverged": bool(reason),
+        "diverged_reason": reason,
+        "train_time_s": 1.0,
+        "parameters": 10,
+        "epochs_done": 1,
+    }
+
+
+def _results(arms, quick=False, nms=None, **config):
+    return {
+        "config": {
+            "command": "run",
+            "model": "m",
+            "size": "s",
+            "dataset": "d",
+            "seeds": [0, 1],
+            "epochs": 3,
+            "nms_epochs": 3,
+            "levels": 3,
+            "batch_size": 64,
+            "lr": 1e-3,
+            "quick": quick,
+            "num_train": 512,
+            **config,
+        },
+        "arms": arms,
+        "reference_arm": "channel",
+        "outlier_gap": 0.5,
+        "nms": nms,
+        "wall_time_s": 1.0,
+        "device": "cpu",
+        "versions": {
+            "cpu": "x",
+            "platform": "p",
+            "torch_threads": "2",
+            "torch": "t",
+            "nflows": "n",
+        },
+    }
+
+
+def test_uniform_baseline_is_log2_of_the_levels():
+    assert uniform_bpd(17) == pytest.approx(4.0875, abs=1e-4)
+    assert uniform_bpd(256) == 8.0
+
+
+def test_table_rows_and_flags():
+    runs = {
+        "channel": [_run(0, 2.0), _run(1, 2.1)],
+        "lcma": [_run(0, 1.9), _run(1, float("nan"), "non-finite loss at epoch 2, step 3")],
+        "high": [_run(0, 4.08), _run(1, 4.09)],
+    }
+    text = results_markdown(_results(aggregate(runs, "channel", [0, 1], 0.5), levels_of_data=17))
+    assert "| arm | bpd kind | bpd mean ± std | median | Δ mean vs channel |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| lcma |"))
+    assert "seed 1 (diverged)" in row and "| 1/1 |" not in row
+    high = next(line for line in text.splitlines() if line.startswith("| high |"))
+    assert high.endswith("| at the uniform baseline |")
+    assert "Uniform baseline: 4.0875 bpd" in text and "Smoke run" not in text
+
+
+def test_quick_run_is_marked_a_smoke_run():
+    runs = {"channel": [_run(0, 4.09), _run(1, 4.09)], "lcma": [_run(0, 4.08), _run(1, 4.08)]}
+    arms = aggregate(runs, "channel", [0, 1], 0.5)
+    text = results_markdown(_results(arms, quick=True, levels_of_data=17))
+    assert "**Smoke run** (`--quick`: 3 epochs, 2 seeds, 512 training images)" in text
+    assert "not a result" in text and text.count("at the uniform baseline") == 2
+
+
+def test_diverged_nms_is_said_everywhere():
+    nms = {"test_bpd": float("nan"), "diverged": True, "diverged_reason": "non-finite loss at "
+           "epoch 1, step 2"}  # fmt: skip
+    runs = {"channel": [_run(0, 2.0)], "lcma": [_run(0, 2.1)]}
+    arms = aggregate(runs, "channel", [0], 0.5)
+    arms["lcma"]["built_on_diverged_nms"] = True
+    text = results_markdown(_results(arms, nms=nms, seeds=[0]))
+    assert "NMS pre-trained 3 epochs (diverged: non-finite loss at epoch 1, step 2)" in text
+    assert "nan bpd — diverged (non-finite loss" in text
+    assert "**The NMS pre-training diverged**" in text
+    lcma = next(line for line in text.splitlines() if line.startswith("| lcma |"))
+    channel = next(line for line in text.splitlines() if line.startswith("| channel |"))
+    assert "built on a diverged NMS" in lcma and channel.endswith("| none |")
+
+
+def test_diagnostics_table_has_the_consistency_columns():
+    entry = {
+        "blocks": 16,
+        "ties": 0,
+        "near_ties": 1,
+        "differs_from_channel": 0.5,
+        "differs_from_checkerboard": 0.25,
+        "differs_from_group_modal": 0.0,
+        "agrees_with_channel_granularity": 0.75,
+        "kept_position_entropy": 1.5,
+    }
+    lines = diagnostics_markdown([entry])
+    assert "| = channel granularity | pattern entropy |" in lines[2]
+    assert lines[4] == "| 0 | 16 | 0 | 1 | 0.500 | 0.250 | 0.000 | 0.750 | 1.500 |"
+    assert diagnostics_markdown([]) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("exact", None),
+        ("roulette estimate", "unbiased estimate"),
+        ("truncated series", "a biased estimate"),
+        ("IWAE-128", "upper bound on bits/dim"),
+    ],
+)
+def test_bound_notes_explain_each_bpd_kind(kind, expected):
+    arms = {"channel": {"bpd_kind": kind, "bpd_mc_se_per_seed": [0.01]}}
+    text = " ".join(bound_notes(arms))
+    if expected is None:
+        assert text == ""
+    else:
+        assert expected in text
+        assert ("Monte Carlo standard error" in text) == kind.startswith("IWAE")
+
+
+def test_write_results_writes_both_files(tmp_path):
+    runs = {"channel": [_run(0, 2.0)]}
+    results = _results(aggregate(runs, "channel", [0], 0.5), seeds=[0])
+    results["arms"]["channel"]["bpd_std"] = math.nan
+    write_results(tmp_path, results)
+    assert json.loads((tmp_path / "results.json").read_text())["reference_arm"] == "channel"
+    assert (tmp_path / "results.md").read_text() == results_markdown(results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+
+
+def test_update_readme_renders_the_current_report(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    runs = {"channel": [_run(0, 2.0)]}
+    results = _results(aggregate(runs, "channel", [0], 0.5), seeds=[0], levels_of_data=17)
+    results["contribution_diagnostics"] = [
+        {
+            "blocks": 16,
+            "ties": 0,
+            "near_ties": 0,
+            "differs_from_channel": 1.0,
+            "differs_from_checkerboard": 1.0,
+            "differs_from_group_modal": 0.5,
+            "agrees_with_channel_granularity": 0.25,
+            "kept_position_entropy": 1.0,
+        }
+    ]
+    write_results(tmp_path, results)
+    (tmp_path / "results.md").write_text("# stale report without the new columns\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- table:start -->\nold\n<!-- table:end -->\nrest\n")
+    assert module.main([str(tmp_path), "--readme", str(readme), "--marker", "table"]) == 0
+    text = readme.read_text()
+    assert "### lcma-ext run: m (s) on d" in text and "| = channel granularity |" in text
+    assert "old" not in text and "stale" not in text and text.endswith("<!-- table:end -->\nrest\n")
