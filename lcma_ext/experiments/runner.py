@@ -78,9 +78,10 @@ CONTRIBUTION_EXAMPLES = 2048
 CONTRIBUTION_NOISE_SEED = 7
 #: Monte Carlo samples of the IWAE-K test estimate of bound-only arms (16 with ``quick``).
 MC_SAMPLES = 128
-#: An NMS flow scoring more than this many bits/dim above the uniform baseline has diverged
-#: (finite but worse than a model that learned nothing; its contributions mean nothing).
-NMS_UNIFORM_MARGIN = 1.0
+#: An NMS flow scoring more than this times the uniform baseline has diverged (finite, but far
+#: worse than a model that learned nothing; its contributions mean nothing). An undertrained
+#: NMS (one epoch on 64 digits: about 5.4 bpd against 4.09) stays below it.
+NMS_UNIFORM_FACTOR = 2.0
 #: Sampling temperatures of the sample grids (seed 0 of every arm).
 TEMPERATURES = (1.0, 0.7)
 
@@ -222,11 +223,11 @@ def _nms_diverged_message(run: _Run, summary: dict[str, Any]) -> str:
 
 
 def _nms_verdict(run: _Run, summary: dict[str, Any]) -> dict[str, Any]:
-    """Mark an NMS summary diverged when its finite bpd is far above the uniform baseline."""
-    limit = uniform_bpd(run.data.levels) + NMS_UNIFORM_MARGIN
+    """Mark an NMS summary diverged when its finite bpd is over twice the uniform baseline."""
+    uniform = uniform_bpd(run.data.levels)
     bpd = summary["test_bpd"]
-    if not summary["diverged"] and math.isfinite(bpd) and bpd > limit:
-        reason = f"test bpd {bpd:.3f} > uniform baseline {limit - NMS_UNIFORM_MARGIN:.3f} + 1"
+    if not summary["diverged"] and math.isfinite(bpd) and bpd > NMS_UNIFORM_FACTOR * uniform:
+        reason = f"test bpd {bpd:.3f} > {NMS_UNIFORM_FACTOR:g} x uniform baseline {uniform:.3f}"
         summary = {**summary, "diverged": True, "diverged_reason": reason}
     return summary
 
