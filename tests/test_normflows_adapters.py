@@ -195,3 +195,28 @@ def test_lu_attribution_needs_lu_parametrization():
 def test_unsupported_flow_names_its_class():
     with pytest.raises(TypeError, match="Planar"):
         lnf.data_to_noise_with_diag(nf.flows.Planar((3,)), torch.randn(2, 3))
+
+
+def test_residual_wrappers_carry_their_own_rearrangement_and_lists_may_be_module_lists():
+    torch.manual_seed(0)
+    block = lnf.ResidualFlowBlock((4, 2, 2), 8, exact=True).double().eval()  # fixed weights
+    index = torch.arange(16).view(1, 4, 2, 2)
+    assert torch.equal(lnf.carry_data_to_noise(block, index), index)
+    flows = torch.nn.ModuleList([block, lnf.Squeeze()])  # normflows order: squeeze runs first
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        z, log_det, diag = lnf.data_to_noise_with_diag(flows, x)
+        expected, expected_log_det = block.inverse(flows[1].inverse(x)[0])
+    assert torch.equal(z, expected)
+    torch.testing.assert_close(log_det, expected_log_det, rtol=0, atol=1e-12)
+    torch.testing.assert_close(diag.flatten(1).sum(1), log_det, rtol=0, atol=1e-12)
+
+
+def test_require_supported_names_the_class_and_what_to_do():
+    for flow in (lnf.Squeeze(), nf.flows.GlowBlock(4, 8), lnf.ResidualFlowBlock((4, 2, 2), 8)):
+        assert lnf.require_supported(flow) is flow
+    message = r"level entry 3; got normflows\.flows\.planar\.Planar.*subclass it and add"
+    with pytest.raises(TypeError, match=message):
+        lnf.require_supported(nf.flows.Planar((3,)), "level entry 3")
+    with pytest.raises(TypeError, match="Planar"):
+        lnf.carry_data_to_noise(nf.flows.Planar((3,)), torch.zeros(1, 3))

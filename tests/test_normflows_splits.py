@@ -6,6 +6,7 @@ import normflows as nf
 import pytest
 import torch
 
+from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
 from lcma_ext.normflows import LCMASplit, SplitMerge
 
@@ -95,3 +96,14 @@ def test_errors():
         merge([torch.zeros(1, 2, 2, 2)])
     with pytest.raises(ValueError, match="finite"):
         LCMASplit(torch.full((4, 2, 2), float("nan")))
+
+
+def test_lcma_ext_multiscale_flow_log_prob_without_labels():
+    model = _model(_merges()["lcma"])
+    ours = lnf.MultiscaleFlow(list(model.q0), list(model.flows), list(model.merges), None, False)
+    x = torch.randn(3, 1, 4, 4)
+    torch.testing.assert_close(ours.log_prob(x), model.log_prob(x, None), rtol=0, atol=1e-12)
+    torch.testing.assert_close(ours.forward_kld(x), -model.log_prob(x, None).mean())
+    conditional = lnf.MultiscaleFlow(list(model.q0), list(model.flows), list(model.merges))
+    with pytest.raises(ValueError, match=r"expected class labels y .* got None"):
+        conditional.log_prob(x)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import normflows as nf
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lcma_ext.transforms.base import check_diag
 from lcma_ext.transforms.lu import check_attribution, svd_attribution
@@ -37,6 +37,7 @@ __all__ = [
     "Squeeze",
     "carry_data_to_noise",
     "data_to_noise_with_diag",
+    "require_supported",
 ]
 
 DEFAULT_ATTRIBUTION = "svd-energy"
@@ -159,8 +160,58 @@ def _check_permute(flow: nf.flows.Permute, z: Tensor) -> None:
         )
 
 
+_SUPPORTED = (
+    nf.flows.ActNorm,
+    nf.flows.Invertible1x1Conv,
+    nf.flows.AffineCouplingBlock,
+    nf.flows.GlowBlock,
+    nf.flows.Squeeze,
+    nf.flows.Permute,
+)
+
+
+def _has_protocol(flow: object) -> bool:
+    """Whether ``flow`` brings its own ``forward_with_diag`` and ``carry`` (data to noise)."""
+    return callable(getattr(flow, "forward_with_diag", None)) and callable(
+        getattr(flow, "carry", None)
+    )
+
+
+def _unsupported(flow: object, where: str = "") -> TypeError:
+    cls = type(flow)
+    place = f" in {where}" if where else ""
+    return TypeError(
+        "expected a normflows ActNorm, Invertible1x1Conv, AffineCouplingBlock, GlowBlock, "
+        f"Squeeze or Permute, or a flow with forward_with_diag and carry{place}; got "
+        f"{cls.__module__}.{cls.__qualname__}, which has no per-dimension adapter. Use a "
+        "supported flow, or subclass it and add forward_with_diag(z, context, diag) and "
+        "carry(tensor, context) in the data-to-noise direction (as "
+        "lcma_ext.normflows.ResidualFlowBlock does)"
+    )
+
+
+def require_supported(flow: object, where: str = "") -> nf.flows.Flow:
+    """Return ``flow`` if :func:`data_to_noise_with_diag` supports it, else raise ``TypeError``.
+
+    Supported: the normflows classes of this module (plain or lcma-ext subclasses) and any
+    ``normflows.flows.Flow`` with its own ``forward_with_diag`` and ``carry``.
+
+    Raises:
+        TypeError: naming the class and what to do, for any other object.
+    """
+    if isinstance(flow, nf.flows.Flow) and (isinstance(flow, _SUPPORTED) or _has_protocol(flow)):
+        return flow
+    raise _unsupported(flow, where)
+
+
 def carry_data_to_noise(flow: nf.flows.Flow, tensor: Tensor) -> Tensor:
-    """Apply a normflows flow's data-to-noise rearrangement to ``tensor`` (any dtype)."""
+    """Apply a normflows flow's data-to-noise rearrangement to ``tensor`` (any dtype).
+
+    Flows with their own ``carry`` (e.g. the residual wrappers) use it.
+
+    Raises:
+        TypeError: for a flow without a per-dimension adapter (the message names its class).
+    """
     if isinstance(flow, nf.flows.Squeeze):
         _check_squeeze(tensor)
         return nf.flows.Squeeze.inverse(flow, tensor)[0]
@@ -171,10 +222,9 @@ def carry_data_to_noise(flow: nf.flows.Flow, tensor: Tensor) -> Tensor:
         return tensor
     if isinstance(flow, nf.flows.Invertible1x1Conv):
         return tensor
-    raise TypeError(
-        "expected a normflows ActNorm, Invertible1x1Conv, AffineCouplingBlock, GlowBlock, "
-        f"Squeeze or Permute; got {type(flow).__module__}.{type(flow).__qualname__}"
-    )
+    if _has_protocol(flow):  # e.g. lcma_ext's residual wrappers
+        return flow.carry(tensor)
+    raise _unsupported(flow)
 
 
 def data_to_noise_with_diag(
@@ -186,8 +236,8 @@ def data_to_noise_with_diag(
     """normflows' ``inverse`` (data to noise) with the per-dimension log-det.
 
     Args:
-        flow: A supported normflows flow, or a list of them in normflows order (noise to data),
-            which is then run in reverse, as normflows' ``inverse`` does.
+        flow: A supported normflows flow, or a list (or ``nn.ModuleList``) of them in normflows
+            order (noise to data), which is then run in reverse, as normflows' ``inverse`` does.
         z: Data-side tensor.
         diag: Running per-dimension contribution shaped like ``z``, or ``None`` for zeros.
         attribution: For ``Invertible1x1Conv``: ``"svd-energy"``, ``"svd-index"`` or ``"lu"``.
@@ -198,7 +248,7 @@ def data_to_noise_with_diag(
         ``(outputs, log_det, diag_out)``, with ``outputs, log_det == flow.inverse(z)``.
     """
     diag = check_diag(z, diag)
-    if isinstance(flow, Sequence):
+    if isinstance(flow, Sequence | nn.ModuleList):
         log_det_tot = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         for member in reversed(list(flow)):
             z, log_det, diag = data_to_noise_with_diag(member, z, diag, attribution)
@@ -227,8 +277,7 @@ def data_to_noise_with_diag(
         return _rearrangement(flow, z, diag)
     if callable(getattr(flow, "forward_with_diag", None)):  # e.g. lcma_ext's residual wrappers
         return flow.forward_with_diag(z, None, diag)
-    carry_data_to_noise(flow, z)  # raises the TypeError naming the class
-    raise AssertionError("unreachable")
+    raise _unsupported(flow)
 
 
 class _NormflowsDiagMixin:
