@@ -429,7 +429,8 @@ def estimate_contributions(
     sums: list[Tensor] | None = None
     count = 0
     event_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
-    was_training = module.training if module is not None else False
+    # every submodule's own mode, restored afterwards (not only the top module's)
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
     if module is not None:
         module.eval()
     try:
@@ -461,8 +462,8 @@ def estimate_contributions(
                         sums[index] += total_diag
                 count += x.shape[0]
     finally:
-        if module is not None:
-            module.train(was_training)
+        for submodule, training in modes:
+            submodule.training = training
     if count == 0 or sums is None:
         raise ValueError("expected at least one example in data; got none")
 

@@ -106,6 +106,11 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         self._priors = nn.ModuleDict()
 
     @property
+    def levels(self) -> list[nflows_base.Transform]:
+        """The levels, data side first (``num_transforms`` once complete)."""
+        return list(self._transforms)
+
+    @property
     def splits(self) -> list[Split]:
         """The split objects, one per split point (``num_transforms - 1``)."""
         return list(self._splits)

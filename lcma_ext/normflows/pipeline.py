@@ -360,7 +360,7 @@ def build_multiscale_model(
         remap=remap,
         region_size=region_size,
     )
-    built, splits = list(flow._transforms), flow.splits  # data side first
+    built, splits = flow.levels, flow.splits  # data side first
     for index, level in enumerate(built):
         if not isinstance(level, NormflowsLevel):
             raise TypeError(
