@@ -8,14 +8,16 @@ process leaves either the old file or the new one, never a truncated one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["CorruptFileError", "atomic_save", "atomic_write_text", "load_torch_file"]
+__all__ = ["CorruptFileError", "atomic_path", "atomic_save", "atomic_write_text", "load_torch_file"]
 
 
 class CorruptFileError(ValueError):
@@ -26,29 +28,40 @@ class CorruptFileError(ValueError):
         super().__init__(f"expected {expected} in {str(path)!r}; got {detail}")
 
 
-def _atomic(path: str | Path, write: Any) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
+
+    Example:
+        >>> import torch
+        >>> with atomic_path("/tmp/state.pt") as tmp:
+        ...     torch.save({"x": 1}, tmp)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, name = tempfile.mkstemp(
+        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(handle)
+    tmp = Path(name)
     try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)``, atomically."""
-    _atomic(path, lambda file: torch.save(obj, file))
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path``, atomically."""
-    _atomic(path, lambda file: file.write(text.encode("utf-8")))
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def load_torch_file(

@@ -17,7 +17,6 @@ References:
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 from lcma_ext.data.preprocess import LogitPreprocessing
 from lcma_ext.flows import flow_dtype_device
 from lcma_ext.models.nets import scale_parameters
+from lcma_ext.storage import atomic_save, load_torch_file
 
 __all__ = [
     "EVAL_NOISE_SEED",
@@ -158,11 +158,7 @@ def evaluate_bpd(
 
 def save_checkpoint(path: str | Path, **state) -> None:
     """``torch.save(state, path)`` atomically (write to a temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_save(state, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -175,14 +171,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"expected a checkpoint file; got {str(path)!r} (not found)")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        detail = " ".join(str(error).split())[:160]
-        raise ValueError(
-            f"expected a checkpoint written by save_checkpoint; got {str(path)!r}, corrupt or "
-            f"truncated ({type(error).__name__}: {detail})"
-        ) from error
+    expected = "a checkpoint written by save_checkpoint"
+    return load_torch_file(path, expected, map_location, weights_only=False)
 
 
 def train_flow(

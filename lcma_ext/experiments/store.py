@@ -9,13 +9,11 @@ short) raises :class:`StateFileError`, one line naming the file and how to recov
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lcma_ext.storage import atomic_path, atomic_write_text
 
 __all__ = [
     "ExperimentError",
@@ -51,34 +49,9 @@ class NMSDivergedError(ExperimentError):
     """The NMS pre-training diverged (its contributions would choose the LCMA splits)."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
-
-    Example:
-        >>> import torch
-        >>> with atomic_path("/tmp/state.pt") as tmp:
-        ...     torch.save({"x": 1}, tmp)
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
-    os.close(handle)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    atomic_write_text(path, text)
 
 
 def write_json(path: str | Path, value: Any) -> None:
