@@ -27,7 +27,7 @@ from lcma_ext.nets import (
 )
 from lcma_ext.transforms import residual as R
 
-from brute_force import jacobian
+from brute_force import jacobian, level_logdets, logm_diagonal, slogdet
 
 BLOCKS = [T.InvertibleResNetBlock, T.ResidualFlowBlock]
 SHAPES = [(3,), (2, 2, 2)]
@@ -550,7 +550,8 @@ def test_estimate_contributions_on_residual_nms_flow(digits):
         maps = estimate_contributions(nms, digits[:64], factory, progress=False)
     assert len(maps.data_maps) == 1
     assert maps.data_maps[0].shape == (1, 8, 8) and torch.isfinite(maps.data_maps[0]).all()
-    # Averaged contributions add up to the averaged level-0 log-det (same probes per call).
+    # The stochastic (low-variance) maps feed a multi-scale flow; their sums are checked against
+    # brute-force log-dets in exact mode below.
     transform = build_multiscale_transform(
         factory, (1, 8, 8), num_levels=2, split="lcma", contributions=maps
     )
@@ -559,7 +560,106 @@ def test_estimate_contributions_on_residual_nms_flow(digits):
     assert z.shape == (8, 64) and torch.isfinite(logdet).all()
 
 
+@contextlib.contextmanager
+def _outputs_only(module):
+    """Residual blocks compute only a 1-term, 1-probe log-det estimate (their outputs
+    ``x + g(x)`` do not depend on the estimator): cheap to differentiate for a brute-force
+    Jacobian, which then never sees the blocks' own exact log-det."""
+    blocks = [m for m in module.modules() if isinstance(m, R._BLOCKS)]
+    exact = [block.exact for block in blocks]
+    for block in blocks:
+        block.exact = False
+    try:
+        with R.low_variance_estimation(module, n_terms=1, n_probes=1):
+            yield
+    finally:
+        for block, flag in zip(blocks, exact):
+            block.exact = flag
+
+
+@pytest.mark.parametrize("model", ["resflow", "iresnet"])
+def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(model, digits):
+    """After NMS level ``l`` the data map sums to the example mean of ``sum_{k<=l} log|det J_k|``.
+
+    Exact mode is deterministic, so the reference is the brute-force log-det of every level
+    (autograd Jacobian of its outputs + slogdet per example, float64), accumulated over levels
+    0..l.
+    """
+    from lcma_ext import estimate_contributions
+    from lcma_ext.models import make_level_factory
+    from lcma_ext.pipeline import build_nms_transform
+
+    torch.manual_seed(0)
+    factory = make_level_factory(model, "tiny", hidden=4, steps=1, exact=True)
+    nms = build_nms_transform(factory, (1, 8, 8), num_levels=3).double()
+    with torch.no_grad():  # layers at their spectral-norm target: non-trivial residual Jacobians
+        for layer in spectral_layers(nms):
+            layer.weight.mul_(3.0)
+    update_lipschitz(nms, n_iterations=1)  # a scaled weight keeps its singular vectors
+    data = digits[:6].double()
+    with torch.no_grad():
+        nms(digits[32:48].double())  # ActNorm data initialization (resflow levels)
+    maps = estimate_contributions(nms, data, factory, progress=False, batch_size=4)
+    assert nms.training  # the mode is restored
+    assert maps.num_examples == 6 and len(maps.data_maps) == 2
+    nms.eval()  # as estimate_contributions ran it: no spectral-norm updates
+    with _outputs_only(nms):
+        per_level = level_logdets(list(nms._transforms)[:2], data)  # (N, 2)
+    cumulative = per_level.cumsum(1).mean(0)
+    for index, data_map in enumerate(maps.data_maps):
+        assert data_map.dtype == torch.float64 and data_map.shape == (1, 8, 8)
+        np.testing.assert_allclose(float(data_map.sum()), cumulative[index], rtol=0, atol=1e-10)
+    # Non-trivial: every level changes the volume, by different amounts per example (iresnet
+    # levels are squeeze + residual block only, so there it is the blocks' log-det).
+    assert np.abs(per_level).min() > 1e-3
+    assert per_level.std(0).min() > 1e-3
+
+
 # --- normflows wrapper --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_normflows_wrapper_matches_brute_force(name, shape):
+    """Data to noise (normflows' ``inverse``): log-det by autograd + slogdet, per-dimension map
+    by scipy's ``diag(logm(J))``, in exact mode; normflows' ``forward`` inverts it."""
+    from lcma_ext import normflows as lnf
+
+    torch.manual_seed(0)
+    arg = shape[0] if len(shape) == 1 else shape
+    extra = {"num_layers": 2} if len(shape) == 1 else {}
+    flow = getattr(lnf, name)(
+        arg,
+        hidden_channels=6,
+        exact=True,
+        coeff=0.8,
+        activation="elu",
+        atol=1e-12,
+        rtol=0.0,
+        **extra,
+    ).double()
+    with torch.no_grad():
+        for layer in spectral_layers(flow):
+            layer.weight.mul_(3.0)
+    update_lipschitz(flow)
+    flow.eval()
+    x = _inputs(shape, batch=3)
+    incoming = torch.randn_like(x)
+    z, logdet, diag = (t.detach() for t in flow.forward_with_diag(x, diag=incoming))
+    z_nf, logdet_nf = flow.inverse(x)
+    assert torch.equal(z, z_nf.detach()) and torch.equal(logdet, logdet_nf.detach())
+    for b in range(3):
+        jac = jacobian(lambda batch: flow.inverse(batch)[0], x[b])
+        sign, expected = slogdet(jac)
+        assert sign > 0 and abs(expected) > 1e-2
+        np.testing.assert_allclose(float(logdet[b]), expected, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(
+            (diag - incoming)[b].reshape(-1).numpy(), logm_diagonal(jac), rtol=0, atol=1e-10
+        )
+    assert torch.equal(flow.carry(incoming), incoming)
+    recovered, logdet_back = flow(z)
+    torch.testing.assert_close(recovered, x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logdet_back.detach(), -logdet, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
