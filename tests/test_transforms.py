@@ -46,6 +46,7 @@ from lcma_ext.models.levels import (
 )
 from lcma_ext.multiscale import ContributionMultiscaleFlow, build_levels
 from lcma_ext.nets import update_lipschitz
+from lcma_ext.normflows.multiscale import NormflowsLevel
 from lcma_ext.splits import LCMASplit
 from lcma_ext.transforms.base import DiagMixin
 
@@ -176,6 +177,16 @@ def _multiscale(
         generator = torch.Generator().manual_seed(3)
         splits = [LCMASplit(torch.randn(4, 2, 2, generator=generator, dtype=torch.float64))]
     return ContributionMultiscaleFlow.from_levels(levels, (1, 4, 4), splits, prior=prior)
+
+
+def _normflows_level() -> NormflowsLevel:
+    """A normflows level (normflows order, so the squeeze runs first, data to noise)."""
+    actnorm = nf.flows.ActNorm((4, 1, 1))
+    with torch.no_grad():
+        actnorm.s.normal_(0.0, 0.3)
+        actnorm.t.normal_()
+        actnorm.data_dep_init_done.fill_(1.0)
+    return NormflowsLevel([nf.flows.Invertible1x1Conv(4), actnorm, nf.flows.Squeeze()])
 
 
 def _last_level_first(factored: int, last: int) -> Callable[[], list[int]]:
@@ -375,6 +386,8 @@ REGISTRY: dict[str, Case] = {
         (1, 4, 4),
         bad_input=(1, 3, 4),
     ),
+    # one normflows level as a diag-aware nflows transform (the normflows pipeline's adapter)
+    "normflows_level": Case(_normflows_level, (1, 4, 4), bad_input=(1, 3, 4)),
     "multiscale_channel_split": Case(
         lambda: _multiscale("channel"), (1, 4, 4), bad_input=(1, 3, 4)
     ),
