@@ -252,7 +252,7 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
     flow = build_flow(transform, run.data.shape).to(run.device)
     checkpoint = run.out / "checkpoints" / "nms.pt"
     summary_path = run.out / "runs" / "nms.json"
-    if summary_path.is_file():
+    if summary_path.is_file() and checkpoint.is_file():  # no checkpoint: pre-train again
         summary = _nms_verdict(run, _read_summary(summary_path))
         _check_nms(run, summary)
         flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
@@ -315,7 +315,7 @@ def _load_maps(path: Path):
             f"expected {str(path)!r} from the NMS step; got no such file"
         ) from None
     except Exception as error:  # a corrupt file: torch, pickle or format errors
-        raise StateFileError(path, error) from error
+        raise StateFileError(path, error.__cause__ or error) from error
 
 
 def _save_maps(maps, path: Path) -> None:
