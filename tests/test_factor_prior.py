@@ -13,13 +13,13 @@ import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
-from test_multiscale import IMAGE_CASES, _brute_force_log_prob, _Linear, glow_factory
+from test_multiscale import IMAGE_CASES, _brute_force_log_prob, _Linear, build, glow_factory
 from test_splits import SPLITS
 
 from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
 from lcma_ext import splits as S
 from lcma_ext import transforms as T
-from lcma_ext.multiscale import build_levels, level_output_shape
+from lcma_ext.multiscale import build_levels
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +30,8 @@ def _float64():
     torch.set_default_dtype(previous)
 
 
-def _build(name, placement, shape, num_levels, prior="conditional", seed=0):
-    torch.manual_seed(seed)
-    levels = build_levels(glow_factory(placement), shape, num_levels, placement)
-    generator = torch.Generator().manual_seed(seed)
-    splits, current = [], tuple(shape)
-    for level in levels[:-1]:
-        out = level_output_shape(level, current)
-        splits.append(SPLITS[name](out, placement, generator))
-        current = S.kept_shape(out, placement)
-    return ContributionMultiscaleFlow.from_levels(levels, shape, splits, prior)
+def _build(name, placement, shape, num_levels, prior="conditional"):
+    return build(name, placement, shape, num_levels, prior=prior)
 
 
 def _randomise(flow, seed=1, scale=0.3):

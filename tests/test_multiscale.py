@@ -74,7 +74,7 @@ def glow_factory(placement: str):
     return factory
 
 
-def build(name: str, placement: str, shape, num_levels: int, seed: int = 0):
+def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prior="standard"):
     torch.manual_seed(seed)
     levels = build_levels(glow_factory(placement), shape, num_levels, placement)
     generator = torch.Generator().manual_seed(seed)
@@ -83,7 +83,7 @@ def build(name: str, placement: str, shape, num_levels: int, seed: int = 0):
         out = level_output_shape(level, current)
         splits.append(SPLITS[name](out, placement, generator))
         current = S.kept_shape(out, placement)
-    return ContributionMultiscaleFlow.from_levels(levels, shape, splits)
+    return ContributionMultiscaleFlow.from_levels(levels, shape, splits, prior)
 
 
 IMAGE_CASES = [((1, 4, 4), 2), ((1, 8, 8), 3)]
