@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcma_ext.data import DATASETS
+from lcma_ext.distributed import world
 from lcma_ext.experiments import (
     ARMS,
     GRANULARITY_ARMS,
@@ -36,7 +37,13 @@ from lcma_ext.experiments import (
     run_comparison,
     run_level_ablation,
 )
-from lcma_ext.experiments.config import DEFAULTS, FALLBACK_DEFAULTS, QUICK, REGION_SIZE
+from lcma_ext.experiments.config import (
+    DEFAULTS,
+    FALLBACK_DEFAULTS,
+    PRECISION_CHOICES,
+    QUICK,
+    REGION_SIZE,
+)
 from lcma_ext.models import MODELS, SIZE_NAMES
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -101,7 +108,13 @@ def _per_dataset(key: str) -> str:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     default = ExperimentConfig()
     add = parser.add_argument
-    add("--dataset", choices=DATASETS, default=default.dataset, help="(default: %(default)s)")
+    add(
+        "--dataset",
+        default=default.dataset,
+        metavar="NAME",
+        help=f"{', '.join(DATASETS)}, or npz:PATH (uint8 arrays train, test [, levels]) "
+        "(default: %(default)s)",
+    )
     add("--model", choices=tuple(MODELS), default=default.model, help="(default: %(default)s)")
     add("--size", choices=SIZE_NAMES, default=default.size, help="(default: %(default)s)")
     add(
@@ -173,6 +186,25 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="go on after a diverged NMS pre-training, labelling every LCMA arm "
         "(default: stop with an error)",
+    )
+    add(
+        "--precision",
+        choices=PRECISION_CHOICES,
+        default=default.precision,
+        help="training precision: torch.autocast with bf16 or fp16 (a gradient scaler); test "
+        "bits/dim are scored in fp32 (default: %(default)s)",
+    )
+    add("--compile", action="store_true", help="train through torch.compile (default: off)")
+    add(
+        "--workers",
+        type=_int_at_least(0),
+        default=default.workers,
+        help="DataLoader worker processes (default: %(default)s)",
+    )
+    add(
+        "--hflip",
+        action="store_true",
+        help="random horizontal flips of the training images (default: off)",
     )
     add("--quick", action="store_true", help="a one-minute smoke run (see below; default: off)")
     add(
@@ -248,6 +280,10 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         arms=getattr(args, "arms", ARMS),
         region_size=getattr(args, "region_size", REGION_SIZE),
         allow_diverged_nms=args.allow_diverged_nms,
+        precision=args.precision,
+        compile=args.compile,
+        workers=args.workers,
+        hflip=args.hflip,
     )
 
 
@@ -276,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
         runner = run_comparison if args.command == "run" else run_level_ablation
         results = runner(config)
-        print(results_markdown(results))
+        if world().is_main:
+            print(results_markdown(results))
     except (ValueError, ImportError, OSError) as error:
         print(f"lcma-ext {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2

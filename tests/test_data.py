@@ -16,12 +16,17 @@ from lcma_ext.data import (
     ImageDataset,
     LogitPreprocessing,
     bits_per_dim,
+    dataset_slug,
     dequantize,
+    image_files,
     load_dataset,
     load_digits_dataset,
+    load_image_folder,
+    load_npz_dataset,
     load_patches_dataset,
     load_vision_dataset,
     logit_transform,
+    npz_path,
 )
 
 ALPHA = 0.05
@@ -250,3 +255,252 @@ def test_real_torchvision_imagefolder(tmp_path):
             )
     data = load_vision_dataset("imagefolder", tmp_path)
     assert data.train.shape == (2, 3, 8, 8) and data.test.shape == (2, 3, 8, 8)
+
+
+# --- npz:PATH: your own data in a numpy archive ------------------------------------------------
+
+
+def _npz(path: Path, **arrays: object) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("shape", "to_nchw"),
+    [
+        ((5, 3, 8, 8), lambda a: a),
+        ((5, 8, 8, 3), lambda a: a.transpose(0, 3, 1, 2)),
+        ((5, 8, 8), lambda a: a[:, None]),
+        ((5, 8, 8, 1), lambda a: a.transpose(0, 3, 1, 2)),
+        ((5, 8, 8, 2), lambda a: a.transpose(0, 3, 1, 2)),  # no channel size: square images
+        ((5, 2, 8, 8), lambda a: a),
+        ((5, 3, 4, 4), lambda a: a),  # both channel sizes: square images decide
+        ((5, 4, 4, 3), lambda a: a.transpose(0, 3, 1, 2)),
+        ((5, 4, 4, 4), lambda a: a),  # ambiguous: NCHW
+    ],
+)
+def test_npz_layouts_round_trip_exact_values(tmp_path, shape, to_nchw):
+    rng = np.random.default_rng(3)
+    train = rng.integers(0, 256, shape, dtype=np.uint8)
+    test = rng.integers(0, 256, (2, *shape[1:]), dtype=np.uint8)
+    path = _npz(tmp_path / "mine.npz", train=train, test=test)
+    data = load_dataset(f"npz:{path}")
+    assert data.levels == 256 and data.name == f"npz:{path}"
+    assert data.train.dtype == torch.uint8 and data.train.is_contiguous()
+    np.testing.assert_array_equal(data.train.numpy(), to_nchw(train))
+    np.testing.assert_array_equal(data.test.numpy(), to_nchw(test))
+
+
+def test_npz_levels_integer_dtypes_and_limit(tmp_path):
+    rng = np.random.default_rng(4)
+    train = rng.integers(0, 17, (6, 1, 8, 8)).astype(np.int16)
+    train[0, 0, 0, 0] = 16
+    test = rng.integers(0, 17, (3, 1, 8, 8)).astype(np.int64)
+    path = _npz(tmp_path / "levels.npz", train=train, test=test, levels=np.int32(17))
+    data = load_npz_dataset(path)
+    assert data.levels == 17 and data.shape == (1, 8, 8)
+    np.testing.assert_array_equal(data.train.numpy(), train)
+    np.testing.assert_array_equal(data.test.numpy(), test)
+    limited = load_dataset(f"npz:{path}", limit=2)
+    assert limited.train.shape[0] == 2 and limited.test.shape[0] == 2
+    assert npz_path("npz:~/x.npz") == Path("~/x.npz").expanduser()
+    assert npz_path("digits") is None and npz_path("npz:") is None
+    assert dataset_slug(f"npz:{path}") == "npz-levels" and dataset_slug("digits") == "digits"
+
+
+def _good(n: int = 3) -> np.ndarray:
+    return np.zeros((n, 1, 8, 8), dtype=np.uint8)
+
+
+def _write_bad_npz(path: Path, case: str) -> None:
+    arrays: dict[str, object] = {"train": _good(), "test": _good()}
+    if case == "missing":
+        return
+    if case == "text":
+        path.write_text("not an archive")
+        return
+    if case == "npy":
+        with open(path, "wb") as handle:
+            np.save(handle, _good())
+        return
+    if case == "truncated":
+        _npz(path, **arrays)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        return
+    changes: dict[str, dict[str, object]] = {
+        "no test": {"test": None},
+        "object array": {"test": np.array([None, 1], dtype=object)},
+        "float": {"train": _good().astype(np.float32)},
+        "bool": {"train": _good().astype(bool)},
+        "rank 2": {"train": np.zeros((3, 64), dtype=np.uint8)},
+        "rank 5": {"train": np.zeros((3, 1, 1, 8, 8), dtype=np.uint8)},
+        "empty": {"test": np.zeros((0, 1, 8, 8), dtype=np.uint8)},
+        "at levels": {"train": _good() + 4, "levels": 4},
+        "negative": {"train": _good().astype(np.int8) - 1},
+        "levels 1": {"levels": 1},
+        "levels 300": {"levels": 300},
+        "levels float": {"levels": 2.5},
+        "levels vector": {"levels": np.array([2, 3])},
+        "shapes differ": {"test": np.zeros((3, 1, 4, 4), dtype=np.uint8)},
+    }[case]
+    arrays.update(changes)
+    _npz(path, **{key: value for key, value in arrays.items() if value is not None})
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "expected an existing .npz file"),
+        ("text", "expected a numpy .npz archive"),
+        ("npy", "expected a numpy .npz archive of arrays train and test"),
+        ("truncated", "expected a numpy .npz archive"),
+        ("no test", "expected arrays train and test in"),
+        ("object array", "expected readable numeric arrays"),
+        ("float", "of dtype uint8 (or integers in 0..255); got float32"),
+        ("bool", "of dtype uint8"),
+        ("rank 2", "shaped (N, C, H, W), (N, H, W, C) or (N, H, W); got (3, 64)"),
+        ("rank 5", "shaped (N, C, H, W)"),
+        ("empty", "expected a non-empty array test"),
+        ("at levels", "with values in 0..3 (levels 4); got values in 4..4"),
+        ("negative", "got values in -1..-1"),
+        ("levels 1", "expected levels in"),
+        ("levels 300", "as an integer scalar in 2..256; got 300"),
+        ("levels float", "as an integer scalar in 2..256; got 2.5"),
+        ("levels vector", "as an integer scalar"),
+        ("shapes differ", "with one image shape; got (1, 8, 8) and (1, 4, 4)"),
+    ],
+)
+def test_bad_npz_files_are_named(tmp_path, case, message):
+    path = tmp_path / f"bad_{case.replace(' ', '_')}.npz"
+    _write_bad_npz(path, case)
+    with pytest.raises(ValueError) as info:
+        load_dataset(f"npz:{path}")
+    text = str(info.value)
+    assert text.startswith("expected") and "; got" in text
+    assert path.name in text and message in text
+
+
+# --- imagefolder: Pillow, no torchvision ---------------------------------------------------------
+
+
+def _rgb(rng: np.random.Generator, height: int = 8, width: int = 8) -> np.ndarray:
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_imagefolder_train_test_layout_without_torchvision(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # any import of it would fail
+    rng = np.random.default_rng(5)
+    written = {}
+    # flat files first (sorted), then class folders in name order, each walked recursively
+    for relative in ("z.png", "b/1.png", "b/deep/0.PNG", "a/2.png", "a/10.png"):
+        written[relative] = _rgb(rng)
+        _write_png(tmp_path / "train" / relative, written[relative])
+    (tmp_path / "train" / "a" / "notes.txt").write_text("not an image")
+    gray = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    _write_png(tmp_path / "test" / "g.png", gray)
+    data = load_dataset("imagefolder", data_root=tmp_path)
+    assert data.name == "imagefolder" and data.levels == 256
+    order = ["z.png", "a/10.png", "a/2.png", "b/1.png", "b/deep/0.PNG"]
+    expected = np.stack([written[name] for name in order]).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(data.train.numpy(), expected)
+    np.testing.assert_array_equal(data.test.numpy(), np.stack([gray] * 3)[None])  # L -> RGB
+    assert image_files(tmp_path / "train") == [tmp_path / "train" / name for name in order]
+    limited = load_image_folder(tmp_path, limit=2)
+    np.testing.assert_array_equal(limited.train.numpy(), expected[:2])
+
+
+def test_imagefolder_single_folder_split_and_resize(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    rng = np.random.default_rng(6)
+    images = [_rgb(rng, 8, 16) for _ in range(20)]
+    for i, image in enumerate(images):
+        _write_png(tmp_path / "one" / f"{i:02d}.png", image)
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(0)).tolist()
+    data = load_vision_dataset("imagefolder", tmp_path / "one", image_size=8)
+    crop = np.stack(images)[:, :, 4:12].transpose(0, 3, 1, 2)  # central 8x8, no resampling
+    np.testing.assert_array_equal(data.test.numpy(), crop[order[:2]])
+    np.testing.assert_array_equal(data.train.numpy(), crop[order[2:]])
+    for i, size in enumerate(((12, 10), (9, 30))):
+        _write_png(tmp_path / "mixed" / f"{i}.png", _rgb(rng, *size))
+    resized = load_image_folder(tmp_path / "mixed", image_size=4)
+    assert resized.train.shape == (1, 3, 4, 4) and resized.test.shape == (1, 3, 4, 4)
+
+
+def test_bad_image_folders_are_named(tmp_path):
+    rng = np.random.default_rng(7)
+    _write_png(tmp_path / "sizes" / "a.png", _rgb(rng, 8, 8))
+    _write_png(tmp_path / "sizes" / "b.png", _rgb(rng, 8, 12))
+    with pytest.raises(ValueError, match="expected images of one size") as info:
+        load_image_folder(tmp_path / "sizes")
+    text = str(info.value)  # which file is the odd one depends on the 90/10 split
+    assert "a.png' of 8x8 pixels" in text and "b.png' of 12x8 pixels" in text
+    _write_png(tmp_path / "broken" / "a.png", _rgb(rng))
+    (tmp_path / "broken" / "c" / "bad.jpg").parent.mkdir()
+    (tmp_path / "broken" / "c" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"expected a readable image file; got '.*bad\.jpg'"):
+        load_image_folder(tmp_path / "broken")
+    _write_png(tmp_path / "split" / "train" / "a.png", _rgb(rng))
+    (tmp_path / "split" / "test").mkdir()
+    (tmp_path / "split" / "test" / "readme.txt").write_text("no images")
+    with pytest.raises(ValueError, match=r"expected image files .* in '.*test' .*; got none"):
+        load_image_folder(tmp_path / "split")
+    with pytest.raises(ValueError, match=r"expected at least 2 images under '.*train'; got 1"):
+        load_image_folder(tmp_path / "split" / "train")
+    with pytest.raises(ValueError, match=r"existing folder; got '.*nowhere'"):
+        load_dataset("imagefolder", data_root=tmp_path / "nowhere")
+
+
+# --- npz data through the configuration and a whole quick run ------------------------------------
+
+
+def test_npz_dataset_in_the_configuration(tmp_path):
+    from lcma_ext.experiments import ExperimentConfig
+
+    config = ExperimentConfig(dataset=f"npz:{tmp_path / 'mine.npz'}")
+    config.validate()  # no known shape: the file is read (and checked) by the runner
+    assert config.out_dir == Path("runs/run-npz-mine-realnvp-tiny")
+    for name in ("npz:", "svhn"):
+        with pytest.raises(ValueError, match=r"expected dataset in digits, .* or npz:PATH"):
+            ExperimentConfig(dataset=name).validate()
+    with pytest.raises(ValueError, match=r"mine\.npz' with height and width divisible by 4"):
+        config.check_shape((1, 6, 6))
+    with pytest.raises(ValueError, match=r"mine\.npz' with .*; got shape \(1, 8, 6\)"):
+        config.replace(levels=2).check_shape((1, 8, 6))
+
+
+def test_quick_run_on_an_npz_file(tmp_path):
+    from lcma_ext.experiments import ExperimentConfig, run_comparison
+
+    rng = np.random.default_rng(8)
+    path = _npz(
+        tmp_path / "tiny.npz",
+        train=rng.integers(0, 4, (48, 8, 8), dtype=np.uint8),
+        test=rng.integers(0, 4, (16, 8, 8), dtype=np.uint8),
+        levels=4,
+    )
+    config = ExperimentConfig(
+        dataset=f"npz:{path}",
+        quick=True,
+        arms=("channel",),
+        seeds=1,
+        epochs=1,
+        nms_epochs=1,
+        progress=False,
+        out=tmp_path / "out",
+    )
+    results = run_comparison(config)
+    assert list(results["arms"]) == ["channel"]
+    assert math.isfinite(results["arms"]["channel"]["bpd_mean"])
+    assert results["uniform_bpd"] == pytest.approx(2.0)  # log2(4 levels)
+    stored = results["config"]
+    assert stored["dataset"] == f"npz:{path}" and stored["shape"] == [1, 8, 8]
+    assert (stored["num_train"], stored["num_test"]) == (48, 16)
+
+
+def test_cli_names_a_missing_npz_file(tmp_path, capsys):
+    from lcma_ext.cli import main
+
+    missing = tmp_path / "absent.npz"
+    argv = ["run", "--dataset", f"npz:{missing}", "--out", str(tmp_path / "x"), "--no-progress"]
+    assert main(argv) == 2
+    assert f"expected an existing .npz file; got '{missing}'" in capsys.readouterr().err

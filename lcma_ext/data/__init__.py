@@ -1,4 +1,6 @@
-"""Datasets (embedded and torchvision) and the dequantization + logit pre-processing.
+"""Datasets (embedded, ``.npz`` files, image folders, torchvision) and the pre-processing.
+
+The pre-processing is dequantization + logit, scored in bits/dim.
 
 References:
     L. Dinh, J. Sohl-Dickstein, S. Bengio. Density estimation using Real NVP. ICLR 2017.
@@ -7,26 +9,40 @@ References:
 from lcma_ext.data.datasets import (
     DATASETS,
     EMBEDDED_DATASETS,
+    IMG_EXTENSIONS,
+    NPZ_PREFIX,
     VISION_DATASETS,
     ImageDataset,
+    dataset_slug,
+    image_files,
     load_dataset,
     load_digits_dataset,
+    load_image_folder,
+    load_npz_dataset,
     load_patches_dataset,
     load_vision_dataset,
+    npz_path,
 )
 from lcma_ext.data.preprocess import LogitPreprocessing, bits_per_dim, dequantize, logit_transform
 
 __all__ = [
     "DATASETS",
     "EMBEDDED_DATASETS",
+    "IMG_EXTENSIONS",
+    "NPZ_PREFIX",
     "VISION_DATASETS",
     "ImageDataset",
     "LogitPreprocessing",
     "bits_per_dim",
+    "dataset_slug",
     "dequantize",
+    "image_files",
     "load_dataset",
     "load_digits_dataset",
+    "load_image_folder",
+    "load_npz_dataset",
     "load_patches_dataset",
     "load_vision_dataset",
     "logit_transform",
+    "npz_path",
 ]

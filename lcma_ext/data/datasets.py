@@ -1,4 +1,4 @@
-"""Image datasets as integer tensors: two embedded sets and torchvision sets from a local root.
+"""Image datasets as integer tensors: embedded sets, ``.npz`` files, image folders, torchvision.
 
 Every loader returns an :class:`ImageDataset` whose ``train`` and ``test`` tensors hold integer
 levels ``0 .. levels-1`` as ``uint8``, shaped ``(N, C, H, W)``. Pre-processing (dequantization and
@@ -15,12 +15,25 @@ Embedded (no files, no network):
     75 % of each photograph and test patches from the right 25 %, so no test pixel is seen in
     training.
 
+Your own data, no extra dependency:
+
+``npz:PATH``
+    A numpy ``.npz`` archive (read with ``allow_pickle=False``) with integer arrays ``train`` and
+    ``test`` shaped ``(N, C, H, W)``, ``(N, H, W, C)`` or ``(N, H, W)`` (one channel) and an
+    optional integer scalar ``levels`` in 2..256 (default 256); see :func:`load_npz_dataset` for
+    how the layout is told apart.
+``imagefolder``
+    Image files read with Pillow from ``data_root``: ``data_root/train`` and ``data_root/test`` if
+    both exist, else one folder split 90/10 with seed 0. Each folder holds class subfolders (as
+    torchvision's ``ImageFolder``) and/or flat image files; images are converted to RGB and
+    centre-cropped/resized to ``image_size`` when given (256 levels).
+
 torchvision (``pip install "lcma-ext[vision]"``), read from ``data_root``, never downloaded:
 
-``mnist`` (``1 x 28 x 28``), ``cifar10`` (``3 x 32 x 32``), ``celeba`` (central ``148 x 148``
-crop resized to ``64 x 64``, as in the paper) and ``imagefolder`` (``data_root/train`` and
-``data_root/test`` class folders if present, else one folder split 90/10 with seed 0; images are
-converted to RGB and centre-cropped/resized to ``image_size`` when given).
+``mnist`` (``1 x 28 x 28``), ``cifar10`` (``3 x 32 x 32``) and ``celeba`` (central ``148 x 148``
+crop resized to ``64 x 64``, as in the paper).
+
+Bad files raise ``ValueError`` ("expected ...; got ...") naming the file at fault.
 
 References:
     S. Das, P. Abbeel, C. Spanos. Dimensionality Reduction Flows (paper 001), Sec. 4.
@@ -29,7 +42,9 @@ References:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import os
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -42,19 +57,33 @@ from torch import Tensor
 __all__ = [
     "DATASETS",
     "EMBEDDED_DATASETS",
+    "IMG_EXTENSIONS",
+    "NPZ_PREFIX",
     "VISION_DATASETS",
     "ImageDataset",
+    "dataset_slug",
+    "image_files",
     "load_dataset",
     "load_digits_dataset",
+    "load_image_folder",
+    "load_npz_dataset",
     "load_patches_dataset",
     "load_vision_dataset",
+    "npz_path",
 ]
 
 EMBEDDED_DATASETS = ("digits", "patches")
+#: Datasets read from ``data_root`` (``imagefolder`` with Pillow, the others with torchvision).
 VISION_DATASETS = ("mnist", "cifar10", "celeba", "imagefolder")
 DATASETS = EMBEDDED_DATASETS + VISION_DATASETS
+#: A dataset name ``NPZ_PREFIX + PATH`` loads the ``.npz`` file ``PATH``.
+NPZ_PREFIX = "npz:"
+#: The file endings ``imagefolder`` reads (torchvision's ``IMG_EXTENSIONS``, any case).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 VISION_HINT = 'pip install "lcma-ext[vision]"'
+#: Sizes of a channel axis when telling ``(N, C, H, W)`` from ``(N, H, W, C)``.
+CHANNEL_SIZES = (1, 3, 4)
 
 
 @dataclass
@@ -204,13 +233,9 @@ def _stack_pil(
     mode: str | None,
     transform: Callable[[Any], Any] | None,
     limit: int | None,
-    indices: list[int] | None = None,
 ) -> Tensor:
-    indices = list(range(len(dataset))) if indices is None else indices
-    if limit:
-        indices = indices[:limit]
     arrays = []
-    for i in indices:
+    for i in range(min(len(dataset), limit) if limit else len(dataset)):
         image = dataset[i][0]
         if transform is not None:
             image = transform(image)
@@ -230,6 +255,270 @@ def _as_uint8_nchw(data: Any, channels_last: bool) -> Tensor:
     return (tensor.permute(0, 3, 1, 2) if channels_last else tensor).contiguous()
 
 
+# --- npz files ----------------------------------------------------------------------------------
+
+
+def npz_path(name: str) -> Path | None:
+    """The file of a dataset name ``npz:PATH`` (``~`` expanded); ``None`` for any other name."""
+    if not isinstance(name, str) or not name.startswith(NPZ_PREFIX):
+        return None
+    path = name[len(NPZ_PREFIX) :]
+    return Path(path).expanduser() if path.strip() else None
+
+
+def dataset_slug(name: str) -> str:
+    """A dataset name fit for a folder name: ``npz-<file stem>`` for ``npz:PATH``, else ``name``."""
+    path = npz_path(name)
+    return name if path is None else f"npz-{path.stem}"
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays ``train``, ``test`` and (if present) ``levels`` of the ``.npz`` file ``path``."""
+    if not path.is_file():
+        raise ValueError(f"expected an existing .npz file; got {str(path)!r} (no such file)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"expected a numpy .npz archive; got {str(path)!r} ({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"expected a numpy .npz archive of arrays train and test; got {str(path)!r} holding "
+            f"a single array (a .npy file?)"
+        )
+    with archive:
+        missing = [key for key in ("train", "test") if key not in archive.files]
+        if missing:
+            raise ValueError(
+                f"expected arrays train and test in {str(path)!r}; got arrays "
+                f"{sorted(archive.files)} (missing {', '.join(missing)})"
+            )
+        keys = [key for key in ("train", "test", "levels") if key in archive.files]
+        try:
+            return {key: archive[key] for key in keys}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"expected readable numeric arrays in {str(path)!r}; got "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+
+def _npz_levels(arrays: dict[str, np.ndarray], path: Path) -> int:
+    """The scalar ``levels`` of an npz file (default 256), checked to be an integer in 2..256."""
+    if "levels" not in arrays:
+        return 256
+    value = arrays["levels"]
+    if value.shape != () or value.dtype.kind not in "iu" or not 2 <= int(value) <= 256:
+        raise ValueError(
+            f"expected levels in {str(path)!r} as an integer scalar in 2..256; got "
+            f"{value.tolist()!r} (dtype {value.dtype}, shape {value.shape})"
+        )
+    return int(value)
+
+
+def _check_npz_images(array: np.ndarray, key: str, levels: int, path: Path) -> None:
+    """Dtype, rank, size and value range of the array ``key`` of an npz file."""
+    where = f"array {key} of {str(path)!r}"
+    if array.dtype.kind not in "iu":
+        raise ValueError(
+            f"expected {where} of dtype uint8 (or integers in 0..{levels - 1}); got {array.dtype}"
+        )
+    if array.ndim not in (3, 4):
+        raise ValueError(
+            f"expected {where} shaped (N, C, H, W), (N, H, W, C) or (N, H, W); got {array.shape}"
+        )
+    if array.size == 0:
+        raise ValueError(f"expected a non-empty {where}; got shape {array.shape}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high >= levels:
+        raise ValueError(
+            f"expected {where} with values in 0..{levels - 1} (levels {levels}); got values in "
+            f"{low}..{high}"
+        )
+
+
+def _channels_last(shape: Sequence[int]) -> bool:
+    """Whether a 4-D shape is ``(N, H, W, C)`` (the rule of :func:`load_npz_dataset`)."""
+    _, first, middle, last = shape
+    first_is_channel, last_is_channel = first in CHANNEL_SIZES, last in CHANNEL_SIZES
+    if first_is_channel != last_is_channel:
+        return last_is_channel
+    square_if_first, square_if_last = middle == last, first == middle
+    if square_if_first != square_if_last:
+        return square_if_last
+    return False
+
+
+def _npz_tensor(array: np.ndarray, channels_last: bool) -> Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
+    if tensor.dim() == 3:
+        return tensor.unsqueeze(1).contiguous()
+    return (tensor.permute(0, 3, 1, 2) if channels_last else tensor).contiguous()
+
+
+def load_npz_dataset(path: str | Path, limit: int | None = None) -> ImageDataset:
+    """Load your own images from a numpy ``.npz`` archive (no pickles; ``np.load`` only).
+
+    The archive holds arrays ``train`` and ``test`` of one image shape and an optional scalar
+    ``levels`` (an integer in 2..256, default 256). The arrays are ``uint8`` or any other integer
+    dtype whose values all lie in ``0 .. levels-1``, shaped ``(N, H, W)`` (one channel),
+    ``(N, C, H, W)`` or ``(N, H, W, C)``. A 4-D array is read as ``(N, H, W, C)`` when
+
+    1. its last axis has a channel size (1, 3 or 4) and axis 1 has not, or
+    2. both or neither have one, and only ``(N, H, W, C)`` gives square images (``H == W``);
+
+    otherwise (also when it stays ambiguous, as for ``(N, 4, 4, 4)``) it is read as
+    ``(N, C, H, W)``.
+
+    Args:
+        path: The ``.npz`` file.
+        limit: Keep the first ``limit`` images of each split (all values are checked first).
+
+    Raises:
+        ValueError: "expected ...; got ..." naming the file, for a missing or unreadable file,
+            a missing array, a non-integer dtype, a wrong rank, an empty split, values outside
+            ``0 .. levels-1``, a bad ``levels`` or train and test image shapes that differ.
+    """
+    path = Path(path).expanduser()
+    arrays = _read_npz(path)
+    levels = _npz_levels(arrays, path)
+    for key in ("train", "test"):
+        _check_npz_images(arrays[key], key, levels, path)
+    train, test = arrays["train"], arrays["test"]
+    if train.shape[1:] != test.shape[1:]:
+        raise ValueError(
+            f"expected arrays train and test of {str(path)!r} with one image shape; got "
+            f"{train.shape[1:]} and {test.shape[1:]}"
+        )
+    channels_last = train.ndim == 4 and _channels_last(train.shape)
+    dataset = ImageDataset(
+        f"{NPZ_PREFIX}{path}",
+        _npz_tensor(train, channels_last),
+        _npz_tensor(test, channels_last),
+        levels,
+    )
+    return dataset.limit(limit, limit) if limit else dataset
+
+
+# --- image folders (Pillow) ----------------------------------------------------------------------
+
+
+def _is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of ``folder`` in a fixed order (no class labels are kept).
+
+    First the image files directly in ``folder`` (sorted by name), then those of each subfolder
+    in name order, each walked as torchvision's ``ImageFolder`` walks a class folder
+    (``sorted(os.walk(..., followlinks=True))``, file names sorted), so a class-folder layout
+    lists its files in ``ImageFolder``'s order. Only names ending in :data:`IMG_EXTENSIONS` (any
+    case) count.
+    """
+    folder = Path(folder)
+    with os.scandir(folder) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    files = [folder / e.name for e in entries if e.is_file() and _is_image_file(e.name)]
+    for entry in entries:
+        if entry.is_dir():
+            for root, _, names in sorted(os.walk(folder / entry.name, followlinks=True)):
+                files.extend(Path(root) / name for name in sorted(names) if _is_image_file(name))
+    return files
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    files = image_files(folder)
+    if not files:
+        raise ValueError(
+            f"expected image files ({', '.join(IMG_EXTENSIONS)}) in {str(folder)!r} or its "
+            f"subfolders; got none"
+        )
+    return files
+
+
+def _read_image(path: Path, image_size: int | None) -> np.ndarray:
+    """One image file as an RGB ``uint8`` array ``(H, W, 3)``, resized when ``image_size``."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle).convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ValueError(
+            f"expected a readable image file; got {str(path)!r} ({type(error).__name__}: {error})"
+        ) from error
+    if image_size:
+        image = _center_crop_resize(image, None, image_size)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _read_images(splits: Sequence[Sequence[Path]], image_size: int | None) -> list[Tensor]:
+    """Every split's files as one ``uint8`` tensor ``(N, 3, H, W)``; all of one size."""
+    first: tuple[Path, tuple[int, ...]] | None = None
+    tensors = []
+    for files in splits:
+        arrays = []
+        for path in files:
+            array = _read_image(path, image_size)
+            if first is None:
+                first = (path, array.shape)
+            elif array.shape != first[1]:
+                raise ValueError(
+                    f"expected images of one size (pass image_size to resize); got "
+                    f"{str(path)!r} of {array.shape[1]}x{array.shape[0]} pixels and "
+                    f"{str(first[0])!r} of {first[1][1]}x{first[1][0]} pixels"
+                )
+            arrays.append(array)
+        tensors.append(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
+    return tensors
+
+
+def load_image_folder(
+    root: str | Path,
+    limit: int | None = None,
+    image_size: int | None = None,
+    seed: int = 0,
+) -> ImageDataset:
+    """Load an image folder with Pillow (no torchvision): RGB, 256 levels.
+
+    ``root/train`` and ``root/test`` are the splits if both exist; otherwise the files of
+    ``root`` are split 90/10 (at least one test image) by a permutation with ``seed``. Files are
+    listed by :func:`image_files` (class subfolders and/or flat files).
+
+    Args:
+        root: The folder.
+        limit: Keep at most this many images per split (only those files are read).
+        image_size: Centre-crop to a square and resize to ``image_size x image_size``; without it
+            every image must have one size.
+        seed: Seed of the 90/10 split.
+
+    Raises:
+        ValueError: "expected ...; got ..." naming the folder or file: a missing folder, a split
+            without images, an unreadable image or images of different sizes.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"expected data_root to be an existing folder; got {str(root)!r}")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        splits = [_folder_files(root / split) for split in ("train", "test")]
+    else:
+        files = _folder_files(root)
+        if len(files) < 2:
+            raise ValueError(f"expected at least 2 images under {str(root)!r}; got {len(files)}")
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+        num_test = max(1, len(files) // 10)
+        splits = [[files[i] for i in order[num_test:]], [files[i] for i in order[:num_test]]]
+    if limit:
+        splits = [files[:limit] for files in splits]
+    train, test = _read_images(splits, image_size)
+    return ImageDataset("imagefolder", train, test, levels=256)
+
+
+# --- torchvision ---------------------------------------------------------------------------------
+
+
 def load_vision_dataset(
     name: str,
     data_root: str | Path,
@@ -237,60 +526,45 @@ def load_vision_dataset(
     image_size: int | None = None,
     seed: int = 0,
 ) -> ImageDataset:
-    """Load a torchvision dataset from a local folder (``download=False`` always).
+    """Load a dataset of ``VISION_DATASETS`` from a local folder (never downloaded).
+
+    ``imagefolder`` is read with Pillow (:func:`load_image_folder`), the others with torchvision
+    (``download=False`` always).
 
     Args:
         name: One of ``VISION_DATASETS``.
-        data_root: Folder laid out as torchvision expects (or an ImageFolder root).
+        data_root: Folder laid out as torchvision expects (or an image folder root).
         limit: Keep at most this many images per split.
         image_size: ImageFolder only: centre-crop and resize to ``image_size x image_size``.
         seed: ImageFolder only: seed of the 90/10 split when there are no train/test folders.
 
     Raises:
-        ImportError: if torchvision is missing (the message names the ``vision`` extra).
-        ValueError: for an unknown name or a missing ``data_root``.
+        ImportError: if torchvision is missing for mnist, cifar10 or celeba (the message names
+            the ``vision`` extra).
+        ValueError: for an unknown name, a missing ``data_root`` or a bad image folder.
     """
     if name not in VISION_DATASETS:
         raise ValueError(f"expected a dataset in {VISION_DATASETS}; got {name!r}")
     if data_root is None:
         raise ValueError(f"expected --data-root for dataset {name!r}; got None")
     root = Path(data_root).expanduser()
+    if name == "imagefolder":
+        return load_image_folder(root, limit=limit, image_size=image_size, seed=seed)
     if not root.is_dir():
         raise ValueError(f"expected data_root to be an existing folder; got {str(root)!r}")
-    tv = _import_torchvision(name)
-    datasets = tv.datasets
+    datasets = _import_torchvision(name).datasets
     if name == "mnist":
         splits = [datasets.MNIST(str(root), train=t, download=False) for t in (True, False)]
         tensors = [_as_uint8_nchw(s.data, channels_last=False) for s in splits]
     elif name == "cifar10":
         splits = [datasets.CIFAR10(str(root), train=t, download=False) for t in (True, False)]
         tensors = [_as_uint8_nchw(s.data, channels_last=True) for s in splits]
-    elif name == "celeba":
+    else:
         crop = lambda image: _center_crop_resize(image, 148, 64)  # noqa: E731
         tensors = [
             _stack_pil(datasets.CelebA(str(root), split=s, download=False), "RGB", crop, limit)
             for s in ("train", "test")
         ]
-    else:
-        crop = (lambda image: _center_crop_resize(image, None, image_size)) if image_size else None
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            tensors = [
-                _stack_pil(datasets.ImageFolder(str(root / s)), "RGB", crop, limit)
-                for s in ("train", "test")
-            ]
-        else:
-            folder = datasets.ImageFolder(str(root))
-            if len(folder) < 2:
-                raise ValueError(
-                    f"expected at least 2 images under {str(root)!r}; got {len(folder)}"
-                )
-            order = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))
-            num_test = max(1, len(folder) // 10)
-            test_idx, train_idx = order[:num_test].tolist(), order[num_test:].tolist()
-            tensors = [
-                _stack_pil(folder, "RGB", crop, limit, train_idx),
-                _stack_pil(folder, "RGB", crop, limit, test_idx),
-            ]
     if limit:
         tensors = [t[:limit] for t in tensors]
     return ImageDataset(name, tensors[0], tensors[1], levels=256)
@@ -302,7 +576,17 @@ def load_dataset(
     limit: int | None = None,
     image_size: int | None = None,
 ) -> ImageDataset:
-    """Load any dataset of ``DATASETS`` by name (embedded ones ignore ``data_root``)."""
+    """Load a dataset of ``DATASETS`` or ``npz:PATH`` by name (only vision ones use ``data_root``).
+
+    Args:
+        name: A name of ``DATASETS``, or ``npz:PATH`` for :func:`load_npz_dataset`.
+        data_root: The folder of a ``VISION_DATASETS`` dataset.
+        limit: Keep at most this many images per split.
+        image_size: ``imagefolder`` only: centre-crop and resize to ``image_size x image_size``.
+    """
+    path = npz_path(name)
+    if path is not None:
+        return load_npz_dataset(path, limit=limit)
     if name == "digits":
         dataset = load_digits_dataset()
     elif name == "patches":
@@ -310,5 +594,5 @@ def load_dataset(
     elif name in VISION_DATASETS:
         return load_vision_dataset(name, data_root, limit=limit, image_size=image_size)
     else:
-        raise ValueError(f"expected a dataset in {DATASETS}; got {name!r}")
+        raise ValueError(f"expected a dataset in {DATASETS} or npz:PATH; got {name!r}")
     return dataset.limit(limit, limit) if limit else dataset

@@ -142,9 +142,14 @@ class LogitPreprocessing:
         x: Tensor,
         generator: torch.Generator | None = None,
         dtype: torch.dtype | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Integer images to ``(y, log|det dy/dv|)`` with fresh dequantization noise."""
-        return logit_transform(dequantize(x, self.levels, generator, dtype), self.alpha)
+        """Integer images to ``(y, log|det dy/dv|)`` with fresh (or given) dequantization noise.
+
+        ``noise`` (``u ~ U[0, 1)`` shaped like ``x``) overrides ``generator``, see
+        :func:`dequantize`.
+        """
+        return logit_transform(dequantize(x, self.levels, generator, dtype, noise), self.alpha)
 
     def bits_per_dim(self, log_prob_y: Tensor, logit_logabsdet: Tensor, num_dims: int) -> Tensor:
         """Per-example bits/dim; see :func:`bits_per_dim`."""

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from lcma_ext.data import DATASETS, VISION_DATASETS
+from lcma_ext.data import DATASETS, VISION_DATASETS, dataset_slug, npz_path
 from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
+from lcma_ext.training import PRECISIONS
 
 __all__ = [
     "ARMS",
@@ -69,6 +70,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 FALLBACK_DEFAULTS: dict[str, Any] = {"epochs": 10, "nms_epochs": 10, "seeds": 3}
 #: What ``quick`` sets (unless given explicitly): a smoke run of about a minute.
 QUICK: dict[str, int] = {"epochs": 3, "nms_epochs": 3, "seeds": 2, "limit": 512}
+
+#: ``precision`` choices (the keys of :data:`lcma_ext.training.PRECISIONS`).
+PRECISION_CHOICES = tuple(PRECISIONS)
+#: Training options recorded in ``config.json`` only when not these defaults (so run folders of
+#: earlier versions still match).
+SCALE_OUT: dict[str, Any] = {"precision": "fp32", "compile": False, "hflip": False}
 
 #: Event shapes known without loading the data (not ``imagefolder``'s).
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -117,7 +124,8 @@ class ExperimentConfig:
         command: ``"run"`` (Algorithm 1, every arm of ``arms``) or ``"ablate-levels"`` (every
             high/low choice over the split points, Table 4).
         dataset, model, size: See :data:`lcma_ext.data.DATASETS`, :data:`lcma_ext.models.MODELS`
-            and :data:`lcma_ext.models.SIZE_NAMES`.
+            and :data:`lcma_ext.models.SIZE_NAMES`; ``dataset`` may also be ``npz:PATH`` (see
+            :func:`lcma_ext.data.load_npz_dataset`).
         levels: Levels (split points + 1); ``None``: as many squeezes as fit, at most 4.
         epochs, nms_epochs: Epochs per arm and of the NMS pre-training.
         seeds: Number of seeds (``0 .. seeds - 1``).
@@ -133,6 +141,11 @@ class ExperimentConfig:
         region_size: Tile side of the ``*-region`` arms, capped at each split's grid.
         allow_diverged_nms: Go on after a diverged NMS pre-training (every arm built from its
             contributions is then labelled as such); by default a diverged NMS stops the run.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` training (``torch.autocast``; see
+            :mod:`lcma_ext.training`); test bits/dim are scored in float32 either way.
+        compile: Train through ``torch.compile``.
+        workers: ``DataLoader`` worker processes.
+        hflip: Random horizontal flips of the training images (off by default).
     """
 
     command: str = "run"
@@ -156,6 +169,10 @@ class ExperimentConfig:
     arms: tuple[str, ...] = ARMS
     region_size: int = REGION_SIZE
     allow_diverged_nms: bool = False
+    precision: str = "fp32"
+    compile: bool = False
+    workers: int = 0
+    hflip: bool = False
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -200,10 +217,10 @@ class ExperimentConfig:
 
     @property
     def out_dir(self) -> Path:
-        """The run folder."""
+        """The run folder (by default, ``npz:PATH`` data appear in its name as ``npz-<stem>``)."""
         if self.out is not None:
             return self.out
-        name = f"{self.command}-{self.dataset}-{self.model}-{self.size}"
+        name = f"{self.command}-{dataset_slug(self.dataset)}-{self.model}-{self.size}"
         return Path("runs") / (name + ("-quick" if self.quick else ""))
 
     @property
@@ -260,13 +277,16 @@ class ExperimentConfig:
         """Raise ``ValueError`` ("expected ...; got ...") for anything wrong before training."""
         choices = {
             "command": (self.command, COMMANDS),
-            "dataset": (self.dataset, DATASETS),
             "model": (self.model, tuple(MODELS)),
             "size": (self.size, SIZE_NAMES),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ValueError(f"expected {name} in {', '.join(allowed)}; got {value!r}")
+        if self.dataset not in DATASETS and npz_path(self.dataset) is None:
+            raise ValueError(
+                f"expected dataset in {', '.join(DATASETS)} or npz:PATH; got {self.dataset!r}"
+            )
         counts = {
             "levels": (self.levels, 2),
             "epochs": (self.epochs, 1),
@@ -280,6 +300,12 @@ class ExperimentConfig:
                 raise ValueError(f"expected {name} as an integer >= {minimum}; got {value!r}")
         if not _positive_int(self.batch_size):
             raise ValueError(f"expected batch_size as an integer >= 1; got {self.batch_size!r}")
+        if self.precision not in PRECISION_CHOICES:
+            raise ValueError(
+                f"expected precision in {', '.join(PRECISION_CHOICES)}; got {self.precision!r}"
+            )
+        if not _positive_int(self.workers, 0):
+            raise ValueError(f"expected workers as an integer >= 0; got {self.workers!r}")
         if not _positive_int(self.region_size):
             raise ValueError(f"expected region_size as an integer >= 1; got {self.region_size!r}")
         for name in ("lr", "outlier_gap"):
@@ -315,6 +341,11 @@ class ExperimentConfig:
     def check_shape(self, shape: Sequence[int]) -> None:
         """The checks that need the data's event ``shape``: levels, ablation size, region tiles."""
         shape = tuple(int(s) for s in shape)
+        if max_num_levels(shape) < 2:
+            raise ValueError(
+                f"expected images of dataset {self.dataset!r} with height and width divisible by "
+                f"4 (two squeezes); got shape {shape}"
+            )
         if self.levels is not None and self.levels > max_num_levels(shape):
             raise ValueError(
                 f"expected --levels <= {max_num_levels(shape)} for images of shape {shape}; "
@@ -372,7 +403,11 @@ class ExperimentConfig:
             "quick": self.quick,
             # only when not the default, so that existing run folders still match
             **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
+            **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
         }
+
+    def _scale_out(self) -> dict[str, Any]:
+        return {"precision": self.precision, "compile": self.compile, "hflip": self.hflip}
 
     @classmethod
     def from_record(cls, record: dict[str, Any], **overrides: Any) -> ExperimentConfig:
@@ -392,6 +427,7 @@ class ExperimentConfig:
             "limit": record.get("limit"),
             "quick": record.get("quick", False),
             "region_size": record.get("region_size", REGION_SIZE),
+            **{key: record.get(key, default) for key, default in SCALE_OUT.items()},
         }
         fields.update(overrides)
         return cls(**fields)

@@ -206,7 +206,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += [
         f"Test bits/dim (lower is better), {len(seeds)} seeds ({', '.join(map(str, seeds))}), "
         f"{config['epochs']} epochs per arm, NMS pre-trained {config['nms_epochs']} epochs"
-        f"{nms_note}, {config['levels']} levels, batch {config['batch_size']}, Adam lr "
+        f"{nms_note}, {config['levels']} levels, batch {config['batch_size']}{_ranks(results)}, "
+        f"Adam lr "
         f"{config['lr']}. Every arm: same architecture, optimizer, epochs, seeds and initial "
         "weights per seed.",
         "",
@@ -267,6 +268,20 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ranks(results: dict[str, Any]) -> str:
+    """`` (2 ranks x 32)`` for a distributed run, ``, bf16 autocast`` ..., nothing by default."""
+    size = results.get("world_size", 1)
+    note = f" ({size} ranks x {results['rank_batch_size']})" if size > 1 else ""
+    config = results["config"]
+    if config.get("precision", "fp32") != "fp32":
+        note += f", {config['precision']} autocast"
+    if config.get("compile"):
+        note += ", torch.compile"
+    if config.get("hflip"):
+        note += ", random flips"
+    return note
 
 
 def write_results(out: str | Path, results: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import torch
 from nflows.flows import Flow
 
 from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
+from lcma_ext.distributed import barrier, init_from_env, world
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
 from lcma_ext.experiments.arms import arm_spec, build_arm
 from lcma_ext.experiments.config import ExperimentConfig
@@ -92,7 +93,8 @@ class _Run:
     def __init__(self, config: ExperimentConfig) -> None:
         config.validate()
         self.config = config
-        self.device = config.torch_device
+        self.device = init_from_env(config.torch_device)
+        self.world = world()
         self.data: ImageDataset = load_dataset(
             config.dataset,
             data_root=config.data_root,
@@ -114,10 +116,19 @@ class _Run:
             lr=self.config.lr,
             seed=seed,
             progress=self.config.progress,
+            precision=self.config.precision,
+            compile=self.config.compile,
+            num_workers=self.config.workers,
+            hflip=self.config.hflip,
         )
 
+    @property
+    def writes(self) -> bool:
+        """True on the one process that writes the run folder (rank 0)."""
+        return self.world.is_main
+
     def say(self, text: str) -> None:
-        if self.config.progress:
+        if self.config.progress and self.writes:
             print(text, flush=True)
 
 
@@ -151,8 +162,9 @@ def _prepare_out(run: _Run) -> None:
                 f"expected --out to hold runs of the same configuration or nothing; got "
                 f"{str(out)!r} with different {', '.join(changed)} (choose another --out)"
             )
-    else:
+    elif run.writes:
         write_json(path, run.record)
+    barrier()
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -258,7 +270,10 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
         flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
         return flow, summary
     if checkpoint.is_file() and "optimizer" not in _load_state(checkpoint):
-        checkpoint.unlink()  # the weights a diverged first epoch left, not a resumable state
+        barrier()  # every rank has looked before rank 0 removes it
+        if run.writes:
+            checkpoint.unlink()  # the weights a diverged first epoch left, not a resumable state
+        barrier()
     result = train_flow(
         flow,
         run.data.train,
@@ -274,10 +289,12 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
         # the same flow a rerun would load.
         if checkpoint.is_file():
             flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
-        else:
+        elif run.writes:
             save_checkpoint(checkpoint, model=flow.state_dict(), result=result.to_dict(), epoch=0)
-    _save_meta(run, checkpoint)
-    write_json(summary_path, summary)
+    if run.writes:
+        _save_meta(run, checkpoint)
+        write_json(summary_path, summary)
+    barrier()
     _check_nms(run, summary)
     return flow, summary
 
@@ -319,6 +336,8 @@ def _load_maps(path: Path):
 
 
 def _save_maps(maps, path: Path) -> None:
+    if not world().is_main:
+        return
     with atomic_path(path) as tmp:
         maps.save(tmp)
 
@@ -328,6 +347,7 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
     from lcma_ext.contributions import estimate_contributions
 
     path = run.out / "contributions.pt"
+    barrier()  # every rank sees the same files
     if path.is_file():
         maps = _load_maps(path)
     else:
@@ -347,8 +367,10 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
                 f"the diverged NMS flow has no usable contributions ({error}); try a smaller "
                 f"--lr (now {run.config.lr}) with another --out"
             ) from error
-        _save_maps(maps, path)
-    _plot_contributions(maps, run.out)
+        _save_maps(maps, path)  # every rank estimated the same maps; rank 0 writes them
+    if run.writes:
+        _plot_contributions(maps, run.out)
+    barrier()
     return maps
 
 
@@ -390,6 +412,7 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
     summary_path = run.out / "runs" / f"{name}.json"
     checkpoint = run.out / "checkpoints" / f"{name}.pt"
     flow = None
+    barrier()  # the rank that writes has finished the previous arm's files
     if summary_path.is_file():
         summary = _read_summary(summary_path)
     else:
@@ -406,11 +429,14 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
             desc=f"{arm} seed {seed}",
         )
         summary = _summary(run, arm, seed, flow, result)
-        write_json(summary_path, summary)
+        if run.writes:
+            write_json(summary_path, summary)
         status = "DIVERGED" if summary["diverged"] else f"{summary['test_bpd']:.4f} bpd"
         run.say(f"  {arm:>14} seed {seed}: {status} ({summary['train_time_s']:.1f} s)")
-    if seed == run.seeds[0] and not all(
-        (run.out / f"samples_{arm}_T{t}.png").is_file() for t in TEMPERATURES
+    if (
+        run.writes
+        and seed == run.seeds[0]
+        and not all((run.out / f"samples_{arm}_T{t}.png").is_file() for t in TEMPERATURES)
     ):
         if flow is None:
             flow = _build(run, arm, maps, seed)
@@ -442,6 +468,8 @@ def _results(
         "nms": nms,
         "wall_time_s": time.perf_counter() - start,
         "device": str(run.device),
+        "world_size": run.world.size,
+        "rank_batch_size": run.config.batch_size // run.world.size,
         "versions": versions(),
         "runs": runs,
         **extra,
@@ -449,9 +477,11 @@ def _results(
         "smoke_run": bool(run.config.quick),
         **({"nms_diverged": True} if nms_diverged else {}),
     }
-    write_results(run.out, results)
-    with atomic_path(run.out / "learning_curves.png") as tmp:
-        plot_learning_curves(runs, tmp, nms)
+    if run.writes:
+        write_results(run.out, results)
+        with atomic_path(run.out / "learning_curves.png") as tmp:
+            plot_learning_curves(runs, tmp, nms)
+    barrier()
     return results
 
 
