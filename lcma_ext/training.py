@@ -402,43 +402,45 @@ def _needs_data_init(flow: nn.Module) -> bool:
 @torch.no_grad()
 def _initialize_on_first_batch(
     flow: Flow,
-    log_density: nn.Module,
     train_data: ImageBatchesLike,
     preprocessing: LogitPreprocessing,
     generator: torch.Generator,
     config: TrainConfig,
     dtype: torch.dtype,
     device: torch.device,
+    where: World,
 ) -> None:
-    """Run data-dependent initialisation on the first global batch, as one process would.
+    """Run data-dependent initialisation (ActNorm) in the flow's dtype on the first batch.
 
-    For tensor input the batch is the first ``batch_size`` images of epoch 0's shared order and
-    the noise is drawn from a copy of the run's generator, so every rank (and a one-rank run)
-    initialises identically; for other iterables each rank uses its first batch and
-    ``DistributedDataParallel`` then broadcasts rank 0's result.
+    The batch and its noise are those the first step draws: for tensor input the first
+    ``batch_size`` images of epoch 0's order (under ``torch.distributed``, of the shared order
+    before it is dealt out, so every rank and a one-rank run initialise identically), with
+    flips and noise drawn from a copy of the run's generator. Other iterables give their first
+    batch (``DistributedDataParallel`` then broadcasts rank 0's result). It runs without
+    autocast, so initialised parameters stay float32 under mixed precision.
     """
     if not _needs_data_init(flow):
         return
+    copy = torch.Generator().manual_seed(0)
+    copy.set_state(generator.get_state())
     if isinstance(train_data, Tensor):
-        one = image_loader(
+        first = image_loader(
             train_data,
             config.batch_size,
-            generator,
+            copy,
             seed=config.seed,
-            distributed=True,
+            distributed=where.distributed,
             rank=0,
             world_size=1,
         )
-        set_loader_epoch(one, 0)
-        batch = next(iter(one))
+        set_loader_epoch(first, 0)
+        batch = next(iter(first))
     else:
         batch = _images(next(iter(train_data)))
-    copy = torch.Generator().manual_seed(0)
-    copy.set_state(generator.get_state())
     y, _ = _preprocess(batch.to(device), preprocessing, copy, dtype, World(), config.hflip)
     flow.train()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        log_density(y)
+        flow.log_prob(y)
 
 
 def train_flow(
@@ -491,12 +493,13 @@ def train_flow(
             scaler.load_state_dict(state["scaler"])
         result = TrainResult(**state["result"])
         result.test_bpd = [tuple(p) for p in result.test_bpd]
-    elif where.distributed:
-        if where.rank:
+    else:
+        if where.distributed and where.rank:
             torch.manual_seed(RANK_SEED_STRIDE * where.rank + config.seed)
-        _initialize_on_first_batch(
-            flow, log_density, train_data, preprocessing, generator, config, dtype, device
-        )
+        if where.distributed or config.precision != "fp32" or config.compile:
+            _initialize_on_first_batch(
+                flow, train_data, preprocessing, generator, config, dtype, device, where
+            )
     if where.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
