@@ -5,8 +5,10 @@ by the run's report, rendered from its ``results.json`` by the current
 ``lcma_ext.experiments.report.results_markdown``: the README gets every column the code writes
 today (the split diagnostics' consistency columns included), even from a run folder written by
 an older version; ``results.md`` is used only when there is no ``results.json``. The run's
-contribution heatmap of the first split point is copied to
-``docs/images/contributions_level0.png``, which README.md shows. ``--marker NAME`` replaces the
+contribution heatmap of the first split point is drawn from its ``contributions.pt`` by the
+current ``lcma_ext.plotting.plot_contributions`` (copied from ``contributions_level0.png`` when
+there is no ``contributions.pt``) into ``docs/images/contributions_level0.png``, which README.md
+shows. ``--marker NAME`` replaces the
 ``<!-- NAME:start -->`` block instead (and copies no image).
 
 Usage::
@@ -27,13 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def splice(readme: str, block: str, marker: str = "results") -> str:
+def splice(readme: str, block: str, marker: str = "results", name: str = "README.md") -> str:
     """Replace the text between the ``<!-- marker:start/end -->`` lines of ``readme``."""
     start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     if readme.count(start) != 1 or readme.count(end) != 1:
-        raise ValueError(
-            f"expected one {start} and one {end} marker in README.md; got another count"
-        )
+        raise ValueError(f"expected one {start} and one {end} marker in {name}; got another count")
     head, rest = readme.split(start)
     _, tail = rest.split(end)
     return f"{head}{start}\n{block.strip()}\n{end}{tail}"
@@ -49,6 +49,18 @@ def report(run: Path) -> str:
     return (run / "results.md").read_text()
 
 
+def heatmap(run: Path, target: Path) -> None:
+    """Draw the run's split-0 heatmap with the current code (else copy its PNG) to ``target``."""
+    maps = run / "contributions.pt"
+    if maps.is_file():
+        from lcma_ext.contributions import ContributionMaps
+        from lcma_ext.plotting import plot_contributions
+
+        plot_contributions(ContributionMaps.load(maps), target, splits=[0])
+    else:
+        shutil.copyfile(run / "contributions_level0.png", target)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="--out folder of a finished lcma-ext run")
@@ -60,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     results = args.run / "results.json"
     if not results.is_file():
         results = args.run / "results.md"
-    heatmap = args.run / "contributions_level0.png"
+    image = args.run / "contributions.pt"
+    if not image.is_file():
+        image = args.run / "contributions_level0.png"
     copy_image = args.marker == "results"
-    for path in (results, heatmap) if copy_image else (results,):
+    for path in (results, image) if copy_image else (results,):
         if not path.is_file():
             print(f"update_readme: expected {path} from a finished run; got none", file=sys.stderr)
             return 2
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     images = args.readme.parent / "docs" / "images"
     images.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(heatmap, images / "contributions_level0.png")
+    heatmap(args.run, images / "contributions_level0.png")
     print(f"updated {args.readme} and {images / 'contributions_level0.png'}")
     return 0
 

@@ -8,8 +8,16 @@
     Every high/low choice of which half to factor out at each split point (Table 4).
 ``lcma-ext contributions``
     Contribution heatmaps of a saved NMS checkpoint.
+``lcma-ext sweep``
+    ``run`` over a grid of model sizes and epoch budgets, with a table and a plot of the paired
+    difference against ``channel`` versus the parameter count (docs/science.md).
+``lcma-ext sample`` / ``interpolate`` / ``evaluate``
+    On a finished run folder: a titled grid of samples at a temperature, a grid of latent
+    interpolations between test images, and every checkpoint rescored on the test set
+    (:mod:`lcma_ext.experiments.inspection`).
 
-This module only turns arguments into an :class:`lcma_ext.experiments.ExperimentConfig`, calls
+This module only turns arguments into an :class:`lcma_ext.experiments.ExperimentConfig` (a
+:class:`lcma_ext.experiments.SweepConfig` for ``sweep``), calls
 the runner (:mod:`lcma_ext.experiments`) and turns its errors into one-line messages and exit
 codes: 0 done, 2 a user error (bad option, unusable ``--out``, corrupt state file, diverged NMS),
 130 interrupted.
@@ -30,23 +38,31 @@ from lcma_ext.experiments import (
     ARMS,
     GRANULARITY_ARMS,
     LATENT_ARMS,
+    SELF_ARMS,
     VAE_ARMS,
     ExperimentConfig,
+    SweepConfig,
     plot_checkpoint_contributions,
     results_markdown,
     run_comparison,
     run_level_ablation,
+    run_sweep,
+    sweep_markdown,
 )
 from lcma_ext.experiments.config import (
+    CONDITIONAL_ARMS,
     DEFAULTS,
     FALLBACK_DEFAULTS,
     PRECISION_CHOICES,
+    PRIOR_SUFFIX,
+    PRIORS,
     QUICK,
     REGION_SIZE,
 )
+from lcma_ext.experiments.sweep import SWEEP_ARMS, SWEEP_EPOCHS, SWEEP_SIZES
 from lcma_ext.models import MODELS, SIZE_NAMES
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["build_parser", "config_from_args", "main", "sweep_config_from_args"]
 
 EPILOG = "\n\n".join(
     textwrap.fill(" ".join(paragraph.split()), 79)
@@ -77,6 +93,16 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0; got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -93,9 +119,10 @@ def _arms(text: str) -> tuple[str, ...]:
 
     arms = parse_arms(text)
     if not arms or any(a not in registered_arms() for a in arms):
-        known = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS)
+        known = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
         raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {known}; got {text!r}"
+            f"expected a comma-separated subset of {known} (a split arm may end in "
+            f"{PRIOR_SUFFIX}); got {text!r}"
         )
     return arms
 
@@ -105,7 +132,22 @@ def _per_dataset(key: str) -> str:
     return f"{values}, others {FALLBACK_DEFAULTS[key]}; --quick {QUICK[key]}"
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _sizes(text: str) -> tuple[str, ...]:
+    sizes = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not sizes or any(s not in SIZE_NAMES for s in sizes):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(SIZE_NAMES)}; got {text!r}"
+        )
+    return sizes
+
+
+def _budgets(text: str) -> tuple[int, ...]:
+    parse = _int_at_least(1)
+    return tuple(parse(item.strip()) for item in text.split(","))
+
+
+def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
+    """The options of ``run``, ``ablate-levels`` and ``sweep`` (``grid``: no --size, --epochs)."""
     default = ExperimentConfig()
     add = parser.add_argument
     add(
@@ -116,24 +158,27 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s)",
     )
     add("--model", choices=tuple(MODELS), default=default.model, help="(default: %(default)s)")
-    add("--size", choices=SIZE_NAMES, default=default.size, help="(default: %(default)s)")
+    if not grid:
+        add("--size", choices=SIZE_NAMES, default=default.size, help="(default: %(default)s)")
     add(
         "--levels",
         type=_int_at_least(2),
         default=None,
         help="levels = split points + 1 (default: as many squeezes as fit, at most 4)",
     )
-    add(
-        "--epochs",
-        type=_int_at_least(1),
-        default=None,
-        help=f"epochs per arm (default: {_per_dataset('epochs')})",
-    )
+    if not grid:
+        add(
+            "--epochs",
+            type=_int_at_least(1),
+            default=None,
+            help=f"epochs per arm (default: {_per_dataset('epochs')})",
+        )
     add(
         "--nms-epochs",
         type=_int_at_least(1),
         default=None,
-        help=f"epochs of the NMS pre-training (default: {_per_dataset('nms_epochs')})",
+        help="epochs of the NMS pre-training (default: "
+        + ("each cell's epoch budget)" if grid else f"{_per_dataset('nms_epochs')})"),
     )
     add(
         "--seeds",
@@ -188,6 +233,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "(default: stop with an error)",
     )
     add(
+        "--prior",
+        choices=PRIORS,
+        default=default.prior,
+        help="prior of the factored halves of every split arm: the standard normal, or Glow's "
+        f"learned N(mu(kept), sigma(kept)^2) (a {PRIOR_SUFFIX} arm has it either way) "
+        "(default: %(default)s)",
+    )
+    add(
         "--precision",
         choices=PRECISION_CHOICES,
         default=default.precision,
@@ -215,6 +268,32 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_arm_options(parser: argparse.ArgumentParser, arms: tuple[str, ...]) -> None:
+    """``--arms`` (default ``arms``), ``--region-size`` and ``--reestimate-every``."""
+    parser.add_argument(
+        "--arms",
+        type=_arms,
+        default=arms,
+        help=f"comma-separated arms (default: {','.join(arms)}); also "
+        f"{','.join(a for a in ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS if a not in arms)}"
+        f", flow-vae (= {','.join(VAE_ARMS)}); a split arm ending in {PRIOR_SUFFIX} "
+        f"({','.join(CONDITIONAL_ARMS[:3])}, ...) has Glow's conditional prior",
+    )
+    parser.add_argument(
+        "--region-size",
+        type=_int_at_least(1),
+        default=REGION_SIZE,
+        help="tile side of the *-region arms, capped at each split's grid (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--reestimate-every",
+        type=_int_at_least(1),
+        default=None,
+        help="epochs before lcma-self switches to the LCMA split of its own contributions, "
+        "and between the switches of lcma-reestimate (default: a third of --epochs, at least 1)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``lcma-ext`` argument parser."""
     from lcma_ext import __version__
@@ -226,23 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lcma-ext {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,ablate-levels,contributions}")
+    sub = parser.add_subparsers(
+        dest="command",
+        metavar="{run,ablate-levels,contributions,sweep,sample,interpolate,evaluate}",
+    )
     options = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
     run = sub.add_parser("run", help="Algorithm 1: NMS, contributions, every split arm", **options)
     _add_common(run)
-    run.add_argument(
-        "--arms",
-        type=_arms,
-        default=ARMS,
-        help=f"comma-separated arms (default: {','.join(ARMS)}); also "
-        f"{','.join(GRANULARITY_ARMS + LATENT_ARMS)}, flow-vae (= {','.join(VAE_ARMS)})",
-    )
-    run.add_argument(
-        "--region-size",
-        type=_int_at_least(1),
-        default=REGION_SIZE,
-        help="tile side of the *-region arms, capped at each split's grid (default: %(default)s)",
-    )
+    _add_arm_options(run, ARMS)
     ablate = sub.add_parser("ablate-levels", help="all 2^L high/low choices (Table 4)", **options)
     _add_common(ablate)
     contributions = sub.add_parser("contributions", help="heatmaps of an NMS checkpoint")
@@ -253,7 +323,98 @@ def build_parser() -> argparse.ArgumentParser:
     contributions.add_argument("--data-root", type=Path, default=None, help="(default: none)")
     contributions.add_argument("--device", default="cpu", help="(default: %(default)s)")
     contributions.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sweep = sub.add_parser("sweep", help="run over a grid of sizes and epoch budgets", **options)
+    sweep.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help=f"comma-separated model sizes (default: {','.join(SWEEP_SIZES)}; --quick tiny)",
+    )
+    sweep.add_argument(
+        "--epoch-budgets",
+        type=_budgets,
+        default=None,
+        help="comma-separated epochs per arm, one cell each (default: "
+        f"{','.join(map(str, SWEEP_EPOCHS))}; --quick 2,3)",
+    )
+    _add_common(sweep, grid=True)
+    _add_arm_options(sweep, SWEEP_ARMS)
+    _add_inspection(sub)
     return parser
+
+
+def _add_run_folder(parser: argparse.ArgumentParser, png: bool) -> None:
+    """``RUN_DIR`` and the options every command on a finished run folder takes."""
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="--out folder of a run")
+    if png:
+        parser.add_argument("--arm", required=True, help="an arm of that run, e.g. lcma")
+        parser.add_argument(
+            "--seed", type=_int_at_least(0), default=0, help="its seed (default: %(default)s)"
+        )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="the PNG (default: in RUN_DIR)" if png else "folder of the table (default: RUN_DIR)",
+    )
+    parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
+
+
+def _add_inspection(sub: argparse._SubParsersAction) -> None:
+    """``sample``, ``interpolate`` and ``evaluate`` on a finished run folder."""
+    sample = sub.add_parser("sample", help="a titled grid of samples of a trained arm")
+    _add_run_folder(sample, png=True)
+    sample.add_argument(
+        "--temperature", type=_non_negative_float, default=1.0, help="(default: %(default)s)"
+    )
+    sample.add_argument("--num", type=_int_at_least(1), default=64, help="(default: %(default)s)")
+    sample.add_argument(
+        "--noise-seed", type=_int_at_least(0), default=0, help="(default: %(default)s)"
+    )
+    interpolate = sub.add_parser("interpolate", help="latent interpolations of test images")
+    _add_run_folder(interpolate, png=True)
+    interpolate.add_argument(
+        "--steps", type=_int_at_least(2), default=8, help="images per pair (default: %(default)s)"
+    )
+    interpolate.add_argument(
+        "--pairs",
+        type=_int_at_least(1),
+        default=4,
+        help="pairs of test images (default: %(default)s)",
+    )
+    interpolate.add_argument(
+        "--mode",
+        choices=("linear", "spherical"),
+        default="spherical",
+        help="(default: %(default)s)",
+    )
+    interpolate.add_argument("--data-root", type=Path, default=None, help="(default: none)")
+    evaluate = sub.add_parser("evaluate", help="rescore every checkpoint on the test set")
+    _add_run_folder(evaluate, png=False)
+    evaluate.add_argument("--data-root", type=Path, default=None, help="(default: none)")
+
+
+def _inspect(args: argparse.Namespace) -> str:
+    """Run ``sample``, ``interpolate`` or ``evaluate``; returns what to print."""
+    from lcma_ext.experiments import inspection
+
+    if args.command == "evaluate":
+        rows = inspection.evaluate_run(
+            args.run_dir, data_root=args.data_root, device=args.device, out=args.out
+        )
+        return inspection.evaluation_markdown(rows, args.run_dir)
+    common = {"out": args.out, "device": args.device}
+    if args.command == "sample":
+        path = inspection.sample_run(
+            args.run_dir, args.arm, args.seed, temperature=args.temperature, num=args.num,
+            noise_seed=args.noise_seed, **common,
+        )  # fmt: skip
+    else:
+        path = inspection.interpolate_run(
+            args.run_dir, args.arm, args.seed, steps=args.steps, pairs=args.pairs,
+            mode=args.mode, data_root=args.data_root, **common,
+        )  # fmt: skip
+    return str(path)
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
@@ -262,9 +423,9 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         command=args.command,
         dataset=args.dataset,
         model=args.model,
-        size=args.size,
+        size=getattr(args, "size", ExperimentConfig.size),
         levels=args.levels,
-        epochs=args.epochs,
+        epochs=getattr(args, "epochs", None),
         nms_epochs=args.nms_epochs,
         seeds=args.seeds,
         batch_size=args.batch_size,
@@ -284,7 +445,15 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         compile=args.compile,
         workers=args.workers,
         hflip=args.hflip,
+        reestimate_every=getattr(args, "reestimate_every", None),
+        prior=getattr(args, "prior", ExperimentConfig.prior),
     )
+
+
+def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The :class:`SweepConfig` of parsed ``sweep`` arguments (``--out``: the sweep folder)."""
+    base = config_from_args(argparse.Namespace(**{**vars(args), "command": "run", "out": None}))
+    return SweepConfig(base, sizes=args.sizes, epoch_budgets=args.epoch_budgets, out=args.out)
 
 
 def _one_line(error: BaseException) -> str:
@@ -308,6 +477,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
             print("\n".join(str(p) for p in paths))
+            return 0
+        if args.command in ("sample", "interpolate", "evaluate"):
+            print(_inspect(args))
+            return 0
+        if args.command == "sweep":
+            sweep = run_sweep(sweep_config_from_args(args))
+            if world().is_main:
+                print(sweep_markdown(sweep))
             return 0
         config = config_from_args(args)
         runner = run_comparison if args.command == "run" else run_level_ablation

@@ -88,6 +88,7 @@ def test_torchrun_cli_run_matches_one_process(tmp_path):
     assert sorted(p.name for p in (tmp_path / "run2" / "runs").iterdir()) == [
         "channel_seed0.json",
         "checkerboard_seed0.json",
+        "contributions.json",
         "nms.json",
     ]
 

@@ -11,18 +11,27 @@ Example (a smoke run of about a minute on a 2-core CPU)::
 Modules: :mod:`~lcma_ext.experiments.config` (:class:`ExperimentConfig`),
 :mod:`~lcma_ext.experiments.arms` (the arm registry), :mod:`~lcma_ext.experiments.runner`
 (:func:`run_comparison`, :func:`run_level_ablation`, :func:`load_arm`),
-:mod:`~lcma_ext.experiments.stats`, :mod:`~lcma_ext.experiments.report` and
-:mod:`~lcma_ext.experiments.store` (atomic writes, corrupt-file errors).
+:mod:`~lcma_ext.experiments.stats`, :mod:`~lcma_ext.experiments.report`,
+:mod:`~lcma_ext.experiments.store` (atomic writes, corrupt-file errors),
+:mod:`~lcma_ext.experiments.sweep` (:func:`run_sweep`: a grid over size and epochs),
+:mod:`~lcma_ext.experiments.self_estimation` (the ``lcma-self`` and ``lcma-reestimate`` arms),
+:mod:`~lcma_ext.experiments.cost` (what choosing a split costs),
+:mod:`~lcma_ext.experiments.inspection` (samples, interpolations and rescoring of a finished
+run folder) and
+:mod:`~lcma_ext.experiments.jobs` (the hook of arms that train themselves).
 """
 
 from lcma_ext.experiments.arms import ArmSpec, arm_spec, build_arm, register_arm, registered_arms
 from lcma_ext.experiments.config import (
     ARMS,
+    CONDITIONAL_ARMS,
     GRANULARITY_ARMS,
     LATENT_ARMS,
+    SELF_ARMS,
     VAE_ARMS,
     ExperimentConfig,
 )
+from lcma_ext.experiments.inspection import evaluate_run, interpolate_run, sample_run
 from lcma_ext.experiments.report import results_markdown, uniform_bpd
 from lcma_ext.experiments.runner import (
     load_arm,
@@ -33,27 +42,37 @@ from lcma_ext.experiments.runner import (
 )
 from lcma_ext.experiments.stats import aggregate
 from lcma_ext.experiments.store import ExperimentError, NMSDivergedError, StateFileError
+from lcma_ext.experiments.sweep import SweepConfig, load_sweep, run_sweep, sweep_markdown
 
 __all__ = [
     "ARMS",
+    "CONDITIONAL_ARMS",
     "GRANULARITY_ARMS",
     "LATENT_ARMS",
+    "SELF_ARMS",
     "VAE_ARMS",
     "ArmSpec",
     "ExperimentConfig",
     "ExperimentError",
     "NMSDivergedError",
     "StateFileError",
+    "SweepConfig",
     "aggregate",
     "arm_spec",
     "build_arm",
+    "evaluate_run",
+    "interpolate_run",
     "load_arm",
     "load_run_data",
+    "load_sweep",
     "plot_checkpoint_contributions",
     "register_arm",
     "registered_arms",
     "results_markdown",
     "run_comparison",
     "run_level_ablation",
+    "run_sweep",
+    "sample_run",
+    "sweep_markdown",
     "uniform_bpd",
 ]

@@ -14,6 +14,17 @@ Adding an arm is one registration::
     from lcma_ext.experiments.arms import split_arm
 
     register_arm("my-arm", split_arm("checkerboard"))   # then ExperimentConfig(arms=("my-arm",))
+
+Every split arm also exists with Glow's conditional prior of the factored halves, named with
+the suffix ``+cond`` (``lcma+cond``, ``channel+cond``, ...:
+:data:`~lcma_ext.experiments.config.CONDITIONAL_ARMS`), so one run compares both priors;
+``ExperimentConfig(prior="conditional")`` (``--prior conditional``) gives it to every split arm
+instead (:func:`arm_prior`).
+
+An arm that trains itself (in phases that change the split, say) also passes a ``trainer``
+(:class:`lcma_ext.experiments.jobs.ArmTrainer`): the runner then hands it the built flow instead
+of training it, and rebuilds its stored flow through :func:`restore_arm`. ``lcma-self`` and
+``lcma-reestimate`` are registered so (:mod:`lcma_ext.experiments.self_estimation`).
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +41,9 @@ from lcma_ext.experiments.config import (
     ARMS,
     GRANULARITY_ARMS,
     MAX_ABLATION_SPLITS,
+    PRIOR_SUFFIX,
+    PRIORS,
+    SELF_ARMS,
     VAE_ARMS,
 )
 from lcma_ext.models import build_flow, make_level_factory
@@ -39,17 +53,20 @@ if TYPE_CHECKING:
 
     from lcma_ext.contributions import ContributionMaps
     from lcma_ext.experiments.config import ExperimentConfig
+    from lcma_ext.experiments.jobs import ArmTrainer
 
 __all__ = [
     "ArmBuilder",
     "ArmSpec",
     "ablation_arm",
     "ablation_choices",
+    "arm_prior",
     "arm_spec",
     "build_arm",
     "choice_name",
     "register_arm",
     "registered_arms",
+    "restore_arm",
     "split_arm",
     "vae_arm",
 ]
@@ -67,32 +84,58 @@ class ArmSpec:
         builder: ``builder(config, maps, seed) -> Flow``.
         uses_contributions: Whether its splits come from the NMS contributions (such an arm is
             labelled when the NMS pre-training diverged).
+        trainer: ``None`` (the runner trains the built flow for the whole budget) or an
+            :class:`~lcma_ext.experiments.jobs.ArmTrainer` that trains it itself.
+        prior: The prior of its factored halves: ``"standard"`` (the standard normal),
+            ``"conditional"`` (Glow's, the ``+cond`` arms), or ``None`` for
+            ``ExperimentConfig.prior`` (the split arms; see :func:`arm_prior`).
     """
 
     name: str
     builder: ArmBuilder
     uses_contributions: bool = False
+    trainer: ArmTrainer | None = None
+    prior: str | None = "standard"
 
 
 _REGISTRY: dict[str, ArmSpec] = {}
 
 
 def register_arm(
-    name: str, builder: ArmBuilder, *, uses_contributions: bool = False, replace: bool = False
+    name: str,
+    builder: ArmBuilder,
+    *,
+    uses_contributions: bool = False,
+    replace: bool = False,
+    trainer: ArmTrainer | None = None,
+    prior: str | None = "standard",
 ) -> ArmSpec:
     """Register ``builder`` as arm ``name``; returns its :class:`ArmSpec`.
 
+    ``prior`` says which prior of the factored halves the builder gives (``None``: it follows
+    ``config.prior``, as :func:`split_arm` does); ``--prior conditional`` refuses an arm whose
+    prior is fixed to ``"standard"``.
+
     Raises:
         ValueError: if ``name`` is taken (unless ``replace``) or contains a comma or a path
-            separator.
+            separator, or for an unknown prior.
     """
+    if prior is not None and prior not in PRIORS:
+        raise ValueError(f"expected prior in {', '.join(PRIORS)} or None; got {prior!r}")
     if not name or any(c in name for c in ",/\\ ") or name == "nms":
         raise ValueError(f"expected an arm name without ',', '/', spaces, not 'nms'; got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"expected a new arm name; got {name!r} (already registered)")
-    spec = ArmSpec(name, builder, uses_contributions)
+    spec = ArmSpec(name, builder, uses_contributions, trainer, prior)
     _REGISTRY[name] = spec
     return spec
+
+
+def arm_prior(config: ExperimentConfig, name: str) -> str:
+    """The prior of arm ``name``'s factored halves under ``config`` (``"standard"`` or
+    ``"conditional"``)."""
+    prior = arm_spec(name).prior
+    return config.prior if prior is None else prior
 
 
 def registered_arms() -> tuple[str, ...]:
@@ -113,6 +156,19 @@ def build_arm(config: ExperimentConfig, name: str, maps: ContributionMaps, seed:
     return arm_spec(name).builder(config, maps, seed)
 
 
+def restore_arm(name: str, flow: Flow, state: dict[str, Any]) -> Flow:
+    """The stored flow of arm ``name``: its built ``flow`` with the checkpoint ``state`` loaded.
+
+    An arm with a trainer rebuilds it through :meth:`ArmTrainer.restore` (its split may differ
+    from the builder's); any other arm loads ``state["model"]`` into ``flow``.
+    """
+    trainer = arm_spec(name).trainer
+    if trainer is not None:
+        return trainer.restore(flow, state)
+    flow.load_state_dict(state["model"])
+    return flow
+
+
 def _shape(maps: ContributionMaps) -> tuple[int, ...]:
     return tuple(int(s) for s in maps.input_shape)
 
@@ -125,12 +181,15 @@ def _levels(config: ExperimentConfig, maps: ContributionMaps) -> int:
 # split and granularity arms
 
 
-def split_arm(split: str | Sequence[str]) -> ArmBuilder:
+def split_arm(split: str | Sequence[str], prior: str | None = None) -> ArmBuilder:
     """Builder of the multi-scale flow with ``split`` at every split point.
 
     The levels are built after ``torch.manual_seed(seed)``; the NMS contributions are mapped onto
     them (``remap=True``: a Glow level's random 1x1-convolution permutation may differ from the
-    measured levels'). ``seed`` also seeds the ``random`` split.
+    measured levels'). ``seed`` also seeds the ``random`` split. The factored halves get
+    ``prior`` (``None``: ``config.prior``); Glow's conditional prior is built after the levels,
+    zero-initialised, so the ``+cond`` arm of a seed starts from the same function and level
+    weights as its standard arm.
     """
 
     def build(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
@@ -150,6 +209,7 @@ def split_arm(split: str | Sequence[str]) -> ArmBuilder:
             levels=levels,
             remap=True,
             region_size=config.region_size,
+            prior=config.prior if prior is None else prior,
         )
         return build_flow(transform, shape)
 
@@ -248,16 +308,24 @@ def ablation_arm(choice: Sequence[str]) -> ArmBuilder:
 
 def _register_defaults() -> None:
     for name in (*ARMS, *GRANULARITY_ARMS):
-        register_arm(name, split_arm(name), uses_contributions=name.startswith(("lcma", "high")))
+        uses = name.startswith(("lcma", "high"))
+        register_arm(name, split_arm(name), uses_contributions=uses, prior=None)
+        conditional = split_arm(name, "conditional")
+        register_arm(name + PRIOR_SUFFIX, conditional, uses_contributions=uses, prior="conditional")
     for name in VAE_ARMS:
         register_arm(name, vae_arm(int(name.rsplit("-", 1)[1])))
     register_arm("denseflow", _denseflow)
     register_arm("haar", _haar)
+    from lcma_ext.experiments.self_estimation import PhasedTrainer
+
+    for name in SELF_ARMS:  # phase 0 is the channel arm's flow, weights and batches
+        trainer = PhasedTrainer(name == "lcma-reestimate")  # standard priors only
+        register_arm(name, split_arm("channel", "standard"), trainer=trainer)
     for splits in range(1, MAX_ABLATION_SPLITS + 1):
         for choice in ablation_choices(splits):
             name = choice_name(choice)
             if name not in _REGISTRY:  # ("high",) is the "high" arm
-                register_arm(name, ablation_arm(choice), uses_contributions=True)
+                register_arm(name, ablation_arm(choice), uses_contributions=True, prior=None)
 
 
 _register_defaults()

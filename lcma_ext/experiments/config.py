@@ -28,19 +28,25 @@ import torch
 from lcma_ext.data import DATASETS, VISION_DATASETS, dataset_slug, npz_path
 from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
 from lcma_ext.training import PRECISIONS
+from lcma_ext.transforms.factor_prior import PRIORS
 
 __all__ = [
     "ARMS",
     "COMMANDS",
+    "CONDITIONAL_ARMS",
     "DEFAULTS",
     "FALLBACK_DEFAULTS",
     "GRANULARITY_ARMS",
     "LATENT_ARMS",
+    "PRIORS",
+    "PRIOR_SUFFIX",
     "QUICK",
     "REFERENCE_ARM",
     "REGION_SIZE",
+    "SELF_ARMS",
     "VAE_ARMS",
     "ExperimentConfig",
+    "base_arm",
     "parse_arms",
 ]
 
@@ -59,8 +65,16 @@ REFERENCE_ARM = "channel"
 VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
 #: Latent-shaping arms (not run by default), see docs/latent_shaping.md.
 LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
+#: Arms whose split is re-chosen from the contributions of the model being trained (not run by
+#: default), see :mod:`lcma_ext.experiments.self_estimation` and docs/science.md.
+SELF_ARMS = ("lcma-self", "lcma-reestimate")
 #: Most split points ``ablate-levels`` accepts (2^4 = 16 arms).
 MAX_ABLATION_SPLITS = 4
+#: An arm name ending in this is the split arm before it with Glow's conditional prior of the
+#: factored halves (``lcma+cond``), whatever ``prior`` says: one run compares both priors.
+PRIOR_SUFFIX = "+cond"
+#: The split arms with Glow's conditional prior (not run by default).
+CONDITIONAL_ARMS = tuple(arm + PRIOR_SUFFIX for arm in (*ARMS, *GRANULARITY_ARMS))
 
 #: Per-dataset defaults (chosen so the digits default finishes in 10 minutes on a 2-core CPU).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -85,6 +99,11 @@ KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
     "celeba": (3, 64, 64),
 }
+
+
+def base_arm(name: str) -> str:
+    """The arm without the :data:`PRIOR_SUFFIX`: ``"lcma+cond"`` -> ``"lcma"``."""
+    return name.removesuffix(PRIOR_SUFFIX)
 
 
 def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
@@ -146,6 +165,13 @@ class ExperimentConfig:
         compile: Train through ``torch.compile``.
         workers: ``DataLoader`` worker processes.
         hflip: Random horizontal flips of the training images (off by default).
+        reestimate_every: Epochs ``E`` of each phase of the :data:`SELF_ARMS` (``lcma-self``
+            switches its split once after ``E`` epochs, ``lcma-reestimate`` every ``E``
+            epochs); ``None``: a third of the epochs, at least 1 (:attr:`reestimate_epochs`).
+        prior: Prior of the factored halves of the split arms: ``"standard"`` (default, the
+            standard normal) or ``"conditional"`` (Glow's learned Gaussian given the kept half,
+            :class:`lcma_ext.transforms.ConditionalGaussianPrior`). The ``+cond`` arms
+            (:data:`CONDITIONAL_ARMS`) have the conditional prior either way.
     """
 
     command: str = "run"
@@ -173,6 +199,8 @@ class ExperimentConfig:
     compile: bool = False
     workers: int = 0
     hflip: bool = False
+    reestimate_every: int | None = None
+    prior: str = "standard"
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -204,6 +232,11 @@ class ExperimentConfig:
     def nms_train_epochs(self) -> int:
         """Epochs of the NMS pre-training."""
         return self.nms_epochs or self._defaults["nms_epochs"]
+
+    @property
+    def reestimate_epochs(self) -> int:
+        """Epochs of each phase of the self-estimated arms (``reestimate_every`` or a third)."""
+        return self.reestimate_every or max(1, self.train_epochs // 3)
 
     @property
     def seed_list(self) -> list[int]:
@@ -279,6 +312,7 @@ class ExperimentConfig:
             "command": (self.command, COMMANDS),
             "model": (self.model, tuple(MODELS)),
             "size": (self.size, SIZE_NAMES),
+            "prior": (self.prior, PRIORS),
         }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
@@ -294,6 +328,7 @@ class ExperimentConfig:
             "seeds": (self.seeds, 1),
             "limit": (self.limit, 2),
             "image_size": (self.image_size, 2),
+            "reestimate_every": (self.reestimate_every, 1),
         }
         for name, (value, minimum) in counts.items():
             if value is not None and not _positive_int(value, minimum):
@@ -318,6 +353,8 @@ class ExperimentConfig:
             raise ValueError(f"expected --data-root for dataset {self.dataset!r}; got None")
         if self.command == "run":
             self._validate_arms()
+        if self.prior != "standard":
+            self._validate_prior()
         shape = self.known_shape()
         if shape is not None:
             self.check_shape(shape)
@@ -328,7 +365,7 @@ class ExperimentConfig:
         known = registered_arms()
         unknown = [a for a in self.arms if a not in known]
         if not self.arms or unknown:
-            listed = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS)
+            listed = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
             raise ValueError(
                 f"expected arms as a comma-separated subset of {listed} (or flow-vae); got "
                 f"{','.join(self.arms) or 'none'!r}"
@@ -336,6 +373,26 @@ class ExperimentConfig:
         if "haar" in self.arms and self.model not in ("realnvp", "glow"):
             raise ValueError(
                 f"expected --model realnvp or glow for the haar arm; got {self.model!r}"
+            )
+        self_arms = [a for a in self.arms if a in SELF_ARMS]
+        if self_arms and self.reestimate_epochs >= self.train_epochs:
+            raise ValueError(
+                f"expected --reestimate-every below --epochs ({self.train_epochs}) for "
+                f"{', '.join(self_arms)} (they switch the split after that many epochs); got "
+                f"{self.reestimate_epochs}"
+            )
+
+    def _validate_prior(self) -> None:
+        """Every arm must take ``prior`` (``ablate-levels``' arms all do)."""
+        from lcma_ext.experiments.arms import arm_prior
+
+        if self.command != "run":
+            return
+        fixed = [arm for arm in self.arms if arm_prior(self, arm) != self.prior]
+        if fixed:
+            raise ValueError(
+                f"expected only split arms with --prior {self.prior} (it is the prior of their "
+                f"factored halves); got {', '.join(fixed)}"
             )
 
     def check_shape(self, shape: Sequence[int]) -> None:
@@ -357,7 +414,7 @@ class ExperimentConfig:
                 f"expected at most {MAX_ABLATION_SPLITS} split points (16 arms) for "
                 f"ablate-levels; got {num_levels - 1} (pass a smaller --levels)"
             )
-        if self.command == "run" and any(a.endswith("-region") for a in self.arms):
+        if self.command == "run" and any(base_arm(a).endswith("-region") for a in self.arms):
             _, h, w = shape
             for split in range(num_levels - 1):  # post-squeeze grid of split point ``split``
                 h, w = h // 2, w // 2
@@ -403,6 +460,8 @@ class ExperimentConfig:
             "quick": self.quick,
             # only when not the default, so that existing run folders still match
             **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
+            **({"reestimate_every": self.reestimate_every} if self.reestimate_every else {}),
+            **({"prior": self.prior} if self.prior != "standard" else {}),
             **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
         }
 
@@ -427,6 +486,8 @@ class ExperimentConfig:
             "limit": record.get("limit"),
             "quick": record.get("quick", False),
             "region_size": record.get("region_size", REGION_SIZE),
+            "reestimate_every": record.get("reestimate_every"),
+            "prior": record.get("prior", "standard"),
             **{key: record.get(key, default) for key, default in SCALE_OUT.items()},
         }
         fields.update(overrides)

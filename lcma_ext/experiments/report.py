@@ -2,9 +2,11 @@
 
 ``results.md`` is the table of :func:`results_markdown` (mean ± std, median, difference of
 means, paired per-seed differences and wins against the reference arm, flags), the notes on
-non-exact bits/dim, the split diagnostics of the NMS maps, the NMS flow's own bits/dim and the
-uniform-model baseline. A ``quick`` run is marked as a smoke run, a diverged run says
-"diverged", and every arm built on the contributions of a diverged NMS says so.
+non-exact bits/dim, the split diagnostics of the NMS maps, the switches of the self-estimated
+arms, the cost of choosing each data-driven split (:mod:`lcma_ext.experiments.cost`), the NMS
+flow's own bits/dim and the uniform-model baseline. A ``quick`` run is marked as a smoke run,
+a diverged run says "diverged", and every arm built on the contributions of a diverged NMS says
+so.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import numpy as np
 import torch
 
 from lcma_ext.distributions import RESIDUAL_KINDS
+from lcma_ext.experiments.cost import cost_markdown
 from lcma_ext.experiments.store import write_json, write_text
 
 __all__ = [
     "UNIFORM_MARGIN",
     "bound_notes",
     "diagnostics_markdown",
+    "prior_notes",
     "results_markdown",
     "uniform_bpd",
     "versions",
@@ -114,6 +118,21 @@ def diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def prior_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """Name the arms with Glow's conditional prior of the factored halves; empty if none."""
+    conditional = [arm for arm, entry in arms.items() if entry.get("prior") == "conditional"]
+    if not conditional:
+        return []
+    return [
+        "Prior of the factored halves: the standard normal, except Glow's conditional prior "
+        "N(mu(kept), sigma(kept)^2) (a zero-initialised convolution of the kept half, learned "
+        "with the flow; `--prior conditional` or the `+cond` arms) for "
+        f"{', '.join(f'`{arm}`' for arm in conditional)}. Its net adds parameters (see the "
+        "params column); each `+cond` arm starts from its standard arm's weights and function.",
+        "",
+    ]
+
+
 def bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
     """Explain non-exact bits/dim (estimates, IWAE-K bounds) and the Haar arm; empty if exact."""
     lines = []
@@ -180,6 +199,8 @@ def _flags(entry: dict[str, Any], uniform: float | None) -> str:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The ``results.md`` report of a ``run`` or ``ablate-levels`` results dictionary."""
+    from lcma_ext.experiments.self_estimation import self_estimation_markdown
+
     config, arms, reference = results["config"], results["arms"], results["reference_arm"]
     seeds = config["seeds"]
     nms = results.get("nms")
@@ -240,8 +261,11 @@ def results_markdown(results: dict[str, Any]) -> str:
             "so its figures say nothing about LCMA.",
             "",
         ]
+    lines += prior_notes(arms)
     lines += bound_notes(arms)
     lines += diagnostics_markdown(results.get("contribution_diagnostics") or [])
+    lines += self_estimation_markdown(results)
+    lines += cost_markdown(results.get("cost"))
     if nms:
         status = f" — diverged ({nms.get('diverged_reason') or 'non-finite'})" * nms_diverged
         lines.append(

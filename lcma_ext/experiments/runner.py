@@ -8,6 +8,8 @@ The run store is the ``out`` folder::
     checkpoints/nms.pt          NMS flow (with the metadata ``lcma-ext contributions`` needs)
     checkpoints/<arm>_seed<k>.pt  model, optimizer, epoch, random state (after every epoch)
     contributions.pt            the NMS contribution maps
+    runs/contributions.json     seconds of their estimation (the cost of offline LCMA)
+    checkpoints/phases/         per-phase files of arms that train themselves (lcma-self ...)
     results.json, results.md    the comparison; contributions_level<l>.png, samples_*.png,
                                 learning_curves.png
 
@@ -38,8 +40,10 @@ from nflows.flows import Flow
 from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
 from lcma_ext.distributed import barrier, init_from_env, world
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
-from lcma_ext.experiments.arms import arm_spec, build_arm
+from lcma_ext.experiments.arms import arm_prior, arm_spec, build_arm, restore_arm
 from lcma_ext.experiments.config import ExperimentConfig
+from lcma_ext.experiments.cost import pipeline_cost
+from lcma_ext.experiments.jobs import ArmJob
 from lcma_ext.experiments.report import uniform_bpd, versions, write_results
 from lcma_ext.experiments.stats import aggregate
 from lcma_ext.experiments.store import (
@@ -51,7 +55,12 @@ from lcma_ext.experiments.store import (
     write_json,
 )
 from lcma_ext.models import build_flow, count_parameters, make_level_factory
-from lcma_ext.plotting import plot_contributions, plot_learning_curves, save_image_grid
+from lcma_ext.plotting import (
+    plot_contributions,
+    plot_learning_curves,
+    sample_title,
+    save_image_grid,
+)
 from lcma_ext.sampling import sample_images
 from lcma_ext.training import (
     TrainConfig,
@@ -352,6 +361,7 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
         maps = _load_maps(path)
     else:
         nms_flow.eval()
+        begin = time.perf_counter()
         try:
             maps = estimate_contributions(
                 nms_flow._transform,
@@ -368,10 +378,19 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
                 f"--lr (now {run.config.lr}) with another --out"
             ) from error
         _save_maps(maps, path)  # every rank estimated the same maps; rank 0 writes them
+        if run.writes:
+            timing = {"estimate_time_s": time.perf_counter() - begin}
+            write_json(run.out / "runs" / "contributions.json", timing)
     if run.writes:
         _plot_contributions(maps, run.out)
     barrier()
     return maps
+
+
+def _contribution_time(run: _Run) -> float | None:
+    """Seconds of the NMS contribution estimation (``None`` for folders of earlier versions)."""
+    path = run.out / "runs" / "contributions.json"
+    return read_json(path).get("estimate_time_s") if path.is_file() else None
 
 
 def _plot_contributions(maps, out: Path, overwrite: bool = False) -> list[Path]:
@@ -393,7 +412,8 @@ def _build(run: _Run, arm: str, maps, seed: int) -> Flow:
     return build_arm(run.arm_config, arm, maps, seed).to(run.device)
 
 
-def _save_samples(run: _Run, arm: str, flow: Flow) -> None:
+def _save_samples(run: _Run, arm: str, flow: Flow, summary: dict[str, Any]) -> None:
+    """The sample grids of ``arm`` (seed ``summary["seed"]``), titled with its test bits/dim."""
     for temperature in TEMPERATURES:
         path = run.out / f"samples_{arm}_T{temperature}.png"
         if not path.is_file():
@@ -402,8 +422,28 @@ def _save_samples(run: _Run, arm: str, flow: Flow) -> None:
             except (RuntimeError, ValueError) as error:  # e.g. a diverged model
                 print(f"lcma-ext: warning: no samples for {arm}: {error}", file=sys.stderr)
                 continue
+            kind = summary.get("bpd_kind", "exact")
+            title = sample_title(arm, temperature, summary["test_bpd"], summary["seed"], kind)
             with atomic_path(path) as tmp:
-                save_image_grid(images, tmp)
+                save_image_grid(images, tmp, title=title)
+
+
+def _job(run: _Run, arm: str, seed: int, flow: Flow, checkpoint: Path) -> ArmJob:
+    """What an arm that trains itself (``ArmSpec.trainer``) gets."""
+    return ArmJob(
+        config=run.arm_config,
+        arm=arm,
+        seed=seed,
+        flow=flow,
+        data=run.data,
+        preprocessing=run.preprocessing,
+        train_config=run.train_config(run.config.train_epochs, seed),
+        checkpoint=checkpoint,
+        contribution_data=_contribution_data(run.data, run.preprocessing, run.device),
+        desc=f"{arm} seed {seed}",
+        writes=run.writes,
+        say=run.say,
+    )
 
 
 def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
@@ -419,16 +459,20 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
         if checkpoint.is_file():
             _load_state(checkpoint)  # a corrupt one is named before training resumes from it
         flow = _build(run, arm, maps, seed)
-        result = train_flow(
-            flow,
-            run.data.train,
-            run.preprocessing,
-            run.train_config(run.config.train_epochs, seed),
-            test_data=run.data.test,
-            checkpoint_path=checkpoint,
-            desc=f"{arm} seed {seed}",
-        )
-        summary = _summary(run, arm, seed, flow, result)
+        trainer, extra = arm_spec(arm).trainer, {}
+        if trainer is None:
+            result = train_flow(
+                flow,
+                run.data.train,
+                run.preprocessing,
+                run.train_config(run.config.train_epochs, seed),
+                test_data=run.data.test,
+                checkpoint_path=checkpoint,
+                desc=f"{arm} seed {seed}",
+            )
+        else:
+            flow, result, extra = trainer.train(_job(run, arm, seed, flow, checkpoint))
+        summary = {**_summary(run, arm, seed, flow, result), **extra}
         if run.writes:
             write_json(summary_path, summary)
         status = "DIVERGED" if summary["diverged"] else f"{summary['test_bpd']:.4f} bpd"
@@ -441,8 +485,8 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
         if flow is None:
             flow = _build(run, arm, maps, seed)
             if checkpoint.is_file():
-                flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
-        _save_samples(run, arm, flow)
+                flow = restore_arm(arm, flow, _load_state(checkpoint, run.device))
+        _save_samples(run, arm, flow, summary)
     return summary
 
 
@@ -455,6 +499,10 @@ def _results(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     arms = aggregate(runs, reference, run.seeds, run.config.outlier_gap)
+    contribution_time = _contribution_time(run)
+    offline = [name for name in arms if arm_spec(name).uses_contributions]
+    for name, entry in arms.items():
+        entry["prior"] = arm_prior(run.arm_config, name)  # of the factored halves
     nms_diverged = bool(nms and nms.get("diverged"))
     if nms_diverged:
         for name, entry in arms.items():
@@ -473,6 +521,8 @@ def _results(
         "versions": versions(),
         "runs": runs,
         **extra,
+        "contribution_time_s": contribution_time,
+        "cost": pipeline_cost(arms, runs, nms, contribution_time, offline),
         "uniform_bpd": uniform_bpd(run.data.levels),
         "smoke_run": bool(run.config.quick),
         **({"nms_diverged": True} if nms_diverged else {}),
@@ -630,7 +680,7 @@ def load_arm(run_dir: str | Path, arm: str, seed: int, device: str = "cpu") -> F
     maps = _load_maps(run_dir / "contributions.pt")
     with torch.random.fork_rng(devices=[]):
         flow = build_arm(config, arm, maps, seed)
-    flow.load_state_dict(_load_state(checkpoint)["model"])
+    flow = restore_arm(arm, flow, _load_state(checkpoint))
     return flow.to(config.torch_device).eval()
 
 

@@ -13,7 +13,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["aggregate", "flag_outliers", "summary_stats"]
+__all__ = ["aggregate", "flag_outliers", "standard_error", "summary_stats"]
 
 
 def flag_outliers(runs: list[dict[str, Any]], gap: float) -> None:
@@ -40,6 +40,13 @@ def summary_stats(values: Sequence[float]) -> dict[str, float]:
         "std": statistics.stdev(finite) if len(finite) > 1 else nan,
         "median": statistics.median(finite) if finite else nan,
     }
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of the finite ``values``: ``std / sqrt(n)`` (``nan``: n < 2)."""
+    finite = [v for v in values if math.isfinite(v)]
+    std = summary_stats(finite)["std"]
+    return std / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
 
 
 def aggregate(

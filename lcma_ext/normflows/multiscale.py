@@ -14,6 +14,9 @@ lcma-ext numbers levels from the data side, as nflows does: data-side level ``l`
 * :class:`MultiscaleFlow` is ``normflows.MultiscaleFlow`` whose ``log_prob(x)`` works without
   class labels for unconditional models, with per-dimension log-dets for the whole model
   (:func:`inverse_and_log_det_with_diag`, which also takes a plain ``normflows.MultiscaleFlow``).
+  Glow's conditional prior of a factored half lives in its merge
+  (:class:`lcma_ext.normflows.SplitMerge` with a
+  :class:`lcma_ext.transforms.ConditionalGaussianPrior`; :attr:`MultiscaleFlow.priors`).
 
 References:
     V. Stimper et al. normflows: A PyTorch Package for Normalizing Flows. JOSS 2023.
@@ -35,8 +38,10 @@ from lcma_ext.normflows.adapters import (
     data_to_noise_with_diag,
     require_supported,
 )
+from lcma_ext.normflows.splits import SplitMerge
 from lcma_ext.splits import PLACEMENTS
 from lcma_ext.transforms.base import DiagMixin, check_diag
+from lcma_ext.transforms.factor_prior import ConditionalGaussianPrior
 
 __all__ = ["MultiscaleFlow", "NMSFlow", "NormflowsLevel", "inverse_and_log_det_with_diag"]
 
@@ -214,7 +219,9 @@ def inverse_and_log_det_with_diag(
 
     Data to noise through the whole model: the optional ``transform``, every level and every
     merge. A merge only moves dimensions (log-det 0), so it splits the running map exactly as
-    it splits the data (normflows' ``Merge`` in any mode, and :class:`SplitMerge`).
+    it splits the data (normflows' ``Merge`` in any mode, and :class:`SplitMerge`); a
+    :class:`SplitMerge` with Glow's conditional prior also adds ``-log sigma(z_kept)`` to each
+    dimension of its factored half.
 
     Args:
         model: A ``normflows.MultiscaleFlow`` (or :class:`MultiscaleFlow`) of supported flows.
@@ -261,9 +268,13 @@ def inverse_and_log_det_with_diag(
         if i == 0:
             z[0], diags[0] = x, diag
             break
-        where = f"MultiscaleFlow.merges[{i - 1}]"
-        x, z[i], step = _merge_inverse(model.merges[i - 1], x, where)
-        diag, diags[i], _ = _merge_inverse(model.merges[i - 1], diag, where)
+        merge = model.merges[i - 1]
+        if isinstance(merge, SplitMerge):  # also its conditional prior's -log sigma
+            (x, z[i]), step, (diag, diags[i]) = merge.inverse_with_diag(x, diag)
+        else:
+            where = f"MultiscaleFlow.merges[{i - 1}]"
+            x, z[i], step = _merge_inverse(merge, x, where)
+            diag, diags[i], _ = _merge_inverse(merge, diag, where)
         log_det = log_det + step
     return z, log_det, diags
 
@@ -277,7 +288,10 @@ class MultiscaleFlow(nf.MultiscaleFlow):
     the data-side flows return scalar log-dets first (``Squeeze`` then ``ActNorm``: the running
     sum becomes a 0-dim tensor); here the sum starts at shape ``(B,)``, as its
     ``inverse_and_log_det`` does. Also gives the per-dimension log-dets of the whole model
-    (:meth:`inverse_and_log_det_with_diag`).
+    (:meth:`inverse_and_log_det_with_diag`). A factored half with Glow's conditional prior
+    (:func:`lcma_ext.normflows.build_multiscale_model` with ``prior="conditional"``) has it in
+    its merge, a :class:`lcma_ext.normflows.SplitMerge`: the base distribution scores
+    ``eps = (z_new - mu(z)) / sigma(z)`` and ``sample`` draws ``mu(z) + sigma(z) * eps``.
 
     Shapes:
         x: ``(B, *input_shape)``; log_prob: ``(B,)``.
@@ -302,6 +316,15 @@ class MultiscaleFlow(nf.MultiscaleFlow):
         for q0, latent in zip(self.q0, z):
             log_q = log_q + (q0.log_prob(latent, y) if self.class_cond else q0.log_prob(latent))
         return log_q
+
+    @property
+    def priors(self) -> list[ConditionalGaussianPrior | None]:
+        """Per split point, data side first, its conditional prior (``None``: none).
+
+        Split point ``l`` is ``merges[L - 2 - l]``; a merge other than a
+        :class:`lcma_ext.normflows.SplitMerge` has none.
+        """
+        return [getattr(merge, "prior", None) for merge in reversed(self.merges)]
 
     def inverse_and_log_det_with_diag(
         self, x: Tensor, attribution: str | None = None

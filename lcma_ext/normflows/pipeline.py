@@ -309,6 +309,7 @@ def build_multiscale_model(
     region_size: int = DEFAULT_REGION_SIZE,
     *,
     base: BaseFactory | None = None,
+    prior: str | Sequence[str] = "standard",
 ) -> MultiscaleFlow:
     """A normflows multi-scale model with the named split at every split point.
 
@@ -316,7 +317,11 @@ def build_multiscale_model(
     and tracks the levels and splits; they are then assembled as a normflows model: level
     ``l`` (data side first) is ``flows[L - 1 - l]``, split point ``l`` is
     ``merges[L - 2 - l]`` (a :class:`lcma_ext.normflows.SplitMerge`), and each factored half
-    and the last level's output get a base distribution of their shape.
+    and the last level's output get a base distribution of their shape. With
+    ``prior="conditional"`` a split point's merge also holds Glow's conditional prior (the
+    core builder's zero-initialised :class:`lcma_ext.transforms.ConditionalGaussianPrior`, the
+    same module): its base distribution scores ``eps = (z_new - mu(z)) / sigma(z)`` of the
+    factored half given the kept half ``z``, so a new model is exactly the standard-prior one.
 
     Args:
         level_factory: ``level_factory(level_index, input_shape) -> list of normflows flows``;
@@ -337,15 +342,23 @@ def build_multiscale_model(
         region_size: Tile side of the ``"*-region"`` splits.
         base: ``base(shape) -> distribution``; default normflows' trainable
             ``DiagGaussian(shape)``.
+        prior: ``"standard"`` (default: the base distribution scores each factored half) or
+            ``"conditional"`` (Glow's learned Gaussian given the kept half), for every split
+            point or one per split point.
 
     Returns:
         An untrained :class:`lcma_ext.normflows.MultiscaleFlow` with ``class_cond=False``
         (``log_prob(x)`` without labels).
 
     Raises:
-        ValueError: for an unknown split, missing contributions or inconsistent shapes.
+        ValueError: for an unknown split or prior, missing contributions or inconsistent
+            shapes.
         RuntimeError: for levels that do not match the maps (unless ``remap``).
         TypeError: for a level entry without a per-dimension adapter.
+
+    References:
+        D. Kingma, P. Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions.
+        NeurIPS 2018 (``split2d``).
     """
     wrapped = None if levels is None else [NormflowsLevel(level) for level in levels]
     flow = core_pipeline.build_multiscale_transform(
@@ -359,8 +372,9 @@ def build_multiscale_model(
         levels=wrapped,
         remap=remap,
         region_size=region_size,
+        prior=prior,
     )
-    built, splits = flow.levels, flow.splits  # data side first
+    built, splits, priors = flow.levels, flow.splits, flow.priors  # data side first
     for index, level in enumerate(built):
         if not isinstance(level, NormflowsLevel):
             raise TypeError(
@@ -379,6 +393,6 @@ def build_multiscale_model(
     return MultiscaleFlow(
         q0,
         [list(level.flows) for level in reversed(built)],
-        [SplitMerge(split_) for split_ in reversed(splits)],
+        [SplitMerge(s, p) for s, p in zip(reversed(splits), reversed(priors), strict=True)],
         class_cond=False,
     )

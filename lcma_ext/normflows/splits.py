@@ -8,6 +8,14 @@ again. Here ``z`` is the half that is *kept* (it goes on through the deeper leve
 :class:`SplitMerge` wraps any :class:`lcma_ext.splits.Split` in that interface, so the LCMA
 split of the core package drops into a normflows model unchanged.
 
+With a :class:`lcma_ext.transforms.ConditionalGaussianPrior` (Glow's learned prior of the
+factored half, ``build_multiscale_model(..., prior="conditional")``) the merge also carries the
+affine map ``eps = (z_new - mu(z)) / sigma(z)`` conditioned on the kept half: ``inverse``
+returns ``[z, eps]`` with log-det ``-sum log sigma(z)``, ``forward`` joins ``mu(z) + sigma(z) *
+eps``. The base distribution then scores ``eps``, so normflows' ``MultiscaleFlow`` (its
+``log_prob``, ``sample`` and ``forward_and_log_det``) runs unchanged and sampling draws every
+factored half from its conditional given the kept half.
+
 In normflows' Glow example each level's flows end with ``normflows.flows.Squeeze`` (a squeeze in
 the data-to-noise direction, with nflows' channel ordering ``4c + 2 dy + dx``), so the merge
 acts on the squeezed tensor: the default ``placement="post_squeeze"``.
@@ -27,29 +35,62 @@ import torch
 from torch import Tensor
 
 from lcma_ext import splits as core
+from lcma_ext.transforms.factor_prior import ConditionalGaussianPrior
 
 __all__ = ["LCMASplit", "SplitMerge"]
 
 
+def _check_prior(split: core.Split, prior: ConditionalGaussianPrior | None) -> None:
+    """Raise unless ``prior`` is ``None`` or a prior of the bound split's halves."""
+    if prior is None:
+        return
+    if not isinstance(prior, ConditionalGaussianPrior):
+        raise TypeError(
+            f"expected prior=None or a ConditionalGaussianPrior; got {type(prior).__name__}"
+        )
+    shape = getattr(split, "input_shape", None)  # index splits know it once bound
+    if shape is not None:
+        factored, kept = split.output_shapes(shape)
+        if (prior.factored_shape, prior.kept_shape) != (tuple(factored), tuple(kept)):
+            raise ValueError(
+                f"expected a prior for halves {tuple(factored)} and {tuple(kept)}; got one for "
+                f"{prior.factored_shape} and {prior.kept_shape}"
+            )
+
+
 class SplitMerge(nf.flows.Merge):
-    """A normflows merge built from any :class:`lcma_ext.splits.Split` (log-det 0).
+    """A normflows merge built from any :class:`lcma_ext.splits.Split`, optionally with a prior.
 
     It subclasses ``normflows.flows.Merge``, so code that checks for a merge accepts it; the
-    split object replaces normflows' ``mode`` (channel or checkerboard halves).
+    split object replaces normflows' ``mode`` (channel or checkerboard halves). Without a prior
+    it only moves dimensions (log-det 0); with a :class:`ConditionalGaussianPrior` the factored
+    half leaves (data to noise) as ``eps = (z_new - mu(z)) / sigma(z)``, ``z`` the kept half.
 
     Args:
         split: A bound split (an index split built with its input shape, or a ChannelSplit).
+        prior: ``None`` (default; the base distribution scores the factored half itself) or
+            Glow's conditional prior built for the split's halves.
 
     Shapes:
         forward: ``[kept (B, *kept_shape), factored (B, *factored_shape)]`` ->
-        ``(B, *input_shape)``; inverse: the reverse.
+        ``(B, *input_shape)``; inverse: the reverse; log_det: ``(B,)``.
+
+    Raises:
+        TypeError: for a split that is not a :class:`lcma_ext.splits.Split`, or another prior.
+        ValueError: for a prior of other halves than the (bound index) split's.
+
+    References:
+        D. Kingma, P. Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions.
+        NeurIPS 2018 (``split2d``).
     """
 
-    def __init__(self, split: core.Split) -> None:
+    def __init__(self, split: core.Split, prior: ConditionalGaussianPrior | None = None) -> None:
         super().__init__(mode="channel")
         if not isinstance(split, core.Split):
             raise TypeError(f"expected a lcma_ext.splits.Split; got {type(split).__name__}")
+        _check_prior(split, prior)
         self.split = split
+        self.prior = prior
 
     def forward(self, z: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Merge ``[z_kept, z_factored]`` (noise to data); returns ``(z, log_det)``."""
@@ -59,13 +100,36 @@ class SplitMerge(nf.flows.Merge):
                 f"{len(z) if isinstance(z, (list, tuple)) else 'no'} entries"
             )
         kept, factored = z
-        merged = self.split.inverse(factored, kept)
-        return merged, torch.zeros(merged.shape[0], dtype=merged.dtype, device=merged.device)
+        log_det = torch.zeros(kept.shape[0], dtype=kept.dtype, device=kept.device)
+        if self.prior is not None:
+            factored, log_det = self.prior.inverse(factored, kept)
+        return self.split.inverse(factored, kept), log_det
 
     def inverse(self, z: Tensor) -> tuple[list[Tensor], Tensor]:
         """Split ``z`` (data to noise); returns ``([z_kept, z_factored], log_det)``."""
         factored, kept = self.split(z)
-        return [kept, factored], torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        if self.prior is not None:
+            factored, log_det = self.prior(factored, kept)
+        return [kept, factored], log_det
+
+    def inverse_with_diag(
+        self, z: Tensor, diag: Tensor
+    ) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+        """:meth:`inverse` and the per-dimension log-dets ``diag`` (shaped like ``z``) split alike.
+
+        The prior adds its ``-log sigma(z_kept)`` to each factored dimension's entry.
+
+        Returns:
+            ``([z_kept, z_factored], log_det, [diag_kept, diag_factored])``.
+        """
+        factored, kept = self.split(z)
+        factored_diag, kept_diag = self.split.carry(diag)
+        log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
+        if self.prior is not None:
+            factored, log_det, own = self.prior.forward_with_diag(factored, kept)
+            factored_diag = factored_diag + own
+        return [kept, factored], log_det, [kept_diag, factored_diag]
 
 
 class LCMASplit(SplitMerge):
@@ -80,9 +144,14 @@ class LCMASplit(SplitMerge):
         contributions: ``(4C, H, W)``, ``(C, H, W)`` (``placement="squeeze"``) or ``(D,)``.
         factor_out: ``"low"`` (default) or ``"high"``.
         placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
+        prior: As in :class:`SplitMerge`.
     """
 
     def __init__(
-        self, contributions: Tensor, factor_out: str = "low", placement: str = "post_squeeze"
+        self,
+        contributions: Tensor,
+        factor_out: str = "low",
+        placement: str = "post_squeeze",
+        prior: ConditionalGaussianPrior | None = None,
     ) -> None:
-        super().__init__(core.LCMASplit(contributions, factor_out, placement))
+        super().__init__(core.LCMASplit(contributions, factor_out, placement), prior)

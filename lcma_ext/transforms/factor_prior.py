@@ -10,8 +10,21 @@ the affine map ``eps = (f - mu(k)) / sigma(k)`` of ``f`` conditioned on ``k``, w
 half only (conditioning on ``f`` itself would give an unnormalised density).
 
 The net is zero-initialised (weights, bias and Glow's per-channel log-scale factor), so a new
-flow is exactly the standard-normal model. In the per-dimension protocol the prior contributes
-``-log sigma`` to each factored dimension.
+flow is exactly the standard-normal model.
+
+Per-dimension protocol: the map is diagonal in ``f`` (``d eps_i / d f_i = 1 / sigma_i(k)``; its
+dependence on ``k`` only fills the off-diagonal block of a block-triangular Jacobian), so the
+prior contributes exactly ``-log sigma_i(k)`` to factored dimension ``i`` and nothing to the kept
+ones. ``ContributionMultiscaleFlow.forward_with_diag`` (and a normflows ``MultiscaleFlow``'s
+``inverse_and_log_det_with_diag``) adds it to each factored dimension's cumulative entry, so the
+entries still sum to the log-det. The meaning of :func:`lcma_ext.estimate_contributions` is
+unchanged: it measures the NMS flow, which factors nothing out and so has no prior; the LCMA
+split is chosen from those contributions of the flow layers alone, and the prior scores a half
+only after the split has chosen it.
+
+Sampling: the inverse ``f = mu(k) + sigma(k) * eps`` runs after the deeper levels have produced
+``k``, so scaling the base noise by a temperature ``T`` draws ``f = mu(k) + T sigma(k) eps``:
+Glow's tempered conditional (see :func:`lcma_ext.sampling.sample`).
 
 References:
     D. Kingma, P. Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions. NeurIPS 2018

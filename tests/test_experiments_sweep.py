@@ -1,0 +1,178 @@
+"""lcma-ext sweep: a --quick smoke sweep over two tiny cells (files, table = the cells'
+results.json, resume skips finished cells), the CLI, validation and docs/science.md's generator."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcma_ext.cli import main
+from lcma_ext.experiments import ExperimentConfig, ExperimentError, SweepConfig, run_sweep
+from lcma_ext.experiments import sweep as sweep_module
+
+ARMS = "channel,lcma,lcma-self"
+CELLS = ("tiny-2ep", "tiny-3ep")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _base(**changes):
+    return ExperimentConfig(
+        **{"quick": True, "limit": 64, "progress": False, "arms": ARMS, **changes}
+    )
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, run_sweep(SweepConfig(_base(), out=out))
+
+
+def _table(out: Path) -> list[list[str]]:
+    lines = (out / "sweep.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| tiny ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_the_quick_sweep_writes_every_file(swept):
+    out, sweep = swept
+    for name in ("sweep.json", "sweep.md", "sweep.png"):
+        assert (out / name).is_file(), name
+    for cell in CELLS:
+        for name in ("config.json", "results.json", "results.md"):
+            assert (out / cell / name).is_file(), f"{cell}/{name}"
+    stored = json.loads((out / "sweep.json").read_text())
+    assert [c["name"] for c in stored["cells"]] == list(CELLS)
+    assert all(c["finished"] for c in stored["cells"])
+    assert stored["config"]["sizes"] == ["tiny"] and stored["config"]["epoch_budgets"] == [2, 3]
+    assert (
+        "--quick" in stored["config"]["command"] and "Smoke run" in (out / "sweep.md").read_text()
+    )
+    assert len(sweep["rows"]) == len(CELLS) * 3
+
+
+def _expected(results: dict, arm: str) -> dict[str, str]:
+    """The table's cells recomputed from one cell's results.json, independently of the sweep."""
+    entry, channel = results["arms"][arm], results["arms"]["channel"]
+    diffs = [a - b for a, b in zip(entry["bpd_per_seed"], channel["bpd_per_seed"])]
+    row = {
+        "params": f"{entry['parameters']:,}",
+        "bpd": f"{statistics.fmean(entry['bpd_per_seed']):.4f} ± "
+        f"{statistics.stdev(entry['bpd_per_seed']):.4f}",
+        "median": f"{statistics.median(entry['bpd_per_seed']):.4f}",
+    }
+    if arm == "channel":
+        return {**row, "diff": "—", "wins": "—"}
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs))
+    won = [seed for seed, d in zip(entry["seeds"], diffs) if d < 0]
+    named = f" (seed{'s' * (len(won) != 1)} {', '.join(map(str, won))})" if won else ""
+    return {
+        **row,
+        "diff": f"{statistics.fmean(diffs):+.4f} ± {se:.4f}",
+        "wins": f"{len(won)}/{len(diffs)}{named}",
+    }
+
+
+def test_the_table_figures_are_the_cells_results(swept):
+    out, _ = swept
+    table = _table(out)
+    assert len(table) == len(CELLS) * 3
+    for size, epochs, params, arm, bpd, median, diff, wins, share, _flags in table:
+        results = json.loads((out / f"{size}-{epochs}ep" / "results.json").read_text())
+        assert results["config"]["epochs"] == int(epochs)
+        expected = _expected(results, arm)
+        assert (params, bpd, median, diff, wins) == (
+            expected["params"],
+            expected["bpd"],
+            expected["median"],
+            expected["diff"],
+            expected["wins"],
+        ), (epochs, arm)
+        cost = results["cost"].get(arm)
+        assert share == ("—" if cost is None else f"{100 * cost['share']:.1f} %")
+
+
+def test_a_rerun_skips_every_finished_cell(swept, monkeypatch):
+    out, sweep = swept
+
+    def refuse(config):
+        raise AssertionError(f"cell {config.out.name} was run again")
+
+    before = {p: p.stat().st_mtime_ns for cell in CELLS for p in (out / cell).rglob("*")}
+    monkeypatch.setattr(sweep_module, "run_comparison", refuse)
+    again = run_sweep(SweepConfig(_base(), out=out))
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert again["rows"] == sweep["rows"]
+
+
+def test_the_cli_resumes_the_same_sweep_and_prints_its_table(swept, monkeypatch, capsys):
+    out, _ = swept
+    monkeypatch.setattr(sweep_module, "run_comparison", lambda config: pytest.fail("ran a cell"))
+    argv = ["sweep", "--quick", "--limit", "64", "--arms", ARMS, "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    assert "| tiny | 3 |" in capsys.readouterr().out
+
+
+def test_a_cell_of_another_configuration_is_not_skipped(swept):
+    out, _ = swept
+    with pytest.raises(ExperimentError, match="different seeds"):
+        run_sweep(SweepConfig(_base(seeds=3), out=out))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"sizes": "tiny,huge"}, "expected sizes as distinct names"),
+        ({"sizes": ("tiny", "tiny")}, "expected sizes as distinct names"),
+        ({"epoch_budgets": "2,0"}, "expected epoch_budgets as distinct integers >= 1"),
+        ({"epoch_budgets": "two"}, "expected epoch_budgets as integers >= 1"),
+        ({"epoch_budgets": (1, 2)}, "cell tiny-1ep: expected --reestimate-every below --epochs"),
+    ],
+)
+def test_a_bad_grid_is_refused_before_any_training(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        run_sweep(SweepConfig(_base(), out=tmp_path / "bad", **changes))
+    assert not (tmp_path / "bad").exists()
+
+
+def _update_science():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "update_science", BENCHMARKS / "update_science.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return module
+
+
+def test_update_science_replaces_the_marked_block_from_the_folders(swept, tmp_path):
+    out, _ = swept
+    doc = tmp_path / "docs" / "science.md"
+    doc.parent.mkdir()
+    doc.write_text("intro\n<!-- sweep:start -->\nrun X to fill this\n<!-- sweep:end -->\nafter\n")
+    assert _update_science().main([str(out), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "run X to fill this" not in text and text.startswith("intro\n") and "after" in text
+    assert "### lcma-ext sweep: realnvp on digits" in text
+    for row in _table(out):
+        assert "| " + " | ".join(row) + " |" in text
+    image = doc.parent / "images" / f"sweep-{out.name}.png"
+    assert image.is_file() and f"(images/sweep-{out.name}.png)" in text
+    assert _update_science().main([str(tmp_path / "nothing"), "--doc", str(doc)]) == 2
+
+
+def test_docs_science_md_has_one_generated_block_per_marker():
+    """The page update_science.py fills: its blocks exist once, and no figure is typed there."""
+    text = (BENCHMARKS.parent / "docs" / "science.md").read_text()
+    for marker in ("sweep", "gpu"):
+        assert text.count(f"<!-- {marker}:start -->") == text.count(f"<!-- {marker}:end -->") == 1
+        block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
+        assert "to fill this" in block or "### lcma-ext sweep" in block, marker
