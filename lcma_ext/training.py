@@ -387,7 +387,7 @@ def _train_loader(
         world_size=where.size,
         distributed=where.distributed,
         num_workers=config.num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and train_data.device.type == "cpu",
     )
 
 
