@@ -28,6 +28,7 @@ import torch.distributed as dist
 __all__ = [
     "World",
     "all_gather_objects",
+    "all_reduce_sum",
     "barrier",
     "broadcast_object",
     "init_from_env",

@@ -231,3 +231,24 @@ def test_compiled_training_equals_eager(digits):
     assert results[1].train_bpd == pytest.approx(results[0].train_bpd, abs=1e-5)
     for p, q in zip(*(f.parameters() for f in flows)):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 4, 2)])
+def test_actnorm_compiled_branch_equals_eager(shape):
+    """The branch ``ActNorm.forward`` takes under ``torch.compile`` against nflows' forward."""
+    torch.manual_seed(0)
+    layer = T.ActNorm(3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    layer.double().train()
+    layer(x)  # data-dependent initialisation, eager
+    with torch.no_grad():
+        layer.log_scale.add_(torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64))
+    layer.eval()
+    eager = layer(x)
+    compiled = torch.compile(layer, backend="eager")(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled[0], eager[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-12)
+    spatial = shape[2] * shape[3] if len(shape) == 4 else 1
+    expected = spatial * layer.log_scale.sum() * torch.ones(shape[0], dtype=torch.float64)
+    torch.testing.assert_close(compiled[1], expected, rtol=0, atol=1e-12)
