@@ -164,15 +164,41 @@ def test_update_science_replaces_the_marked_block_from_the_folders(swept, tmp_pa
     assert "### lcma-ext sweep: realnvp on digits" in text
     for row in _table(out):
         assert "| " + " | ".join(row) + " |" in text
-    image = doc.parent / "images" / f"sweep-{out.name}.png"
-    assert image.is_file() and f"(images/sweep-{out.name}.png)" in text
+    name = out.name if out.name.startswith("sweep") else f"sweep-{out.name}"  # no sweep-sweep-
+    image = doc.parent / "images" / f"{name}.png"
+    assert image.is_file() and f"(images/{name}.png)" in text
     assert _update_science().main([str(tmp_path / "nothing"), "--doc", str(doc)]) == 2
+
+
+def test_update_science_cost_block_lists_every_data_driven_arm_of_the_runs(swept, tmp_path):
+    import json
+
+    out, _ = swept
+    cell = next(p for p in sorted(out.iterdir()) if (p / "results.json").is_file())
+    doc = tmp_path / "science.md"
+    doc.write_text("intro\n<!-- cost:start -->\nrun X\n<!-- cost:end -->\nafter\n")
+    assert _update_science().main([str(cell), "--cost", "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "run X" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    cost = json.loads((cell / "results.json").read_text())["cost"]
+    assert {entry["kind"] for entry in cost.values()} == {"offline", "self"}
+    rows = [line for line in text.splitlines() if line.startswith("| realnvp ")]
+    assert len(rows) == len(cost)
+    for row, (arm, entry) in zip(rows, cost.items()):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == arm and cells[5] == entry["kind"]
+        assert cells[-1] == f"{100 * entry['share']:.1f} %"
+        assert cells[-2] == f"{entry['train_time_s']:.1f}"
+        if entry["kind"] == "offline":
+            assert cells[6] == f"{entry['nms_train_time_s']:.1f}"
+    assert _update_science().main([str(out), "--cost", "--doc", str(doc)]) == 2  # no results.json
 
 
 def test_docs_science_md_has_one_generated_block_per_marker():
     """The page update_science.py fills: its blocks exist once, and no figure is typed there."""
     text = (BENCHMARKS.parent / "docs" / "science.md").read_text()
-    for marker in ("sweep", "gpu"):
+    generated = {"sweep": "### lcma-ext sweep", "gpu": "### lcma-ext sweep", "cost": "| model |"}
+    for marker, heading in generated.items():
         assert text.count(f"<!-- {marker}:start -->") == text.count(f"<!-- {marker}:end -->") == 1
         block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
-        assert "to fill this" in block or "### lcma-ext sweep" in block, marker
+        assert "to fill this" in block or heading in block, marker

@@ -76,7 +76,12 @@ import torch
 from nflows.transforms.base import Transform
 from torch import Tensor, nn
 
-from lcma_ext.nets.lipschitz import LipschitzConvNet, LipschitzMLP, frozen_lipschitz
+from lcma_ext.nets.lipschitz import (
+    LipschitzConvNet,
+    LipschitzMLP,
+    frozen_lipschitz,
+    spectral_layers,
+)
 from lcma_ext.transforms.base import DiagMixin
 
 __all__ = [
@@ -140,16 +145,42 @@ def _draw_probes(inputs: Tensor, n_probes: int, probe: str) -> list[Tensor]:
     ]
 
 
+VectorJacobian = Callable[[Tensor], Tensor]
+
+
+def _autograd_vjp(g: Tensor, x: Tensor, create_graph: bool) -> VectorJacobian:
+    """``w -> w^T J_g(x)`` by ``torch.autograd.grad`` on the graph of ``g = net(x)``."""
+
+    def vjp(w: Tensor) -> Tensor:
+        (product,) = torch.autograd.grad(g, x, w, create_graph=create_graph, retain_graph=True)
+        return product
+
+    return vjp
+
+
+def _functional_vjp(net: nn.Module, x: Tensor) -> tuple[Tensor, VectorJacobian]:
+    """``(net(x), w -> w^T J_net(x))`` by ``torch.func.vjp``, which ``torch.compile`` traces.
+
+    The products are differentiable (in ``x`` and the parameters) whenever grad mode is on, as
+    with ``create_graph=True``; ``torch.autograd.grad`` and ``requires_grad_`` would break the
+    graph instead.
+    """
+    g, pullback = torch.func.vjp(net, x)
+    return g, lambda w: pullback(w)[0]
+
+
 def _series(
-    g: Tensor,
+    vjp: VectorJacobian,
     x: Tensor,
     probes: list[Tensor],
     coefficients: Sequence[float],
-    create_graph: bool,
     neumann: bool,
     per_dimension: bool = True,
 ) -> tuple[Tensor, list[Tensor]]:
     """Series estimate of ``log(I + J_g)`` (averaged over probes) and Neumann vectors.
+
+    Args:
+        vjp: ``w -> w^T J_g(x)`` (:func:`_autograd_vjp` or :func:`_functional_vjp`).
 
     Returns:
         ``(estimate, neumann_vectors)``: ``estimate`` is the diagonal, shaped like ``x``, when
@@ -165,7 +196,7 @@ def _series(
         for k, c_k in enumerate(coefficients, start=1):
             if vector is not None:
                 vector = vector + ((-1) ** (k + 1) * c_k) * w
-            (w,) = torch.autograd.grad(g, x, w, create_graph=create_graph, retain_graph=True)
+            w = vjp(w)
             term = w * v if per_dimension else _sum_except_batch(w * v)
             estimate = estimate + ((-1) ** (k + 1) * c_k / k) * term
         if vector is not None:
@@ -212,7 +243,12 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
             g = block.net(x_leaf)
             probes = _draw_probes(x_leaf, plan.n_probes, plan.probe)
             logdet, vectors = _series(
-                g, x_leaf, probes, plan.coefficients, False, True, per_dimension=False
+                _autograd_vjp(g, x_leaf, create_graph=False),
+                x_leaf,
+                probes,
+                plan.coefficients,
+                True,
+                per_dimension=False,
             )
         ctx.g, ctx.x_leaf, ctx.params = g, x_leaf, params
         ctx.probes, ctx.vectors = probes, vectors
@@ -232,10 +268,19 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
         return (None, grads[0], None, *grads[1:])
 
 
+@torch.compiler.disable
+def _autograd_logdet_eagerly(
+    block: _ResidualBlock, x: Tensor, want_diag: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``block._autograd_logdet`` run eagerly from inside a compiled model."""
+    return block._autograd_logdet(x, want_diag)
+
+
 class _ResidualBlock(DiagMixin, Transform):
     """Shared machinery of the two blocks; see the module docstring."""
 
     _activation = "lipswish"
+    _random_plan = False  # True: the plan draws its number of terms on every call
 
     def __init__(
         self,
@@ -328,19 +373,58 @@ class _ResidualBlock(DiagMixin, Transform):
                 f"got {tuple(inputs.shape)}"
             )
 
+    def _differentiable(self, x: Tensor) -> bool:
+        return torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.net.parameters())
+        )
+
+    def _neumann(self, differentiable: bool) -> bool:
+        return differentiable and self._uses_neumann() and self.low_variance is None
+
     def _logdet(self, x: Tensor, want_diag: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """``(g(x), logdet, diag or None)`` for the current mode.
 
         ``want_diag`` never goes through the memory-efficient function: same probes and
         coefficients (same random draws), series values, plain Neumann gradient.
+
+        Under ``torch.compile`` a fixed series (i-ResNet; a Residual Flow with
+        ``low_variance`` set) without the Neumann gradient is traced whole through
+        ``torch.func.vjp``. The rest runs eagerly inside the compiled model: the roulette draws
+        the number of terms on every call (a loop length the compiler would recompile for), and
+        the Neumann gradient and the exact Jacobian differentiate ``torch.autograd.grad``
+        products again in the backward pass, which compiled graphs do not support.
         """
-        differentiable = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.net.parameters())
-        )
+        if not torch.compiler.is_compiling():
+            return self._autograd_logdet(x, want_diag)
+        fixed_plan = self.low_variance is not None or not self._random_plan
+        if self.exact or not fixed_plan or self._neumann(self._differentiable(x)):
+            return _autograd_logdet_eagerly(self, x, want_diag)
+        return self._functional_logdet(x, want_diag)
+
+    def _functional_logdet(
+        self, x: Tensor, want_diag: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The series of :meth:`_autograd_logdet` through ``torch.func.vjp`` (no Neumann)."""
+        plan = self._plan()
+        # The transformed call must not mutate the power-iteration vectors, so every layer takes
+        # its training-mode update first (a layer's update reads only its own weight and
+        # vectors: the same values as updating right before its forward).
+        for layer in spectral_layers(self.net):
+            layer._maybe_update()
+        with frozen_lipschitz(self.net):
+            g, vjp = _functional_vjp(self.net, x)
+        probes = _draw_probes(x, plan.n_probes, plan.probe)
+        estimate, _ = _series(vjp, x, probes, plan.coefficients, False, want_diag)
+        logdet = _sum_except_batch(estimate) if want_diag else estimate
+        return g, logdet, estimate if want_diag else None
+
+    def _autograd_logdet(self, x: Tensor, want_diag: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_logdet` by ``torch.autograd.grad`` (eager)."""
+        differentiable = self._differentiable(x)
         if self.exact:
             return self._exact(x, want_diag, differentiable)
         plan = self._plan()
-        neumann = differentiable and self._uses_neumann() and self.low_variance is None
+        neumann = self._neumann(differentiable)
         if neumann and self._uses_memory_efficient() and not want_diag:
             params = [p for p in self.net.parameters() if p.requires_grad]
             g, logdet = _MemoryEfficientNeumann.apply(self, x, plan, *params)
@@ -351,7 +435,12 @@ class _ResidualBlock(DiagMixin, Transform):
             probes = _draw_probes(x_in, plan.n_probes, plan.probe)
             create_graph = differentiable and not neumann
             estimate, vectors = _series(
-                g, x_in, probes, plan.coefficients, create_graph, neumann, want_diag
+                _autograd_vjp(g, x_in, create_graph),
+                x_in,
+                probes,
+                plan.coefficients,
+                neumann,
+                want_diag,
             )
             diag = estimate if want_diag else None
             logdet = _sum_except_batch(estimate) if want_diag else estimate
@@ -525,6 +614,7 @@ class ResidualFlowBlock(_ResidualBlock):
     """
 
     _activation = "lipswish"
+    _random_plan = True
 
     def __init__(
         self,
