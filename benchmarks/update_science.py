@@ -54,7 +54,7 @@ def _seconds(value: float | None) -> str:
 def cost_section(run_dirs: list[Path]) -> str:
     """One table of the split-selection cost per data-driven arm of ``lcma-ext run`` folders.
 
-    Read from each folder's ``results.json`` (``cost``, ``config``, ``world_size``): offline
+    Read from each folder's ``results.json`` (``cost`` and ``config``): offline
     arms pay the NMS pre-training and the contribution estimation, self-estimated arms their
     in-training estimations; the share is selection / (selection + the arm's training per seed).
     """
@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=Path, default=None, help="(default: <doc>/../images)")
     parser.add_argument("--marker", default="sweep", help="block to replace (default: sweep)")
     args = parser.parse_args(argv)
-    images = args.images or args.doc.parent / "images"
     if args.cost:
         missing = [d for d in args.sweeps if not (d / "results.json").is_file()]
         if missing:
@@ -114,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         args.doc.write_text(text)
         print(f"updated the {marker} block of {args.doc} from {len(args.sweeps)} run(s)")
         return 0
+    images = args.images or args.doc.parent / "images"
     for sweep_dir in args.sweeps:
         if not (sweep_dir / "sweep.json").is_file():
             print(

@@ -144,3 +144,30 @@ def test_bad_arguments_raise_clear_errors():
         LipschitzMLP(3, activation="relu6")
     with pytest.raises(ValueError, match="expected a net with spectrally normalized layers"):
         lipschitz_bound(torch.nn.Linear(2, 2))
+
+
+def test_updated_then_frozen_takes_each_layers_forward_update_once():
+    """Inside the block: the vectors of one training-mode forward, and no further update."""
+    import copy
+
+    from lcma_ext.nets import updated_then_frozen_lipschitz
+
+    torch.manual_seed(0)
+    net = LipschitzConvNet((2, 4, 4), 8, (3, 1, 3), "elu", 0.9, 1).double().train()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    reference = copy.deepcopy(net)
+    expected = reference(x)  # each layer updates right before its own forward
+    before = [b.clone() for b in net.buffers()]
+    with updated_then_frozen_lipschitz(net):
+        updated = [b.clone() for b in net.buffers()]
+        assert torch.equal(net(x), expected)
+        assert torch.equal(net(x), expected)  # frozen: a second forward does not update
+    assert any(not torch.equal(a, b) for a, b in zip(before, updated))
+    for a, b in zip(net.buffers(), reference.buffers()):
+        assert torch.equal(a, b)
+    assert all(layer.auto_update for layer in spectral_layers(net))
+    net.eval()
+    with updated_then_frozen_lipschitz(net):
+        pass
+    for a, b in zip(net.buffers(), reference.buffers()):
+        assert torch.equal(a, b)  # eval mode: no update

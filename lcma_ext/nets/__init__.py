@@ -16,6 +16,7 @@ from lcma_ext.nets.lipschitz import (
     operator_norm,
     spectral_layers,
     update_lipschitz,
+    updated_then_frozen_lipschitz,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "operator_norm",
     "spectral_layers",
     "update_lipschitz",
+    "updated_then_frozen_lipschitz",
 ]

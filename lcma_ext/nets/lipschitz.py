@@ -58,6 +58,7 @@ __all__ = [
     "operator_norm",
     "spectral_layers",
     "update_lipschitz",
+    "updated_then_frozen_lipschitz",
 ]
 
 #: Names accepted by the ``activation`` argument of the nets.
@@ -448,6 +449,22 @@ def frozen_lipschitz(module: nn.Module) -> Iterator[None]:
     finally:
         for layer, flag in zip(layers, previous):
             layer.auto_update = flag
+
+
+@contextmanager
+def updated_then_frozen_lipschitz(module: nn.Module) -> Iterator[None]:
+    """Every layer takes its training-mode update now, then the block runs frozen.
+
+    The update is the one each layer's forward would take (none in eval mode, with
+    ``auto_update=False`` or ``n_power_iterations=0``). A layer's update reads only its own
+    weight and vectors, so taking them all first gives the values of updating right before
+    each forward. For code that must not mutate the vectors inside it, such as a function
+    transformed by ``torch.func.vjp``.
+    """
+    for layer in spectral_layers(module):
+        layer._maybe_update()
+    with frozen_lipschitz(module):
+        yield
 
 
 @torch.no_grad()

@@ -80,7 +80,7 @@ from lcma_ext.nets.lipschitz import (
     LipschitzConvNet,
     LipschitzMLP,
     frozen_lipschitz,
-    spectral_layers,
+    updated_then_frozen_lipschitz,
 )
 from lcma_ext.transforms.base import DiagMixin
 
@@ -406,12 +406,7 @@ class _ResidualBlock(DiagMixin, Transform):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The series of :meth:`_autograd_logdet` through ``torch.func.vjp`` (no Neumann)."""
         plan = self._plan()
-        # The transformed call must not mutate the power-iteration vectors, so every layer takes
-        # its training-mode update first (a layer's update reads only its own weight and
-        # vectors: the same values as updating right before its forward).
-        for layer in spectral_layers(self.net):
-            layer._maybe_update()
-        with frozen_lipschitz(self.net):
+        with updated_then_frozen_lipschitz(self.net):  # the transformed call must not mutate
             g, vjp = _functional_vjp(self.net, x)
         probes = _draw_probes(x, plan.n_probes, plan.probe)
         estimate, _ = _series(vjp, x, probes, plan.coefficients, False, want_diag)
