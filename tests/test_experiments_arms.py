@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lcma_ext.contributions import estimate_contributions
-from lcma_ext.data import LogitPreprocessing, load_dataset
 from lcma_ext.experiments import (
     ARMS,
     GRANULARITY_ARMS,
@@ -18,23 +16,9 @@ from lcma_ext.experiments import (
     registered_arms,
 )
 from lcma_ext.experiments.arms import ablation_arm, split_arm
-from lcma_ext.models import build_flow, make_level_factory
-from lcma_ext.pipeline import build_nms_transform
 
 SHAPE = (1, 8, 8)
 CONFIG = ExperimentConfig(levels=3)
-
-
-@pytest.fixture(scope="module")
-def maps():
-    """Contributions of an untrained NMS flow on 64 digits (enough for the split logic)."""
-    factory = make_level_factory("realnvp", "tiny")
-    torch.manual_seed(0)
-    nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)
-    data = load_dataset("digits", limit=64)
-    y, _ = LogitPreprocessing(data.levels)(data.train, generator=torch.Generator().manual_seed(7))
-    nms.eval()
-    return estimate_contributions(nms._transform, y, factory, SHAPE, progress=False)
 
 
 def test_every_arm_of_today_is_registered():

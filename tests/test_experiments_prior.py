@@ -13,8 +13,7 @@ import shutil
 import pytest
 import torch
 
-from lcma_ext.contributions import estimate_contributions
-from lcma_ext.data import LogitPreprocessing, load_dataset
+from lcma_ext.data import load_dataset
 from lcma_ext.experiments import (
     ARMS,
     CONDITIONAL_ARMS,
@@ -32,25 +31,12 @@ from lcma_ext.experiments import runner as runner_module
 from lcma_ext.experiments.arms import arm_prior, arm_spec, register_arm, split_arm
 from lcma_ext.experiments.config import base_arm
 from lcma_ext.experiments.report import prior_notes
-from lcma_ext.models import build_flow, make_level_factory
-from lcma_ext.pipeline import build_nms_transform
 from lcma_ext.plotting import sample_title
 from lcma_ext.transforms import ConditionalGaussianPrior
 
 SHAPE = (1, 8, 8)
 CONFIG = ExperimentConfig(levels=3)
 TINY = {"quick": True, "limit": 64, "epochs": 1, "nms_epochs": 1, "seeds": 1, "progress": False}
-
-
-@pytest.fixture(scope="module")
-def maps():
-    factory = make_level_factory("realnvp", "tiny")
-    torch.manual_seed(0)
-    nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)
-    data = load_dataset("digits", limit=64)
-    y, _ = LogitPreprocessing(data.levels)(data.train, generator=torch.Generator().manual_seed(7))
-    nms.eval()
-    return estimate_contributions(nms._transform, y, factory, SHAPE, progress=False)
 
 
 # --- the registry --------------------------------------------------------------------------------

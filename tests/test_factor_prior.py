@@ -2,7 +2,7 @@
 
 The log-likelihood of a :class:`ContributionMultiscaleFlow` with ``prior="conditional"`` and
 non-zero prior weights is compared, on 1x4x4 and 1x8x8 float64 inputs, with the autograd
-Jacobian of the whole data-to-noise map plus the standard normal (``_brute_force_log_prob``).
+Jacobian of the whole data-to-noise map plus the standard normal (``transform_log_prob``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
-from test_multiscale import IMAGE_CASES, _brute_force_log_prob, _Linear, build, glow_factory
+from test_multiscale import IMAGE_CASES, _Linear, build, glow_factory
 from test_splits import SPLITS
 
 from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
@@ -21,13 +21,9 @@ from lcma_ext import splits as S
 from lcma_ext import transforms as T
 from lcma_ext.multiscale import build_levels
 
+from brute_force import transform_log_prob
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _build(name, placement, shape, num_levels, prior="conditional"):
@@ -52,7 +48,7 @@ def test_log_prob_equals_brute_force_with_any_split(name, placement, shape, num_
     flow = Flow(transform, StandardNormal([math.prod(shape)]))
     x = torch.randn(2, *shape)
     torch.testing.assert_close(
-        flow.log_prob(x), _brute_force_log_prob(transform, x), rtol=1e-9, atol=1e-9
+        flow.log_prob(x), transform_log_prob(transform, x), rtol=1e-9, atol=1e-9
     )
     z, logabsdet = transform(x)
     x_back, inverse_logabsdet = transform.inverse(z)
@@ -122,7 +118,7 @@ def test_vector_data():
     x = torch.randn(3, 7)
     flow = Flow(transform, StandardNormal([7]))
     torch.testing.assert_close(
-        flow.log_prob(x), _brute_force_log_prob(transform, x), rtol=1e-9, atol=1e-9
+        flow.log_prob(x), transform_log_prob(transform, x), rtol=1e-9, atol=1e-9
     )
 
 

@@ -1,6 +1,6 @@
 """Split granularity of LCMA (site, region, channel): crafted kept sets, exactness, state, errors.
 
-The brute-force helpers (autograd Jacobian + standard normal) come from test_multiscale.py.
+The brute-force helpers (autograd Jacobian + standard normal) come from brute_force.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
-from test_multiscale import _brute_force_log_prob, glow_factory
+from test_multiscale import glow_factory
 
 from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
 from lcma_ext import splits as S
@@ -23,6 +23,8 @@ from lcma_ext.diagnostics import split_diagnostics
 from lcma_ext.multiscale import build_levels, level_output_shape
 from lcma_ext.pipeline import build_nms_transform
 from lcma_ext.plotting import plot_contributions
+
+from brute_force import transform_log_prob
 
 # --- a crafted map -------------------------------------------------------------------------
 # Two channel groups on a 2 x 4 grid of local blocks; values per site as (TL, TR, BL, BR).
@@ -179,31 +181,27 @@ def _build(name: str, placement: str, shape, num_levels: int, region_size: int =
 
 @pytest.mark.parametrize("name", S.GRANULAR_SPLIT_NAMES)
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
+@pytest.mark.usefixtures("float64")
 def test_log_prob_equals_brute_force_change_of_variables(name, placement):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        shape = (1, 8, 8)
-        transform = _build(name, placement, shape, 3)
-        # split 0 has a 4 x 4 grid: region_size 2 is a real region; split 1 (2 x 2) is capped
-        granularity = name.partition("-")[2]
-        assert [s.granularity for s in transform.splits] == [granularity] * 2
-        if granularity == "region":
-            assert [s.region_size for s in transform.splits] == [2, 2]
-        flow = Flow(transform, StandardNormal([64]))
-        x = torch.randn(2, *shape)
-        torch.testing.assert_close(
-            flow.log_prob(x), _brute_force_log_prob(transform, x), rtol=1e-9, atol=1e-9
-        )
-        z, logabsdet = transform(x)
-        x_back, inverse_logabsdet = transform.inverse(z)
-        torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=1e-10, atol=1e-10)
-        outputs, _, diag = transform.forward_with_diag(x)
-        assert torch.equal(outputs, z)
-        torch.testing.assert_close(diag.sum(1), logabsdet, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_default_dtype(previous)
+    shape = (1, 8, 8)
+    transform = _build(name, placement, shape, 3)
+    # split 0 has a 4 x 4 grid: region_size 2 is a real region; split 1 (2 x 2) is capped
+    granularity = name.partition("-")[2]
+    assert [s.granularity for s in transform.splits] == [granularity] * 2
+    if granularity == "region":
+        assert [s.region_size for s in transform.splits] == [2, 2]
+    flow = Flow(transform, StandardNormal([64]))
+    x = torch.randn(2, *shape)
+    torch.testing.assert_close(
+        flow.log_prob(x), transform_log_prob(transform, x), rtol=1e-9, atol=1e-9
+    )
+    z, logabsdet = transform(x)
+    x_back, inverse_logabsdet = transform.inverse(z)
+    torch.testing.assert_close(x_back, x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=1e-10, atol=1e-10)
+    outputs, _, diag = transform.forward_with_diag(x)
+    assert torch.equal(outputs, z)
+    torch.testing.assert_close(diag.sum(1), logabsdet, rtol=1e-10, atol=1e-10)
 
 
 # --- pipeline: later split points see the survivors of the coarse split ----------------------

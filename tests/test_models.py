@@ -22,7 +22,7 @@ from lcma_ext.models import (
     scale_parameters,
 )
 
-from brute_force import jacobian
+from brute_force import jacobian, log_abs_diagonal
 
 
 def _net(in_channels: int, out_channels: int) -> ConvResNet:
@@ -44,7 +44,7 @@ def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     for example in x:
         full = jacobian(lambda batch: transform(batch)[0], example)
         logdets.append(torch.linalg.slogdet(full)[1])
-        diagonals.append(torch.log(torch.diagonal(full).abs()))
+        diagonals.append(log_abs_diagonal(full))
     return torch.stack(logdets), torch.stack(diagonals)
 
 

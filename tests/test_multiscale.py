@@ -21,13 +21,9 @@ from lcma_ext import splits as S
 from lcma_ext import transforms as T
 from lcma_ext.multiscale import build_levels, level_output_shape
 
+from brute_force import jacobian_by_copies, transform_log_prob
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class _ConvNet(nn.Module):
@@ -89,33 +85,15 @@ def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prio
 IMAGE_CASES = [((1, 4, 4), 2), ((1, 8, 8), 3)]
 
 
-def _jacobian(transform, x):
-    """Jacobian of the flattened forward map at one example ``x`` (event shape)."""
-    dimension = x.numel()
-    # one backward pass: example b of a batch of D copies gives row b of the Jacobian
-    copies = x.reshape(1, -1).repeat(dimension, 1).requires_grad_(True)
-    outputs = transform(copies.view(dimension, *x.shape))[0].reshape(dimension, -1)
-    (rows,) = torch.autograd.grad(outputs.diagonal().sum(), copies)
-    return rows
-
-
-def _brute_force_log_prob(transform, x):
-    values = []
-    for row in x:
-        _, logabsdet = torch.linalg.slogdet(_jacobian(transform, row))
-        z = transform(row.unsqueeze(0))[0].reshape(-1)
-        log_normal = -0.5 * (z**2).sum() - 0.5 * z.numel() * math.log(2 * math.pi)
-        values.append(log_normal + logabsdet)
-    return torch.stack(values)
-
-
 def test_batched_jacobian_matches_autograd_functional():
     transform = build("lcma", "post_squeeze", (1, 4, 4), 2)
     x = torch.randn(1, 4, 4)
     expected = torch.autograd.functional.jacobian(
         lambda flat: transform(flat.view(1, 1, 4, 4))[0].reshape(-1), x.reshape(-1)
     )
-    torch.testing.assert_close(_jacobian(transform, x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        jacobian_by_copies(lambda batch: transform(batch)[0], x), expected, rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", SPLITS)
@@ -127,7 +105,7 @@ def test_log_prob_equals_brute_force_change_of_variables(name, placement, shape,
     flow = Flow(transform, StandardNormal([dimension]))
     x = torch.randn(2, *shape)
     log_prob = flow.log_prob(x)
-    torch.testing.assert_close(log_prob, _brute_force_log_prob(transform, x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(log_prob, transform_log_prob(transform, x), rtol=1e-9, atol=1e-9)
 
     # inverse(forward(x)) == x and the inverse log-det is minus the forward one
     z, logabsdet = transform(x)
@@ -167,7 +145,7 @@ def test_vector_data(name):
     flow = Flow(transform, StandardNormal([features]))
     x = torch.randn(3, features)
     torch.testing.assert_close(
-        flow.log_prob(x), _brute_force_log_prob(transform, x), rtol=1e-9, atol=1e-9
+        flow.log_prob(x), transform_log_prob(transform, x), rtol=1e-9, atol=1e-9
     )
     torch.testing.assert_close(transform.inverse(transform(x)[0])[0], x, rtol=1e-10, atol=1e-10)
 

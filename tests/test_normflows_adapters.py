@@ -75,11 +75,6 @@ def _make(name: str, seed: int = 0):
     return flow, torch.randn(BATCH, *shape, dtype=torch.float64)
 
 
-def _jacobian(flow, x_single):
-    """Jacobian of the data-to-noise map (normflows' ``inverse``) at one example."""
-    return jacobian(lambda batch: flow.inverse(batch)[0], x_single)
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_log_det_matches_brute_force(name):
     flow, x = _make(name)
@@ -90,7 +85,7 @@ def test_log_det_matches_brute_force(name):
     expected_log_det = torch.as_tensor(expected_log_det, dtype=log_det.dtype).expand(BATCH)
     torch.testing.assert_close(log_det, expected_log_det)  # values equal; dtype follows x
     for b in range(BATCH):
-        sign, reference = torch.linalg.slogdet(_jacobian(flow, x[b]))
+        sign, reference = torch.linalg.slogdet(jacobian(lambda batch: flow.inverse(batch)[0], x[b]))
         assert sign != 0
         torch.testing.assert_close(log_det[b], reference, rtol=1e-10, atol=1e-10)
 
@@ -112,7 +107,7 @@ def test_elementwise_diag_equals_log_abs_jacobian_diagonal(name):
     with torch.no_grad():
         _, _, diag = flow.forward_with_diag(x)
     for b in range(BATCH):
-        jac = _jacobian(flow, x[b])
+        jac = jacobian(lambda batch: flow.inverse(batch)[0], x[b])
         torch.testing.assert_close(diag[b].reshape(-1), torch.log(torch.diagonal(jac).abs()))
 
 
@@ -122,7 +117,7 @@ def test_rearrangements_carry_like_data_to_noise(name):
     assert torch.equal(flow.carry(x), flow.inverse(x)[0])
     index = torch.arange(x[0].numel()).view(1, *x.shape[1:])
     carried = flow.carry(index)[0].reshape(-1)
-    jac = _jacobian(flow, x[0])
+    jac = jacobian(lambda batch: flow.inverse(batch)[0], x[0])
     torch.testing.assert_close(jac, torch.eye(len(carried), dtype=jac.dtype)[carried])
 
 

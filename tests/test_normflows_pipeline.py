@@ -19,25 +19,14 @@ from lcma_ext import transforms as T
 from lcma_ext.multiscale import build_levels
 from lcma_ext.splits import PLACEMENTS, LCMASplit, RandomSplit
 
-from brute_force import jacobian
+from brute_force import jacobian, slogdet
 
 SHAPE = (1, 8, 8)
 LEVELS = 3
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def slogdet(jac: torch.Tensor) -> tuple[float, float]:
-    """``(sign, log|det|)`` of a square Jacobian, by ``torch.linalg.slogdet``."""
-    sign, logabsdet = torch.linalg.slogdet(jac)
-    return float(sign), float(logabsdet)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _data(n: int = 24, shape: tuple[int, ...] = SHAPE) -> torch.Tensor:

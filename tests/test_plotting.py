@@ -11,10 +11,6 @@ import math
 import pytest
 import torch
 
-from lcma_ext.contributions import estimate_contributions
-from lcma_ext.data import LogitPreprocessing, load_dataset
-from lcma_ext.models import build_flow, make_level_factory
-from lcma_ext.pipeline import build_nms_transform
 from lcma_ext.plotting import (
     CONTRIBUTION_UNITS,
     MASK_COLOURS,
@@ -79,17 +75,6 @@ def test_learning_curves_zoom_on_the_arms_without_an_nms(tmp_path):
     low, high = figure.axes[1].get_ylim()
     assert low < 2.2 and high < 3.0  # the converged part, not a far-off first epoch
     assert "nms (no split, seed 0)" not in _legend_texts(figure)
-
-
-@pytest.fixture(scope="module")
-def maps():
-    factory = make_level_factory("realnvp", "tiny")
-    torch.manual_seed(0)
-    nms = build_flow(build_nms_transform(factory, (1, 8, 8), 3), (1, 8, 8))
-    data = load_dataset("digits", limit=64)
-    y, _ = LogitPreprocessing(data.levels)(data.train, generator=torch.Generator().manual_seed(7))
-    nms.eval()
-    return estimate_contributions(nms._transform, y, factory, (1, 8, 8), progress=False)
 
 
 def test_heatmap_colourbar_has_units_and_the_grey_cells_a_legend(maps, tmp_path):

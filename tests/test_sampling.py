@@ -23,12 +23,7 @@ SHAPE = (1, 8, 8)
 D = math.prod(SHAPE)
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _randomise(modules, scale: float = 0.1) -> None:

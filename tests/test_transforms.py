@@ -50,7 +50,14 @@ from lcma_ext.normflows.multiscale import NormflowsLevel
 from lcma_ext.splits import LCMASplit
 from lcma_ext.transforms.base import DiagMixin
 
-from brute_force import jacobian, log_abs_diagonal, logm_diagonal, slogdet, svd_attribution
+from brute_force import (
+    jacobian,
+    joint_jacobian,
+    log_abs_diagonal,
+    logm_diagonal,
+    slogdet,
+    svd_attribution,
+)
 
 BATCH = 3
 
@@ -490,29 +497,18 @@ def _make(
 
 
 def _example(noises: list[torch.Tensor], b: int) -> list[torch.Tensor]:
-    return [noise[b : b + 1] for noise in noises]
+    return [noise[b] for noise in noises]
 
 
-def _jacobian(transform, x_single: torch.Tensor, noises=()) -> torch.Tensor:
-    """Jacobian of the flattened forward map at one example, shape ``(D_out, D_in)``.
+def _with_noise(transform: torch.nn.Module):
+    """The joint map ``(x, e_1, e_2, ...) -> outputs``: the transform with each cross-unit
+    coupling's noise given (no noise for bijections), for ``brute_force.joint_jacobian``."""
 
-    With ``noises`` (one per cross-unit coupling, batch size 1) it is the Jacobian of the joint
-    map ``(x, e_1, e_2, ...) -> outputs`` at that noise.
-    """
-    noises = list(noises)
-    if not noises:
-        return jacobian(lambda batch: transform(batch)[0], x_single)
-    sizes = [x_single.numel()] + [n.numel() for n in noises]
-
-    def joint(vector: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(vector.reshape(-1), sizes)
-        x = parts[0].view(1, *x_single.shape)
-        given = [p.view(n.shape) for p, n in zip(parts[1:], noises)]
-        with _fixed_noise(transform, given):
+    def joint(x: torch.Tensor, *noises: torch.Tensor) -> torch.Tensor:
+        with _fixed_noise(transform, list(noises)):
             return transform(x)[0]
 
-    flat = torch.cat([x_single.reshape(-1), *(n.reshape(-1) for n in noises)])
-    return jacobian(joint, flat)
+    return joint
 
 
 def _log_noise_density(noises: list[torch.Tensor], b: int) -> float:
@@ -531,7 +527,9 @@ def test_logabsdet_matches_brute_force_slogdet(name):
     with torch.no_grad(), _fixed_noise(transform, noises):
         _, logabsdet, _ = transform.forward_with_diag(x)
     for b in range(BATCH):
-        sign, expected = slogdet(_jacobian(transform, x[b], _example(noises, b)))
+        sign, expected = slogdet(
+            joint_jacobian(_with_noise(transform), [x[b], *_example(noises, b)])
+        )
         assert sign != 0
         got = float(logabsdet[b]) + _log_noise_density(noises, b)
         np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
@@ -573,7 +571,7 @@ def test_triangular_jacobian_diagonal_equals_diag(name):
     if case.noise_diag_offset is not None:
         diag = diag + case.noise_diag_offset(x, noises)
     for b in range(BATCH):
-        jac = _jacobian(transform, x[b], _example(noises, b))
+        jac = joint_jacobian(_with_noise(transform), [x[b], *_example(noises, b)])
         if case.columns_by_carry:
             perm = T.carry_positions(transform, x.shape[1:]).reshape(-1)
             assert sorted(perm.tolist()) == list(range(jac.shape[1]))
@@ -595,7 +593,7 @@ def test_exact_residual_diag_equals_matrix_log_diagonal(name):
     with torch.no_grad():
         _, logabsdet, diag = transform.forward_with_diag(x)
     for b in range(BATCH):
-        jac = _jacobian(transform, x[b])
+        jac = jacobian(lambda batch: transform(batch)[0], x[b])
         off_diagonal = jac - torch.diag(torch.diagonal(jac))
         assert off_diagonal.abs().max() > 1e-2  # dense: the two diagonals differ
         expected = logm_diagonal(jac)
@@ -613,7 +611,7 @@ def test_volume_preserving_rearrangements_add_nothing(name):
     _, logabsdet, diag_out = transform.forward_with_diag(x, diag=incoming)
     assert torch.equal(diag_out, transform.carry(incoming))
     assert torch.equal(logabsdet, torch.zeros_like(logabsdet))
-    sign, brute = slogdet(_jacobian(transform, x[0]))
+    sign, brute = slogdet(jacobian(lambda batch: transform(batch)[0], x[0]))
     assert sign != 0 and abs(brute) < 1e-12
     index = torch.arange(x[0].numel()).view(1, *x.shape[1:])
     assert transform.carry(index).dtype == torch.long
@@ -626,7 +624,7 @@ def test_rearrangements_carry_like_forward(name):
     transform, x, _ = _make(name)
     outputs, _ = transform(x)
     assert torch.equal(transform.carry(x), outputs)
-    jac = _jacobian(transform, x[0])
+    jac = jacobian(lambda batch: transform(batch)[0], x[0])
     perm = T.carry_positions(transform, x.shape[1:]).reshape(-1)
     torch.testing.assert_close(jac, torch.eye(jac.shape[1], dtype=jac.dtype)[perm])
 
@@ -829,7 +827,7 @@ def _reference_attribution(weight: np.ndarray, lu_part: np.ndarray, mode: str) -
 @pytest.mark.parametrize("mode", T.ATTRIBUTIONS)
 def test_lu_linear_attribution_matches_numpy_reference(mode):
     transform, x, _ = _make(f"lu_linear_{mode}")
-    weight = _jacobian(transform, x[0]).numpy()  # y = W x + b, so J = W
+    weight = jacobian(lambda batch: transform(batch)[0], x[0]).numpy()  # y = W x + b, so J = W
     with torch.no_grad():
         _, logabsdet, diag = transform.forward_with_diag(x)
     expected = _reference_attribution(weight, weight, mode)
@@ -841,7 +839,7 @@ def test_lu_linear_attribution_matches_numpy_reference(mode):
 def test_one_by_one_attribution_matches_numpy_reference(mode):
     transform, x, _ = _make(f"one_by_one_{mode}")
     height, width = x.shape[2:]
-    jac = _jacobian(transform, x[0]).numpy()
+    jac = jacobian(lambda batch: transform(batch)[0], x[0]).numpy()
     pixels = height * width
     weight = jac[::pixels, ::pixels]  # the (C, C) block acting on pixel (0, 0)
     perm = transform.permutation._permutation.numpy()
