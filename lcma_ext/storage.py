@@ -33,9 +33,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (same suffix); rename it to ``path`` on success.
 
     Example:
+        >>> import tempfile
+        >>> from pathlib import Path
         >>> import torch
-        >>> with atomic_path("/tmp/state.pt") as tmp:
-        ...     torch.save({"x": 1}, tmp)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = Path(folder) / "state.pt"
+        ...     with atomic_path(path) as tmp:
+        ...         torch.save({"x": 1}, tmp)
+        ...     torch.load(path)
+        {'x': 1}
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ noise, IWAE-K with standard errors), never as an exact likelihood.
 Example:
     >>> from lcma_ext.models.denseflow import build_denseflow
     >>> flow = build_denseflow((1, 8, 8), num_levels=2, size="tiny")
-    >>> flow._distribution._shape  # 64 data dims + noise dims, flattened
-    torch.Size([...])
+    >>> flow._distribution._shape  # 64 data dims + 32 noise dims, flattened
+    torch.Size([96])
 
 References:
     M. Grcic, I. Grubisic, S. Segvic. Densely connected normalizing flows (DenseFlow, paper
