@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,13 @@ import torch
 from scipy import integrate, special, stats
 
 from lcma_ext.data import (
+    MIN_SPLIT_IMAGES,
     ImageDataset,
     LogitPreprocessing,
+    TinyDatasetWarning,
     bits_per_dim,
+    check_dataset_options,
+    check_dataset_size,
     dataset_slug,
     dequantize,
     image_files,
@@ -28,6 +34,8 @@ from lcma_ext.data import (
     logit_transform,
     npz_path,
 )
+
+from brute_force import jacobian
 
 ALPHA = 0.05
 
@@ -82,10 +90,8 @@ def test_dequantize_range_and_errors():
 def test_logit_logdet_is_the_jacobian():
     v = torch.rand(3, 1, 2, 2, dtype=torch.float64)
     y, logdet = logit_transform(v, ALPHA)
-    jacobian = torch.autograd.functional.jacobian(
-        lambda flat: logit_transform(flat.view(1, -1), ALPHA)[0].view(-1), v[0].flatten()
-    )
-    torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jacobian)[1])
+    jac = jacobian(lambda batch: logit_transform(batch, ALPHA)[0], v[0])
+    torch.testing.assert_close(logdet[0], torch.linalg.slogdet(jac)[1])
     torch.testing.assert_close(
         y, torch.from_numpy(special.logit(ALPHA + (1 - 2 * ALPHA) * v.numpy()))
     )
@@ -448,6 +454,193 @@ def test_bad_image_folders_are_named(tmp_path):
         load_image_folder(tmp_path / "split" / "train")
     with pytest.raises(ValueError, match=r"existing folder; got '.*nowhere'"):
         load_dataset("imagefolder", data_root=tmp_path / "nowhere")
+
+
+# --- input is never silently reinterpreted: channels, alpha, options, tiny sets ---------------
+
+
+def _save(path: Path, image) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def _grey(rng: np.random.Generator, size: int = 8) -> np.ndarray:
+    return rng.integers(0, 256, (size, size), dtype=np.uint8)
+
+
+def test_a_folder_of_grey_pngs_stays_one_channel(tmp_path):
+    rng = np.random.default_rng(10)
+    images = {split: [_grey(rng) for _ in range(3)] for split in ("train", "test")}
+    for split, arrays in images.items():
+        for i, array in enumerate(arrays):
+            _write_png(tmp_path / split / f"{i}.png", array)  # Pillow mode L
+    data = load_dataset("imagefolder", data_root=tmp_path)
+    assert data.shape == (1, 8, 8) and data.num_dims == 64  # not 3 x 8 x 8
+    np.testing.assert_array_equal(data.train[:, 0].numpy(), np.stack(images["train"]))
+    np.testing.assert_array_equal(data.test[:, 0].numpy(), np.stack(images["test"]))
+    assert data.notes == ()
+    assert data.summary().startswith("imagefolder: 1 x 8 x 8 images (C x H x W), 256 levels")
+    forced = load_dataset("imagefolder", data_root=tmp_path, channels=3)
+    assert forced.shape == (3, 8, 8)
+    np.testing.assert_array_equal(forced.train.numpy(), np.repeat(data.train.numpy(), 3, axis=1))
+    first = str(tmp_path / "train" / "0.png")
+    assert forced.notes == (f"6 of 6 files: grey images were converted to RGB (e.g. {first!r})",)
+
+
+def test_a_mixed_folder_is_rgb_and_says_which_files_were_converted(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    colour = _rgb(rng)
+    grey = _grey(rng)
+    _write_png(tmp_path / "train" / "colour.png", colour)
+    _write_png(tmp_path / "train" / "grey.png", grey)
+    _write_png(tmp_path / "test" / "grey.png", grey)
+    data = load_dataset("imagefolder", data_root=tmp_path)
+    assert data.shape == (3, 8, 8)
+    np.testing.assert_array_equal(data.train[0].numpy(), colour.transpose(2, 0, 1))
+    np.testing.assert_array_equal(data.train[1].numpy(), np.stack([grey] * 3))
+    (note,) = data.notes
+    assert note.startswith("2 of 3 files: grey images were converted to RGB")
+    assert "grey.png" in note and note in data.summary()
+    as_grey = load_dataset("imagefolder", data_root=tmp_path, channels=1)
+    assert as_grey.shape == (1, 8, 8)
+    luma = np.asarray(Image.fromarray(colour).convert("L"))  # ITU-R 601-2, as Pillow
+    np.testing.assert_array_equal(as_grey.train[0, 0].numpy(), luma)
+    np.testing.assert_array_equal(as_grey.train[1, 0].numpy(), grey)
+    (note,) = as_grey.notes
+    assert (
+        note.startswith("1 of 3 files: colour images were converted to grey") and "colour" in note
+    )
+    with pytest.raises(ValueError, match="expected channels None, 1 or 3; got 2"):
+        load_dataset("imagefolder", data_root=tmp_path, channels=2)
+
+
+def test_transparency_is_refused_naming_the_file_unless_dropped(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(12)
+    rgba = np.concatenate([_rgb(rng), np.full((8, 8, 1), 255, dtype=np.uint8)], axis=2)
+    rgba[0, 0, 3] = 0  # one transparent pixel
+    for split in ("train", "test"):
+        _write_png(tmp_path / split / "plain.png", _rgb(rng))
+    path = _save(tmp_path / "train" / "see-through.png", Image.fromarray(rgba, "RGBA"))
+    with pytest.raises(ValueError) as info:
+        load_dataset("imagefolder", data_root=tmp_path)
+    text = str(info.value)
+    assert text.startswith("expected images without transparency (pass drop_alpha=True")
+    assert f"got {str(path)!r} with transparent pixels (Pillow mode RGBA)" in text
+    data = load_dataset("imagefolder", data_root=tmp_path, drop_alpha=True)
+    assert data.shape == (3, 8, 8)
+    np.testing.assert_array_equal(data.train[1].numpy(), rgba[:, :, :3].transpose(2, 0, 1))
+    assert data.notes == (
+        f"1 of 3 files: an alpha channel that had transparent pixels was dropped (e.g. "
+        f"{str(path)!r})",
+    )
+    # a fully opaque alpha channel holds nothing: dropped without asking, and said
+    rgba[0, 0, 3] = 255
+    _save(path, Image.fromarray(rgba, "RGBA"))
+    opaque = load_dataset("imagefolder", data_root=tmp_path)
+    np.testing.assert_array_equal(opaque.train.numpy(), data.train.numpy())
+    assert opaque.notes == (
+        f"1 of 3 files: an alpha channel that was fully opaque was dropped (e.g. {str(path)!r})",
+    )
+    # grey with alpha (LA) stays grey
+    la = np.stack([_grey(rng), np.full((8, 8), 128, dtype=np.uint8)], axis=2)
+    folder = tmp_path / "la"
+    for i in range(2):
+        _save(folder / f"{i}.png", Image.fromarray(la, "LA"))
+    with pytest.raises(
+        ValueError, match=r"got '.*la/\d\.png' with transparent pixels \(Pillow mode LA"
+    ):
+        load_image_folder(folder)
+    grey = load_image_folder(folder, drop_alpha=True)
+    assert grey.shape == (1, 8, 8)
+    np.testing.assert_array_equal(grey.test[0, 0].numpy(), la[:, :, 0])
+
+
+def test_16_bit_images_are_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    deep = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # values above 255
+    for i in range(2):
+        _save(tmp_path / f"{i}.png", Image.fromarray(deep))
+    with pytest.raises(
+        ValueError, match=r"expected 8-bit images \(256 levels\); got '.*\.png' with"
+    ):
+        load_image_folder(tmp_path)
+
+
+def test_image_size_is_refused_where_nothing_is_resized(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # refused before torchvision is needed
+    path = _npz(tmp_path / "mine.npz", train=_good(), test=_good())
+    with pytest.raises(ValueError) as info:
+        load_dataset(f"npz:{path}", image_size=16)
+    text = str(info.value)
+    assert text.startswith("expected image_size, channels and drop_alpha only with a dataset in")
+    assert text.endswith(f"; got image_size=16 for dataset 'npz:{path}'")
+    for name in ("digits", "patches", "mnist", "cifar10", "celeba"):
+        with pytest.raises(ValueError, match=f"got image_size=8 for dataset '{name}'"):
+            load_dataset(name, data_root=tmp_path, image_size=8)
+    with pytest.raises(ValueError, match="got channels=1, drop_alpha=True for dataset 'mnist'"):
+        load_vision_dataset("mnist", tmp_path, channels=1, drop_alpha=True)
+    check_dataset_options("imagefolder", image_size=8, channels=1, drop_alpha=True)  # applies
+    check_dataset_options(f"npz:{path}")  # nothing asked: nothing refused
+    with pytest.raises(ValueError, match="expected image_size to be a positive integer; got 0"):
+        check_dataset_options("imagefolder", image_size=0)
+
+
+def test_the_command_line_refuses_image_size_with_an_npz_file(tmp_path, capsys):
+    from lcma_ext.cli import main
+
+    path = _npz(tmp_path / "mine.npz", train=_good(48), test=_good(16))
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", f"npz:{path}", "--image-size", "16", "--out", str(out)]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "mine.npz" in err and re.search(r"image[_-]size", err)
+    assert not (out / "results.json").exists()
+
+
+def test_three_images_draw_a_warning(tmp_path):
+    rng = np.random.default_rng(13)
+    for i in range(3):
+        _write_png(tmp_path / f"{i}.png", _rgb(rng))
+    data = load_dataset("imagefolder", data_root=tmp_path)  # 2 train, 1 test
+    with pytest.warns(TinyDatasetWarning) as caught:
+        messages = check_dataset_size(data, batch_size=64)
+    assert [str(w.message) for w in caught] == messages
+    assert messages == [
+        "imagefolder: 2 training images, fewer than one batch (64): each epoch is one step",
+        f"imagefolder: 2 training images, fewer than {MIN_SPLIT_IMAGES}: too few to learn the "
+        "data from",
+        f"imagefolder: 1 test images, fewer than {MIN_SPLIT_IMAGES}: the test bits/dim is the "
+        "score of a handful of images",
+    ]
+    assert issubclass(TinyDatasetWarning, UserWarning)
+    digits = load_dataset("digits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a real data set warns about nothing
+        assert check_dataset_size(digits, batch_size=64) == []
+    # the threshold is the rule: exactly MIN_SPLIT_IMAGES per split and one batch is enough
+    edge = digits.limit(MIN_SPLIT_IMAGES, MIN_SPLIT_IMAGES)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_dataset_size(edge, batch_size=MIN_SPLIT_IMAGES) == []
+    with pytest.warns(TinyDatasetWarning, match="fewer than one batch"):
+        assert len(check_dataset_size(edge, batch_size=MIN_SPLIT_IMAGES + 1)) == 1
+    with pytest.raises(ValueError, match="expected batch_size >= 1 and min_images >= 1; got 0"):
+        check_dataset_size(digits, batch_size=0)
+
+
+def test_limit_keeps_the_notes():
+    images = torch.zeros(10, 1, 8, 8, dtype=torch.uint8)
+    data = ImageDataset("x", images[:8], images[8:], 256, notes=("converted",))
+    assert data.limit(2, 1).notes == ("converted",)
+    assert data.summary() == (
+        "x: 1 x 8 x 8 images (C x H x W), 256 levels, 8 train and 2 test images; converted"
+    )
 
 
 # --- npz data through the configuration and a whole quick run ------------------------------------

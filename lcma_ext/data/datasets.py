@@ -25,15 +25,19 @@ Your own data, no extra dependency:
 ``imagefolder``
     Image files read with Pillow from ``data_root``: ``data_root/train`` and ``data_root/test`` if
     both exist, else one folder split 90/10 with seed 0. Each folder holds class subfolders (as
-    torchvision's ``ImageFolder``) and/or flat image files; images are converted to RGB and
-    centre-cropped/resized to ``image_size`` when given (256 levels).
+    torchvision's ``ImageFolder``) and/or flat image files, centre-cropped/resized to
+    ``image_size`` when given (256 levels). A folder of grey images stays one channel, any colour
+    image makes it RGB; transparency is refused unless dropped on request (see
+    :func:`load_image_folder`); every conversion is listed in :attr:`ImageDataset.notes`.
 
 torchvision (``pip install "lcma-ext[vision]"``), read from ``data_root``, never downloaded:
 
 ``mnist`` (``1 x 28 x 28``), ``cifar10`` (``3 x 32 x 32``) and ``celeba`` (central ``148 x 148``
 crop resized to ``64 x 64``, as in the paper).
 
-Bad files raise ``ValueError`` ("expected ...; got ...") naming the file at fault.
+Bad files raise ``ValueError`` ("expected ...; got ...") naming the file at fault, and so do
+options that a dataset cannot honour (``image_size`` resizes ``imagefolder`` only).
+:func:`check_dataset_size` warns about splits too small to train on or to score.
 
 References:
     S. Das, P. Abbeel, C. Spanos. Dimensionality Reduction Flows (paper 001), Sec. 4.
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,9 +63,14 @@ __all__ = [
     "DATASETS",
     "EMBEDDED_DATASETS",
     "IMG_EXTENSIONS",
+    "MIN_SPLIT_IMAGES",
     "NPZ_PREFIX",
+    "RESIZABLE_DATASETS",
     "VISION_DATASETS",
     "ImageDataset",
+    "TinyDatasetWarning",
+    "check_dataset_options",
+    "check_dataset_size",
     "dataset_slug",
     "image_files",
     "load_dataset",
@@ -81,6 +91,11 @@ NPZ_PREFIX = "npz:"
 #: The file endings ``imagefolder`` reads (torchvision's ``IMG_EXTENSIONS``, any case).
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
+#: The datasets that ``image_size`` resizes (the others have one fixed image size).
+RESIZABLE_DATASETS = ("imagefolder",)
+#: Fewer images than this in a split draw a warning (:func:`check_dataset_size`).
+MIN_SPLIT_IMAGES = 32
+
 VISION_HINT = 'pip install "lcma-ext[vision]"'
 #: Sizes of a channel axis when telling ``(N, C, H, W)`` from ``(N, H, W, C)``.
 CHANNEL_SIZES = (1, 3, 4)
@@ -95,12 +110,16 @@ class ImageDataset:
         train: ``uint8`` tensor ``(N_train, C, H, W)`` of levels ``0 .. levels-1``.
         test: ``uint8`` tensor ``(N_test, C, H, W)``.
         levels: Number of quantization levels.
+        notes: What the loader did to the files to reach this shape (e.g. grey images converted
+            to RGB in a mixed folder, an alpha channel dropped), one sentence each; empty when
+            the data were used as stored. :meth:`summary` prints them with the shape.
     """
 
     name: str
     train: Tensor
     test: Tensor
     levels: int
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for split, tensor in (("train", self.train), ("test", self.test)):
@@ -128,6 +147,23 @@ class ImageDataset:
         c, h, w = self.shape
         return c * h * w
 
+    def summary(self) -> str:
+        """One line for a run's log: the name, image shape, levels, split sizes and the notes.
+
+        Example:
+            >>> import torch
+            >>> images = torch.zeros(100, 1, 8, 8, dtype=torch.uint8)
+            >>> data = ImageDataset("mine", images[:90], images[90:], levels=256)
+            >>> data.summary()
+            'mine: 1 x 8 x 8 images (C x H x W), 256 levels, 90 train and 10 test images'
+        """
+        c, h, w = self.shape
+        line = (
+            f"{self.name}: {c} x {h} x {w} images (C x H x W), {self.levels} levels, "
+            f"{self.train.shape[0]} train and {self.test.shape[0]} test images"
+        )
+        return "; ".join([line, *self.notes])
+
     def limit(self, max_train: int | None = None, max_test: int | None = None) -> ImageDataset:
         """A copy keeping the first ``max_train`` / ``max_test`` examples of each split."""
         return ImageDataset(
@@ -135,6 +171,111 @@ class ImageDataset:
             self.train[:max_train] if max_train else self.train,
             self.test[:max_test] if max_test else self.test,
             self.levels,
+            self.notes,
+        )
+
+
+class TinyDatasetWarning(UserWarning):
+    """A split too small for its figures to mean much (:func:`check_dataset_size`)."""
+
+
+def check_dataset_size(
+    dataset: ImageDataset, batch_size: int, min_images: int = MIN_SPLIT_IMAGES
+) -> list[str]:
+    """Warn (:class:`TinyDatasetWarning`) about splits too small to train on or to score.
+
+    The rule, one message per broken condition:
+
+    - fewer training images than one batch (``N_train < batch_size``): every epoch is a single
+      partial batch, so ``batch_size`` and the number of steps are not what the run says;
+    - fewer than ``min_images`` (default :data:`MIN_SPLIT_IMAGES`, 32) training images: the
+      flow sees almost nothing of the data;
+    - fewer than ``min_images`` test images: the test bits/dim is the score of a handful of
+      images, so differences between arms are mostly noise.
+
+    Call it on the data actually used (after ``limit``), e.g. in a runner that also prints the
+    returned messages with :meth:`ImageDataset.summary`.
+
+    Args:
+        dataset: The loaded data.
+        batch_size: The global batch size of the training.
+        min_images: Smallest split that draws no warning.
+
+    Returns:
+        The messages warned about (empty when the data set is large enough).
+
+    Example:
+        >>> import warnings
+        >>> import torch
+        >>> images = torch.zeros(43, 1, 8, 8, dtype=torch.uint8)
+        >>> data = ImageDataset("mine", images[:3], images[3:], levels=256)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     messages = check_dataset_size(data, batch_size=64)
+        >>> for message in messages:
+        ...     print(message)
+        mine: 3 training images, fewer than one batch (64): each epoch is one step
+        mine: 3 training images, fewer than 32: too few to learn the data from
+    """
+    if batch_size < 1 or min_images < 1:
+        raise ValueError(
+            f"expected batch_size >= 1 and min_images >= 1; got {batch_size} and {min_images}"
+        )
+    num_train, num_test = int(dataset.train.shape[0]), int(dataset.test.shape[0])
+    messages = []
+    if num_train < batch_size:
+        messages.append(
+            f"{dataset.name}: {num_train} training images, fewer than one batch ({batch_size}): "
+            f"each epoch is one step"
+        )
+    if num_train < min_images:
+        messages.append(
+            f"{dataset.name}: {num_train} training images, fewer than {min_images}: too few to "
+            f"learn the data from"
+        )
+    if num_test < min_images:
+        messages.append(
+            f"{dataset.name}: {num_test} test images, fewer than {min_images}: the test "
+            f"bits/dim is the score of a handful of images"
+        )
+    for message in messages:
+        warnings.warn(message, TinyDatasetWarning, stacklevel=2)
+    return messages
+
+
+def check_dataset_options(
+    name: str, image_size: int | None = None, channels: int | None = None, drop_alpha: bool = False
+) -> None:
+    """Refuse loading options that dataset ``name`` cannot honour, before anything is read.
+
+    ``image_size``, ``channels`` and ``drop_alpha`` act on image files, so only ``imagefolder``
+    (:data:`RESIZABLE_DATASETS`) takes them; the embedded, ``npz:PATH`` and torchvision datasets
+    have one fixed size and channel count. :func:`load_dataset` calls it; a command line or
+    configuration can call it to fail before any work.
+
+    Raises:
+        ValueError: "expected ...; got ..." naming the option and the dataset.
+    """
+    if name in RESIZABLE_DATASETS:
+        if image_size is not None and (int(image_size) != image_size or image_size < 1):
+            raise ValueError(f"expected image_size to be a positive integer; got {image_size!r}")
+        if channels not in (None, 1, 3):
+            raise ValueError(f"expected channels None, 1 or 3; got {channels!r}")
+        return
+    given = [
+        f"{option}={value!r}"
+        for option, value, default in (
+            ("image_size", image_size, None),
+            ("channels", channels, None),
+            ("drop_alpha", drop_alpha, False),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(
+            f"expected image_size, channels and drop_alpha only with a dataset in "
+            f"{RESIZABLE_DATASETS} (image files, resized and converted on loading); got "
+            f"{', '.join(given)} for dataset {name!r}"
         )
 
 
@@ -438,41 +579,124 @@ def _folder_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path, image_size: int | None) -> np.ndarray:
-    """One image file as an RGB ``uint8`` array ``(H, W, 3)``, resized when ``image_size``."""
+#: Pillow modes read as grey (one channel); every other 8-bit mode is read as RGB.
+GREY_MODES = ("1", "L", "LA", "La")
+#: Pillow modes with an alpha channel (others may carry transparency in ``info``).
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One decoded image file: ``pixels`` ``(H, W, 1)`` (grey) or ``(H, W, 3)`` (RGB)."""
+
+    path: Path
+    pixels: np.ndarray
+    mode: str  # Pillow mode of the file
+    alpha: str | None  # None: no transparency; "opaque": alpha all 255; "dropped": transparent
+
+
+def _transparency(image: Any, path: Path, drop_alpha: bool) -> str | None:
+    """Whether (and how) the image has transparency; refused unless ``drop_alpha``."""
+    if image.mode not in ALPHA_MODES and image.info.get("transparency") is None:
+        return None
+    if image.convert("RGBA").getchannel("A").getextrema() == (255, 255):
+        return "opaque"
+    if not drop_alpha:
+        raise ValueError(
+            f"expected images without transparency (pass drop_alpha=True to drop the alpha "
+            f"channel); got {str(path)!r} with transparent pixels (Pillow mode {image.mode})"
+        )
+    return "dropped"
+
+
+def _read_image(
+    path: Path, image_size: int | None, channels: int | None, drop_alpha: bool
+) -> _Image:
+    """One image file, grey or RGB (``channels`` 1 or 3 forces one), resized when ``image_size``."""
     from PIL import Image
 
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle).convert("RGB")
+            image = Image.open(handle)
+            image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(
             f"expected a readable image file; got {str(path)!r} ({type(error).__name__}: {error})"
         ) from error
+    mode = image.mode
+    if mode == "F" or mode.startswith("I"):
+        raise ValueError(
+            f"expected 8-bit images (256 levels); got {str(path)!r} with 16-bit, 32-bit or float "
+            f"pixels (Pillow mode {mode})"
+        )
+    alpha = _transparency(image, path, drop_alpha)
+    grey = mode in GREY_MODES if channels is None else channels == 1
+    image = image.convert("L" if grey else "RGB")
     if image_size:
         image = _center_crop_resize(image, None, image_size)
-    return np.asarray(image, dtype=np.uint8)
+    pixels = np.asarray(image, dtype=np.uint8)
+    return _Image(path, pixels[:, :, None] if grey else pixels, mode, alpha)
 
 
-def _read_images(splits: Sequence[Sequence[Path]], image_size: int | None) -> list[Tensor]:
-    """Every split's files as one ``uint8`` tensor ``(N, 3, H, W)``; all of one size."""
+def _conversion_notes(images: Sequence[_Image], channels: int) -> list[str]:
+    """One sentence per kind of conversion applied to the files (count and one example)."""
+    kinds: dict[str, list[Path]] = {}
+    for image in images:
+        grey = image.mode in GREY_MODES
+        if image.alpha is not None:
+            what = "was fully opaque" if image.alpha == "opaque" else "had transparent pixels"
+            kinds.setdefault(f"an alpha channel that {what} was dropped", []).append(image.path)
+        if grey and channels == 3:
+            kinds.setdefault("grey images were converted to RGB", []).append(image.path)
+        elif not grey and channels == 1:
+            kinds.setdefault("colour images were converted to grey", []).append(image.path)
+        elif image.mode not in ("L", "RGB", "LA", "RGBA") and not (grey and channels == 1):
+            kinds.setdefault(f"Pillow mode {image.mode} was converted to RGB", []).append(
+                image.path
+            )
+    return [
+        f"{len(paths)} of {len(images)} files: {kind} (e.g. {str(paths[0])!r})"
+        for kind, paths in kinds.items()
+    ]
+
+
+def _read_images(
+    splits: Sequence[Sequence[Path]],
+    image_size: int | None,
+    channels: int | None = None,
+    drop_alpha: bool = False,
+) -> tuple[list[Tensor], list[str]]:
+    """Every split's files as one ``uint8`` tensor ``(N, C, H, W)``, all of one size, and the
+    notes on their conversion.
+
+    ``channels=None``: one channel if every file is grey (:data:`GREY_MODES`), else RGB (the grey
+    files converted, which :func:`_conversion_notes` says).
+    """
     first: tuple[Path, tuple[int, ...]] | None = None
-    tensors = []
+    decoded: list[list[_Image]] = []
     for files in splits:
-        arrays = []
+        images = []
         for path in files:
-            array = _read_image(path, image_size)
+            image = _read_image(path, image_size, channels, drop_alpha)
+            size = image.pixels.shape[:2]
             if first is None:
-                first = (path, array.shape)
-            elif array.shape != first[1]:
+                first = (path, size)
+            elif size != first[1]:
                 raise ValueError(
                     f"expected images of one size (pass image_size to resize); got "
-                    f"{str(path)!r} of {array.shape[1]}x{array.shape[0]} pixels and "
+                    f"{str(path)!r} of {size[1]}x{size[0]} pixels and "
                     f"{str(first[0])!r} of {first[1][1]}x{first[1][0]} pixels"
                 )
-            arrays.append(array)
+            images.append(image)
+        decoded.append(images)
+    every = [image for images in decoded for image in images]
+    if channels is None:
+        channels = 1 if all(image.pixels.shape[2] == 1 for image in every) else 3
+    tensors = []
+    for images in decoded:
+        arrays = [np.broadcast_to(i.pixels, (*i.pixels.shape[:2], channels)) for i in images]
         tensors.append(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous())
-    return tensors
+    return tensors, _conversion_notes(every, channels)
 
 
 def load_image_folder(
@@ -480,12 +704,22 @@ def load_image_folder(
     limit: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    channels: int | None = None,
+    drop_alpha: bool = False,
 ) -> ImageDataset:
-    """Load an image folder with Pillow (no torchvision): RGB, 256 levels.
+    """Load an image folder with Pillow (no torchvision): grey or RGB, 256 levels.
 
     ``root/train`` and ``root/test`` are the splits if both exist; otherwise the files of
     ``root`` are split 90/10 (at least one test image) by a permutation with ``seed``. Files are
-    listed by :func:`image_files` (class subfolders and/or flat files).
+    listed by :func:`image_files` (class subfolders and/or flat image files).
+
+    Channels: a folder whose files are all grey (Pillow modes ``1``, ``L``, ``LA``) gives one
+    channel; one colour file makes the whole data set RGB, its grey files converted (each grey
+    value copied to R, G and B, nothing lost). ``channels`` 1 or 3 asks for one of them instead
+    (``channels=1`` converts colour files to grey by Pillow's ITU-R 601-2 luma). An alpha channel
+    is refused (the error names the file) unless it is fully opaque or ``drop_alpha`` is set;
+    16-bit and float images are refused. Every conversion is listed in
+    :attr:`ImageDataset.notes`.
 
     Args:
         root: The folder.
@@ -493,11 +727,26 @@ def load_image_folder(
         image_size: Centre-crop to a square and resize to ``image_size x image_size``; without it
             every image must have one size.
         seed: Seed of the 90/10 split.
+        channels: ``None`` (grey folders stay grey, else RGB), 1 or 3.
+        drop_alpha: Drop the alpha channel of images with transparent pixels.
 
     Raises:
         ValueError: "expected ...; got ..." naming the folder or file: a missing folder, a split
-            without images, an unreadable image or images of different sizes.
+            without images, an unreadable image, images of different sizes, an image with
+            transparent pixels (without ``drop_alpha``) or with more than 8 bits per channel.
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from PIL import Image
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     for i in range(10):
+        ...         Image.new("L", (8, 8), color=10 * i).save(Path(folder) / f"{i}.png")
+        ...     data = load_image_folder(folder)
+        >>> data.shape, data.train.shape[0], data.test.shape[0], data.notes
+        ((1, 8, 8), 9, 1, ())
     """
+    check_dataset_options("imagefolder", image_size, channels, drop_alpha)
     root = Path(root).expanduser()
     if not root.is_dir():
         raise ValueError(f"expected data_root to be an existing folder; got {str(root)!r}")
@@ -512,8 +761,8 @@ def load_image_folder(
         splits = [[files[i] for i in order[num_test:]], [files[i] for i in order[:num_test]]]
     if limit:
         splits = [files[:limit] for files in splits]
-    train, test = _read_images(splits, image_size)
-    return ImageDataset("imagefolder", train, test, levels=256)
+    (train, test), notes = _read_images(splits, image_size, channels, drop_alpha)
+    return ImageDataset("imagefolder", train, test, levels=256, notes=tuple(notes))
 
 
 # --- torchvision ---------------------------------------------------------------------------------
@@ -525,6 +774,8 @@ def load_vision_dataset(
     limit: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
+    channels: int | None = None,
+    drop_alpha: bool = False,
 ) -> ImageDataset:
     """Load a dataset of ``VISION_DATASETS`` from a local folder (never downloaded).
 
@@ -537,19 +788,29 @@ def load_vision_dataset(
         limit: Keep at most this many images per split.
         image_size: ImageFolder only: centre-crop and resize to ``image_size x image_size``.
         seed: ImageFolder only: seed of the 90/10 split when there are no train/test folders.
+        channels, drop_alpha: ImageFolder only, see :func:`load_image_folder`.
 
     Raises:
         ImportError: if torchvision is missing for mnist, cifar10 or celeba (the message names
             the ``vision`` extra).
-        ValueError: for an unknown name, a missing ``data_root`` or a bad image folder.
+        ValueError: for an unknown name, a missing ``data_root``, a bad image folder, or an
+            ImageFolder-only option given for another dataset (:func:`check_dataset_options`).
     """
     if name not in VISION_DATASETS:
         raise ValueError(f"expected a dataset in {VISION_DATASETS}; got {name!r}")
+    check_dataset_options(name, image_size, channels, drop_alpha)
     if data_root is None:
         raise ValueError(f"expected --data-root for dataset {name!r}; got None")
     root = Path(data_root).expanduser()
     if name == "imagefolder":
-        return load_image_folder(root, limit=limit, image_size=image_size, seed=seed)
+        return load_image_folder(
+            root,
+            limit=limit,
+            image_size=image_size,
+            seed=seed,
+            channels=channels,
+            drop_alpha=drop_alpha,
+        )
     if not root.is_dir():
         raise ValueError(f"expected data_root to be an existing folder; got {str(root)!r}")
     datasets = _import_torchvision(name).datasets
@@ -575,6 +836,8 @@ def load_dataset(
     data_root: str | Path | None = None,
     limit: int | None = None,
     image_size: int | None = None,
+    channels: int | None = None,
+    drop_alpha: bool = False,
 ) -> ImageDataset:
     """Load a dataset of ``DATASETS`` or ``npz:PATH`` by name (only vision ones use ``data_root``).
 
@@ -583,16 +846,30 @@ def load_dataset(
         data_root: The folder of a ``VISION_DATASETS`` dataset.
         limit: Keep at most this many images per split.
         image_size: ``imagefolder`` only: centre-crop and resize to ``image_size x image_size``.
+        channels, drop_alpha: ``imagefolder`` only, see :func:`load_image_folder`.
+
+    Raises:
+        ValueError: for an unknown name, bad files (named), or an ``imagefolder``-only option
+            given for another dataset (:func:`check_dataset_options`), e.g. ``image_size`` with
+            ``npz:PATH``.
     """
     path = npz_path(name)
+    if name not in DATASETS and path is None:
+        raise ValueError(f"expected a dataset in {DATASETS} or npz:PATH; got {name!r}")
+    check_dataset_options(name, image_size, channels, drop_alpha)
     if path is not None:
         return load_npz_dataset(path, limit=limit)
     if name == "digits":
         dataset = load_digits_dataset()
     elif name == "patches":
         dataset = load_patches_dataset()
-    elif name in VISION_DATASETS:
-        return load_vision_dataset(name, data_root, limit=limit, image_size=image_size)
     else:
-        raise ValueError(f"expected a dataset in {DATASETS} or npz:PATH; got {name!r}")
+        return load_vision_dataset(
+            name,
+            data_root,
+            limit=limit,
+            image_size=image_size,
+            channels=channels,
+            drop_alpha=drop_alpha,
+        )
     return dataset.limit(limit, limit) if limit else dataset
