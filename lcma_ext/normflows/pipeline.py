@@ -132,14 +132,14 @@ def _nms_levels(
     squeeze the multi-scale split does.
     """
     check_level_arguments(num_levels, placement)
-    levels = []
+    levels, shape = [], tuple(input_shape)
     steps = walk_levels(_wrap(level_factory), input_shape, num_levels, placement, multiscale=False)
     for step in steps:
-        level = step.level
+        level, shape = step.level, step.output_shape
         if placement == "squeeze" and step.index < num_levels - 1:
             level = NormflowsLevel([nf.flows.Squeeze(), *level.flows])
         levels.append(level)
-    return levels, step.output_shape
+    return levels, shape
 
 
 def build_nms_model(
