@@ -15,10 +15,13 @@ layers are considered". Since this depends on the multi-scale levels' own rearra
 Glow level's 1x1 convolution has a random channel permutation), the levels' rearrangements
 (``carry_positions``) are stored with the maps, so that a mismatch is detected.
 
-:func:`track_splits` is the one walk over the levels: it carries the data index of every
-position through each level and each split, builds each split point's split (from a
+:func:`track_splits` is the one tracker: along the one level walk
+(:func:`lcma_ext.multiscale.walk_levels`) it carries the data index of every position through each
+level and each split, builds each split point's split (from a
 :class:`lcma_ext.splits.SplitSpec`) and keeps the survivors. The maps, positions and splits of
-:class:`ContributionMaps`, the builders of :mod:`lcma_ext.pipeline` and the experiments all use it.
+:class:`ContributionMaps` (tracked once per maps and kept), the builders of
+:mod:`lcma_ext.pipeline` and the experiments all use it. Each map it gathers records its layout
+(:class:`lcma_ext.splits.MapLayout`), so a split of it is checked against the flow it joins.
 
 References:
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
@@ -27,6 +30,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,10 +45,11 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
-from lcma_ext.multiscale import LevelFactory, build_levels
-from lcma_ext.splits import FACTOR_OUT, PLACEMENTS, Split, SplitSpec, kept_shape
+from lcma_ext.flows import eval_mode, flow_parts
+from lcma_ext.multiscale import LevelFactory, build_levels, walk_levels
+from lcma_ext.splits import FACTOR_OUT, PLACEMENTS, MapLayout, Split, SplitSpec, with_layout
 from lcma_ext.storage import CorruptFileError, atomic_save, load_torch_file
-from lcma_ext.transforms.base import carry_positions, require_diag_aware
+from lcma_ext.transforms.base import require_diag_aware
 
 __all__ = ["ContributionMaps", "TrackedSplits", "estimate_contributions", "track_splits"]
 
@@ -118,28 +124,21 @@ def track_splits(
     shape = tuple(int(size) for size in input_shape)
     positions = torch.arange(math.prod(shape)).view(shape)  # data index at each position
     out = TrackedSplits([], [], [], [], [])
-    for index, level in enumerate(levels):
-        if isinstance(level, Tensor):
-            rearrangement = level.cpu()
-            if rearrangement.numel() != positions.numel():
-                raise ValueError(
-                    f"expected level {index}'s rearrangement over {positions.numel()} "
-                    f"dimensions; got {rearrangement.numel()}"
-                )
-        else:
-            rearrangement = carry_positions(level, shape).cpu()
-        out.level_positions.append(rearrangement)
-        if index == len(levels) - 1:
+    for step in walk_levels(levels, shape, placement=placement):
+        out.level_positions.append(step.positions)
+        if not step.is_split_point:
             break
-        carried = positions.reshape(-1)[rearrangement]
+        index = step.index
+        carried = positions.reshape(-1)[step.positions]
         contribution = None
         if data_maps is not None:
-            contribution = data_maps[index].detach().cpu().double().reshape(-1)[carried]
+            gathered = data_maps[index].detach().cpu().double().reshape(-1)[carried]
+            contribution = with_layout(gathered, MapLayout(shape, carried))
         elif layout_maps is not None:
             contribution = layout_maps[index]
         spec = specs[index]
         split = spec.build(
-            tuple(carried.shape),
+            step.output_shape,
             contribution if spec.needs_contributions else None,
             seed + index,
             placement,
@@ -150,7 +149,6 @@ def track_splits(
         out.factored_positions.append(factored[0])
         out.kept_positions.append(kept[0])
         positions = kept[0]
-        shape = tuple(positions.shape)
     return out
 
 
@@ -187,6 +185,14 @@ class ContributionMaps:
     factor_out: str = "low"
     num_examples: int = 0
     levels: list[nflows_base.Transform] | None = field(default=None, repr=False, compare=False)
+    #: The tracked maps, positions and splits (:meth:`tracked`), computed once.
+    _tracked: TrackedSplits | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # what the tracked result is derived from changes: derive it again when next asked
+        if name in _TRACKED_FROM:
+            object.__setattr__(self, "_tracked", None)
+        object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
         self.input_shape = tuple(int(size) for size in self.input_shape)
@@ -244,20 +250,36 @@ class ContributionMaps:
             seed=seed,
         )
 
+    def tracked(self) -> TrackedSplits:
+        """:meth:`track` of the stored rearrangements by the maps' own rule, computed once.
+
+        Every derived property (:attr:`maps`, the positions, :attr:`diagnostics`,
+        :meth:`splits`) reads this one result; assigning a field the result derives from
+        (the maps, the rearrangements, the shape, the placement or the rule) drops it. The
+        maps are not copied: change a derived tensor in place and every later read sees it.
+        """
+        if self._tracked is None:
+            object.__setattr__(self, "_tracked", self.track())
+        return self._tracked
+
     @property
     def maps(self) -> list[Tensor]:
-        """Per split point, ``L^(l)`` in the multi-scale layout at that split point."""
-        return self.track().maps
+        """Per split point, ``L^(l)`` in the multi-scale layout at that split point.
+
+        Each map records its layout (:class:`lcma_ext.splits.MapLayout`), so an
+        ``LCMASplit(maps.maps[l])`` added to a flow of other levels is refused.
+        """
+        return list(self.tracked().maps)
 
     @property
     def factored_positions(self) -> list[Tensor]:
         """Per split point, the data dimension at each position of the factored half."""
-        return self.track().factored_positions
+        return list(self.tracked().factored_positions)
 
     @property
     def kept_positions(self) -> list[Tensor]:
         """Per split point, the data dimension at each position of the kept half."""
-        return self.track().kept_positions
+        return list(self.tracked().kept_positions)
 
     @property
     def diagnostics(self) -> list[dict[str, Any]]:
@@ -268,18 +290,19 @@ class ContributionMaps:
         """One :class:`lcma_ext.splits.LCMASplit` per split point, by the maps' own rule.
 
         The splits factor out :attr:`factor_out` at every split point, the rule the maps of
-        later split points were tracked with.
+        later split points were tracked with. Each call returns new split modules (copies of
+        the tracked ones), free to be moved or put in a flow.
         """
-        return self.track().splits
+        return copy.deepcopy(self.tracked().splits)
 
     def check_levels(self, levels: Sequence[nflows_base.Transform]) -> None:
         """Raise ``RuntimeError`` unless ``levels`` rearrange dimensions as the stored ones."""
         levels = list(levels)
         if len(levels) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} levels; got {len(levels)}")
-        shape = self.input_shape
-        for index, (level, stored) in enumerate(zip(levels, self.level_positions)):
-            positions = carry_positions(require_diag_aware(level), shape).cpu()
+        steps = walk_levels(levels, self.input_shape, placement=self.placement)
+        for step, stored in zip(steps, self.level_positions):
+            index, positions = step.index, step.positions
             if positions.shape != stored.shape or not torch.equal(positions, stored.cpu()):
                 raise RuntimeError(
                     f"expected level {index} to rearrange dimensions like the level the "
@@ -288,8 +311,6 @@ class ContributionMaps:
                     "(lcma_from_nms, or the maps' in-memory levels), seed torch identically "
                     "before building them, or pass remap=True"
                 )
-            if index < len(levels) - 1:
-                shape = kept_shape(tuple(positions.shape), self.placement)
 
     def save(self, path: str | Path) -> None:
         """Write a small file of plain tensors, lists, strings and numbers, atomically.
@@ -339,8 +360,16 @@ class ContributionMaps:
             raise CorruptFileError(path, expected, f"inconsistent content ({error})") from error
 
 
+#: The fields of :class:`ContributionMaps` its tracked result is derived from.
+_TRACKED_FROM = frozenset(
+    {"input_shape", "placement", "data_maps", "level_positions", "factor_out"}
+)
+
+
 def _nms_levels(nms_transform: Any) -> list[nflows_base.Transform]:
-    transform = nms_transform._transform if isinstance(nms_transform, Flow) else nms_transform
+    transform = (
+        flow_parts(nms_transform).transform if isinstance(nms_transform, Flow) else nms_transform
+    )
     if not isinstance(transform, nflows_base.CompositeTransform):
         raise TypeError(
             "expected the NMS flow as a CompositeTransform of its levels (build_nms_transform) "
@@ -429,41 +458,39 @@ def estimate_contributions(
     sums: list[Tensor] | None = None
     count = 0
     event_shape = None if input_shape is None else tuple(int(s) for s in input_shape)
-    # every submodule's own mode, restored afterwards (not only the top module's)
-    modes = [(m, m.training) for m in module.modules()] if module is not None else []
-    if module is not None:
-        module.eval()
-    try:
-        with torch.no_grad():
-            iterator = tqdm(batches, total=total, disable=not progress, desc="contributions")
-            for x in iterator:
-                if event_shape is None:
-                    event_shape = tuple(x.shape[1:])
-                if tuple(x.shape[1:]) != event_shape:
-                    raise ValueError(
-                        f"expected batches of event shape {event_shape}; got {tuple(x.shape[1:])}"
-                    )
-                if reference is not None:
-                    x = x.to(device=reference.device, dtype=reference.dtype)
-                elif not x.is_floating_point():
-                    x = x.to(torch.get_default_dtype())
-                if not torch.isfinite(x).all():
-                    raise ValueError("expected finite data; got NaN or inf values")
-                diag = None
-                outputs = x
-                if sums is None:
-                    sums = []
-                for index, level in enumerate(nms_levels[:-1]):
-                    outputs, _, diag = level.forward_with_diag(outputs, None, diag)
-                    total_diag = diag.sum(0).double().cpu()
-                    if len(sums) <= index:
-                        sums.append(total_diag)
-                    else:
-                        sums[index] += total_diag
-                count += x.shape[0]
-    finally:
-        for submodule, training in modes:
-            submodule.training = training
+    # every submodule's own mode is restored afterwards (not only the top module's)
+    mode = eval_mode(module) if module is not None else contextlib.nullcontext()
+    with mode, torch.no_grad():
+        iterator = tqdm(batches, total=total, disable=not progress, desc="contributions")
+        for x in iterator:
+            if event_shape is None:
+                event_shape = tuple(x.shape[1:])
+            if tuple(x.shape[1:]) != event_shape:
+                raise ValueError(
+                    f"expected batches of event shape {event_shape}; got {tuple(x.shape[1:])}"
+                )
+            if not x.is_floating_point():
+                raise ValueError(
+                    "expected data pre-processed as the flow sees it (floating point, e.g. "
+                    "x, _ = lcma_ext.data.LogitPreprocessing(levels)(images), as train_flow "
+                    f"does with integer images); got {x.dtype} data"
+                )
+            if reference is not None:
+                x = x.to(device=reference.device, dtype=reference.dtype)
+            if not torch.isfinite(x).all():
+                raise ValueError("expected finite data; got NaN or inf values")
+            diag = None
+            outputs = x
+            if sums is None:
+                sums = []
+            for index, level in enumerate(nms_levels[:-1]):
+                outputs, _, diag = level.forward_with_diag(outputs, None, diag)
+                total_diag = diag.sum(0).double().cpu()
+                if len(sums) <= index:
+                    sums.append(total_diag)
+                else:
+                    sums[index] += total_diag
+            count += x.shape[0]
     if count == 0 or sums is None:
         raise ValueError("expected at least one example in data; got none")
 
@@ -497,18 +524,22 @@ def _maps_from_data(
     factor_out: str,
     num_examples: int,
 ) -> ContributionMaps:
-    return ContributionMaps(
+    tracked = track_splits(
+        levels,
+        input_shape,
+        [SplitSpec("lcma", factor_out)] * len(data_maps),
+        data_maps=data_maps,
+        placement=placement,
+    )
+    maps = ContributionMaps(
         input_shape=tuple(input_shape),
         placement=placement,
         data_maps=data_maps,
-        level_positions=track_splits(
-            levels,
-            input_shape,
-            [SplitSpec("lcma", factor_out)] * len(data_maps),
-            data_maps=data_maps,
-            placement=placement,
-        ).level_positions,
+        level_positions=tracked.level_positions,
         factor_out=factor_out,
         num_examples=num_examples,
         levels=levels,
     )
+    # the same walk as maps.track(): the levels' rearrangements are the stored ones
+    object.__setattr__(maps, "_tracked", tracked)
+    return maps

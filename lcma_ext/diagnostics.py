@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from lcma_ext.splits import (
-    _CHECKERBOARD_KEPT,
-    _rank_blocks,
-    _rank_tiles,
-    _rank_vector,
-    _squeeze_layout,
+    CHECKERBOARD_KEPT,
     check_contributions,
+    rank_blocks,
+    rank_tiles,
+    rank_vector,
+    squeeze_layout,
 )
 
 __all__ = ["NEAR_TIE_RTOL", "split_diagnostics"]
@@ -73,7 +73,7 @@ def split_diagnostics(
     values = check_contributions(contributions, placement).detach().to("cpu", torch.float64)
     if values.dim() == 1:
         d = values.shape[0]
-        ranked = _rank_vector(values)
+        ranked = rank_vector(values)
         sorted_values = values[ranked]
         a, b = sorted_values[d // 2 - 1], sorted_values[d // 2]
         kept = torch.zeros(d, dtype=torch.bool)
@@ -97,7 +97,7 @@ def split_diagnostics(
             "kept_pattern_entropy": 0.0,
         }
     if placement == "squeeze":
-        values = _squeeze_layout(values)
+        values = squeeze_layout(values)
     c4, h, w = values.shape
     groups = c4 // 4
     blocks = values.view(groups, 4, h, w)
@@ -105,18 +105,18 @@ def split_diagnostics(
     a, b = sorted_values[:, 1], sorted_values[:, 2]
     ties = a == b
     near = ties | ((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
-    ranked = _rank_blocks(blocks)
+    ranked = rank_blocks(blocks)
     weights = torch.tensor([1, 2, 4, 8]).view(1, 4, 1, 1)
     kept_mask = torch.zeros(groups, 4, h, w, dtype=torch.long).scatter(1, ranked[:, :2], 1)
     mask = (kept_mask * weights).sum(1)  # (G, h, w) bitmask of kept positions
     channel_kept = (4 * torch.arange(groups).view(groups, 1) + torch.arange(4)) >= 2 * groups
     channel_mask = (channel_kept.long() * weights.view(1, 4)).sum(1).view(groups, 1, 1)
-    checker_mask = sum(1 << k for k in _CHECKERBOARD_KEPT)
+    checker_mask = sum(1 << k for k in CHECKERBOARD_KEPT)
     codes, counts = torch.unique(mask, return_counts=True)
     modal = int(codes[torch.argmax(counts)])
     group_modal = torch.mode(mask.view(groups, -1), dim=1).values.view(groups, 1, 1)
     overlap = (kept_mask.bool() & channel_kept.view(groups, 4, 1, 1)).sum()
-    static = _rank_tiles(blocks, (h, w))[:, :2, :1, :1]  # channel granularity, one per group
+    static = rank_tiles(blocks, (h, w))[:, :2, :1, :1]  # channel granularity, one per group
     static_mask = torch.zeros(groups, 4, 1, 1, dtype=torch.long).scatter(1, static, 1)
     agrees = mask == (static_mask * weights).sum(1)
     position_share = kept_mask.double().mean(dim=(2, 3)) / 2  # (G, 4), rows sum to 1

@@ -26,7 +26,7 @@ from lcma_ext.multiscale import (
     LevelFactory,
     build_levels,
     check_level_arguments,
-    level_output_shape,
+    walk_levels,
 )
 from lcma_ext.splits import DEFAULT_REGION_SIZE, SplitSpec
 from lcma_ext.transforms import CompositeTransform, SqueezeTransform
@@ -60,15 +60,11 @@ def build_nms_transform(
         ValueError: for ``num_levels < 1`` or an unknown placement.
     """
     check_level_arguments(num_levels, placement)
-    shape = tuple(int(size) for size in input_shape)
     levels = []
-    for index in range(num_levels):
-        level = level_factory(index, shape)
-        shape = level_output_shape(level, shape)
-        if placement == "squeeze" and index < num_levels - 1:
-            squeeze = SqueezeTransform()
-            shape = level_output_shape(squeeze, shape)
-            level = CompositeTransform([level, squeeze])
+    for step in walk_levels(level_factory, input_shape, num_levels, placement, multiscale=False):
+        level = step.level
+        if placement == "squeeze" and step.index < num_levels - 1:
+            level = CompositeTransform([level, SqueezeTransform()])
         levels.append(level)
     return CompositeTransform(levels)
 
@@ -122,8 +118,9 @@ def build_multiscale_transform(
     point ``l`` sees the NMS contributions of the dimensions that the splits before it kept.
 
     Args:
-        level_factory: ``level_factory(level_index, input_shape) -> Transform``; used only
-            when neither ``levels`` nor in-memory levels of ``contributions`` exist.
+        level_factory: ``level_factory(level_index, input_shape) -> Transform``; builds the
+            levels unless ``levels`` are given (``None``: copies of the in-memory levels of
+            ``contributions``).
         input_shape: Event shape of the data.
         num_levels: Number of levels (split points: ``num_levels - 1``).
         split: A name of :data:`lcma_ext.splits.SPLIT_NAMES` or
@@ -140,7 +137,9 @@ def build_multiscale_transform(
         remap: If the levels rearrange dimensions differently from the ones the maps were
             measured with (for example a freshly built Glow level with another random 1x1
             convolution permutation), ``False`` raises, ``True`` maps the NMS contributions
-            onto these levels (no NMS run is needed).
+            onto these levels (no NMS run is needed). Levels that ``level_factory`` builds
+            while ``contributions`` hold their own levels in memory are new levels by
+            intent: the contributions are always mapped onto them.
         region_size: Tile side of the ``"*-region"`` splits, in sites of each split point's
             grid of local blocks, capped at the grid (default 4).
         prior: Prior of the factored halves, for every split point or one per split point:
@@ -148,9 +147,10 @@ def build_multiscale_transform(
             Gaussian given the kept half, zero-initialised, so the untrained flow equals the
             standard one; see :class:`lcma_ext.transforms.ConditionalGaussianPrior`).
 
-    Levels are chosen in this order: ``levels``; deep copies of the levels kept in memory by
-    ``contributions`` (so random permutations agree with the measured maps); new levels from
-    ``level_factory``.
+    Levels are chosen in this order: ``levels``; new levels from ``level_factory`` (built from
+    torch's random state, so the initial weights follow ``torch.manual_seed`` whatever the
+    split); deep copies of the levels kept in memory by ``contributions`` when
+    ``level_factory`` is ``None``. The factory is never ignored: the flow has its levels.
 
     Raises:
         ValueError: for an unknown split name, missing contributions or inconsistent shapes.
@@ -171,16 +171,18 @@ def build_multiscale_transform(
     needing = [spec.name for spec in specs if spec.needs_contributions]
     if needing and maps is None:
         raise ValueError(f"split {needing[0]!r} expected contributions; got None")
+    in_memory = isinstance(maps, ContributionMaps) and maps.levels is not None
     if levels is not None:
         levels = list(levels)
         if len(levels) != num_levels:
             raise ValueError(f"expected {num_levels} levels; got {len(levels)}")
-    elif isinstance(maps, ContributionMaps) and maps.levels is not None:
+    elif level_factory is not None:
+        levels = build_levels(level_factory, shape, num_levels, placement)
+        remap = remap or in_memory  # new levels instead of the measured ones, as asked
+    elif in_memory:
         levels = [copy.deepcopy(level) for level in maps.levels]
     else:
-        if level_factory is None:
-            raise ValueError("expected a level_factory (no levels given); got None")
-        levels = build_levels(level_factory, shape, num_levels, placement)
+        raise ValueError("expected a level_factory (no levels given); got None")
     if isinstance(maps, ContributionMaps):
         tracked = maps.track(levels, specs, check=not remap and bool(needing), seed=seed)
     else:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from lcma_ext.data.preprocess import LogitPreprocessing
-from lcma_ext.flows import flow_dtype_device
+from lcma_ext.flows import eval_mode, flow_dtype_device, flow_parts
 
 __all__ = ["MODES", "decode", "encode", "interpolate", "sample", "sample_images"]
 
@@ -95,30 +95,15 @@ def _finish(samples: Tensor, preprocessing: LogitPreprocessing | None) -> Tensor
     return (samples if preprocessing is None else preprocessing.to_unit(samples)).cpu()
 
 
-class _EvalMode:
-    """``with _EvalMode(flow):`` eval mode inside, each module's own mode restored after."""
-
-    def __init__(self, flow: nn.Module) -> None:
-        self.modes = [(module, module.training) for module in flow.modules()]
-        self.flow = flow
-
-    def __enter__(self) -> None:
-        self.flow.eval()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        for module, training in self.modes:
-            module.training = training
-
-
 def _nflows_sample(flow: nn.Module, num: int, temperature: float, generator) -> Tensor:
     dtype, device = flow_dtype_device(flow)
-    distribution = flow._distribution
+    transform, distribution, _ = flow_parts(flow)
     if hasattr(distribution, "sample_at_temperature"):  # a learned prior (Flow-VAE)
         noise = distribution.sample_at_temperature(num, temperature, generator=generator)
     else:
         shape = distribution._shape
         noise = temperature * torch.randn((num, *shape), generator=generator, dtype=dtype)
-    return flow._transform.inverse(noise.to(device))[0]
+    return transform.inverse(noise.to(device))[0]
 
 
 def _normflows_sample(model: nn.Module, num: int, temperature: float, generator) -> Tensor:
@@ -159,7 +144,7 @@ def sample(
     num = _check_count(num, "num", 1)
     temperature = _check_temperature(temperature)
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    with _EvalMode(flow):
+    with eval_mode(flow):
         if _is_normflows(flow):
             samples = _normflows_sample(flow, num, temperature, generator)
         else:
@@ -192,7 +177,7 @@ def encode(flow: nn.Module, x: Tensor) -> Tensor:
             for z, base in zip(latents, _gaussian_bases(flow), strict=True)
         ]
         return torch.cat(parts, 1)
-    return flow._transform(x)[0].flatten(1)
+    return flow_parts(flow).transform(x)[0].flatten(1)
 
 
 @torch.no_grad()
@@ -211,8 +196,8 @@ def decode(flow: nn.Module, eps: Tensor) -> Tensor:
             for chunk, base in zip(chunks, bases, strict=True)
         ]
         return flow.forward_and_log_det(latents)[0]
-    shape = flow._distribution._shape
-    return flow._transform.inverse(eps.reshape(-1, *shape))[0]
+    transform, distribution, _ = flow_parts(flow)
+    return transform.inverse(eps.reshape(-1, *distribution._shape))[0]
 
 
 def _linear(z0: Tensor, z1: Tensor, t: Tensor) -> Tensor:
@@ -283,7 +268,7 @@ def interpolate(
     steps = _check_count(steps, "steps", 2)
     if mode not in MODES:
         raise ValueError(f"expected mode in {', '.join(MODES)}; got {mode!r}")
-    with _EvalMode(flow):
+    with eval_mode(flow):
         z0, z1 = encode(flow, x0), encode(flow, x1)
         t = torch.linspace(0.0, 1.0, steps, dtype=z0.dtype, device=z0.device)
         path = _linear(z0, z1, t) if mode == "linear" else _spherical(z0, z1, t)

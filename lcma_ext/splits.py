@@ -61,6 +61,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "BLOCK_PRIORITY",
+    "CHECKERBOARD_FACTORED",
+    "CHECKERBOARD_KEPT",
     "DEFAULT_REGION_SIZE",
     "FACTOR_OUT",
     "GRANULARITIES",
@@ -72,6 +74,7 @@ __all__ = [
     "CheckerboardSplit",
     "IndexSplit",
     "LCMASplit",
+    "MapLayout",
     "RandomSplit",
     "Split",
     "SplitSpec",
@@ -79,7 +82,14 @@ __all__ = [
     "kept_block_positions",
     "kept_shape",
     "make_split",
+    "map_layout",
+    "rank_blocks",
+    "rank_tiles",
+    "rank_vector",
+    "region_tile",
     "split_shapes",
+    "squeeze_layout",
+    "with_layout",
 ]
 
 PLACEMENTS = ("post_squeeze", "squeeze")
@@ -95,8 +105,9 @@ DEFAULT_REGION_SIZE = 4
 GRANULAR_SPLIT_NAMES = ("lcma-channel", "lcma-region", "high-channel", "high-region")
 #: Tie-break preference over block positions ``k = 2 dy + dx``: TL, BR, TR, BL.
 BLOCK_PRIORITY = (0, 3, 1, 2)
-_CHECKERBOARD_KEPT = (0, 3)
-_CHECKERBOARD_FACTORED = (1, 2)
+#: Block positions the checkerboard split keeps (TL, BR) and factors out (TR, BL).
+CHECKERBOARD_KEPT = (0, 3)
+CHECKERBOARD_FACTORED = (1, 2)
 
 Shape = tuple[int, ...]
 
@@ -162,7 +173,7 @@ def kept_shape(output_shape: Sequence[int], placement: str = "post_squeeze") -> 
     return split_shapes(output_shape, placement)[1]
 
 
-def _squeeze_layout(tensor: Tensor) -> Tensor:
+def squeeze_layout(tensor: Tensor) -> Tensor:
     """nflows' squeeze of one event ``(C, H, W) -> (4C, H/2, W/2)``, channel ``4c + 2dy + dx``."""
     c, h, w = tensor.shape
     return (
@@ -196,6 +207,51 @@ def _permute(inputs: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
     return inputs.index_select(1, index)
 
 
+#: The attribute under which a contribution map records its :class:`MapLayout`.
+_LAYOUT_ATTRIBUTE = "lcma_layout"
+
+
+@dataclass(frozen=True, eq=False)
+class MapLayout:
+    """Where the entries of a contribution map come from: the data dimension at each position.
+
+    The tracker (:func:`lcma_ext.contributions.track_splits`) records it on every map it
+    gathers from the data's layout (:attr:`lcma_ext.ContributionMaps.maps`), an
+    :class:`LCMASplit` of such a map keeps it, and
+    :meth:`lcma_ext.ContributionMultiscaleFlow.add_transform` checks it against the flow the
+    split is added to. A copy of the map (``clone``, ``to``, arithmetic) has no layout.
+
+    Attributes:
+        data_shape: Event shape of the data.
+        positions: Long tensor shaped like the map: the flat index, in ``data_shape``, of the
+            data dimension at each position.
+    """
+
+    data_shape: Shape
+    positions: Tensor
+
+
+def with_layout(contributions: Tensor, layout: MapLayout) -> Tensor:
+    """Record ``layout`` on the map ``contributions`` (the same tensor object); returns it.
+
+    Raises:
+        ValueError: if the layout's positions are not shaped like the map.
+    """
+    if tuple(layout.positions.shape) != tuple(contributions.shape):
+        raise ValueError(
+            f"expected layout positions of the map's shape {tuple(contributions.shape)}; got "
+            f"{tuple(layout.positions.shape)}"
+        )
+    setattr(contributions, _LAYOUT_ATTRIBUTE, layout)
+    return contributions
+
+
+def map_layout(contributions: Tensor) -> MapLayout | None:
+    """The :class:`MapLayout` recorded on a map by :func:`with_layout`, or ``None``."""
+    layout = getattr(contributions, _LAYOUT_ATTRIBUTE, None)
+    return layout if isinstance(layout, MapLayout) else None
+
+
 class Split(nn.Module):
     """Common interface of all split objects.
 
@@ -209,6 +265,9 @@ class Split(nn.Module):
     Shapes:
         x: ``(B, *input_shape)``; factored and kept: ``(B, *shape)`` from :meth:`output_shapes`.
     """
+
+    #: Where the split's contribution map came from (:class:`MapLayout`), if known.
+    layout: MapLayout | None = None
 
     def __init__(self, placement: str = "post_squeeze") -> None:
         super().__init__()
@@ -394,7 +453,7 @@ class IndexSplit(Split):
         self._require_bound()
         self._check_event(x, self.input_shape, "inputs")
         batch = x.shape[0]
-        out = _permute(x.reshape(batch, -1), self.index, self.inverse_index)
+        out = _permute(x.flatten(1), self.index, self.inverse_index)
         split = _numel(self.factored_shape)
         return out[:, :split].view(batch, *self.factored_shape), out[:, split:].view(
             batch, *self.kept_shape
@@ -405,7 +464,7 @@ class IndexSplit(Split):
         self._check_event(factored, self.factored_shape, "factored")
         self._check_event(kept, self.kept_shape, "kept")
         batch = factored.shape[0]
-        flat = torch.cat([factored.reshape(batch, -1), kept.reshape(batch, -1)], dim=1)
+        flat = torch.cat([factored.flatten(1), kept.flatten(1)], dim=1)
         return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -514,7 +573,7 @@ def _block_layout(shape: Shape, placement: str) -> tuple[Tensor | None, Shape]:
     """For a 3D event: the squeezed flat positions (placement 'squeeze') and the block shape."""
     c, h, w = shape
     if placement == "squeeze":
-        positions = _squeeze_layout(torch.arange(_numel(shape)).view(c, h, w))
+        positions = squeeze_layout(torch.arange(_numel(shape)).view(c, h, w))
         return positions, (4 * c, h // 2, w // 2)
     return None, shape
 
@@ -523,14 +582,14 @@ def _compose(positions: Tensor | None, index: Tensor) -> Tensor:
     return index if positions is None else positions.reshape(-1)[index]
 
 
-def _rank_blocks(values: Tensor) -> Tensor:
+def rank_blocks(values: Tensor) -> Tensor:
     """Block positions ``(G, 4, h, w)`` sorted by decreasing value, ties by BLOCK_PRIORITY."""
     priority = torch.tensor(BLOCK_PRIORITY, device=values.device)
     order = torch.sort(values[:, priority], dim=1, descending=True, stable=True).indices
     return priority[order]
 
 
-def _rank_vector(values: Tensor) -> Tensor:
+def rank_vector(values: Tensor) -> Tensor:
     """Indices sorted by decreasing value; ties prefer odd indices, then lower indices."""
     d = values.shape[0]
     priority = torch.cat([torch.arange(1, d, 2), torch.arange(0, d, 2)]).to(values.device)
@@ -556,8 +615,8 @@ class CheckerboardSplit(IndexSplit):
             return torch.arange(0, d, 2), torch.arange(1, d, 2)
         positions, (c4, h, w) = _block_layout(shape, self.placement)
         groups = c4 // 4
-        kept = torch.tensor(_CHECKERBOARD_KEPT).view(1, 2, 1, 1).expand(groups, 2, h, w)
-        factored = torch.tensor(_CHECKERBOARD_FACTORED).view(1, 2, 1, 1).expand(groups, 2, h, w)
+        kept = torch.tensor(CHECKERBOARD_KEPT).view(1, 2, 1, 1).expand(groups, 2, h, w)
+        factored = torch.tensor(CHECKERBOARD_FACTORED).view(1, 2, 1, 1).expand(groups, 2, h, w)
         factored_index, kept_index = _block_index(kept, factored, c4, h, w)
         return _compose(positions, factored_index), _compose(positions, kept_index)
 
@@ -677,14 +736,37 @@ def fit_region_size(
     return min(region_size, *_block_grid(shape, placement))
 
 
-def _rank_tiles(blocks: Tensor, tile: tuple[int, int]) -> Tensor:
-    """:func:`_rank_blocks` of the tile means of ``blocks`` ``(G, 4, h, w)``, spread per site."""
+def region_tile(
+    input_shape: Sequence[int], region_size: int, placement: str = "post_squeeze"
+) -> tuple[int, int]:
+    """The tile ``(th, tw)`` of a ``"*-region"`` split of inputs of event shape ``input_shape``.
+
+    The tile side is ``fit_region_size(input_shape, region_size, placement)`` (capped at the
+    block grid), as :func:`make_split` builds it. Use it to check a ``region_size`` against
+    every split point's input shape before building anything.
+
+    Raises:
+        ValueError: for a capped tile side that does not divide both sides of the block grid,
+            a shape without sites (vector data) or the placement cannot split, or an invalid
+            ``region_size``.
+    """
+    shape = _as_shape(input_shape)
+    if len(shape) != 3:
+        raise ValueError(
+            f"granularity 'region' expected an image shape (C, H, W) with sites; got {shape}"
+        )
+    split_shapes(shape, placement, blocks=True)
+    return _tile(shape, placement, "region", fit_region_size(shape, region_size, placement))
+
+
+def rank_tiles(blocks: Tensor, tile: tuple[int, int]) -> Tensor:
+    """:func:`rank_blocks` of the tile means of ``blocks`` ``(G, 4, h, w)``, spread per site."""
     th, tw = tile
     if (th, tw) == (1, 1):
-        return _rank_blocks(blocks)
+        return rank_blocks(blocks)
     groups, _, h, w = blocks.shape
     pooled = blocks.reshape(groups, 4, h // th, th, w // tw, tw).mean(dim=(3, 5))
-    return _rank_blocks(pooled).repeat_interleave(th, dim=2).repeat_interleave(tw, dim=3)
+    return rank_blocks(pooled).repeat_interleave(th, dim=2).repeat_interleave(tw, dim=3)
 
 
 @torch.no_grad()
@@ -727,16 +809,16 @@ def kept_block_positions(
                 f"granularity {granularity!r} expected an image map (C, H, W) with sites; got "
                 f"a vector map of shape {shape} (use granularity='site')"
             )
-        ranked = _rank_vector(values)
+        ranked = rank_vector(values)
         if factor_out == "high":  # the reverse ranking; factored keeps ceil(D / 2)
             ranked = torch.flip(ranked, [0])
         kept, factored = ranked[: shape[0] // 2], ranked[shape[0] // 2 :]
         return torch.sort(kept).values, torch.sort(factored).values
     tile = _tile(shape, placement, granularity, region_size)
     if placement == "squeeze":
-        values = _squeeze_layout(values)
+        values = squeeze_layout(values)
     c4, h, w = values.shape
-    ranked = _rank_tiles(values.view(c4 // 4, 4, h, w), tile)
+    ranked = rank_tiles(values.view(c4 // 4, 4, h, w), tile)
     high = torch.sort(ranked[:, :2], dim=1).values
     low = torch.sort(ranked[:, 2:], dim=1).values
     return (high, low) if factor_out == "low" else (low, high)
@@ -803,6 +885,7 @@ class LCMASplit(IndexSplit):
         self.granularity = granularity
         self.region_size = region_size
         self.register_buffer("contributions", contributions.detach().clone())
+        self.layout = map_layout(contributions)
         self.bind(tuple(contributions.shape))
 
     @property

@@ -56,7 +56,7 @@ def _maps(shape: tuple[int, ...], num_levels: int):
     """Contributions of an untrained NMS model (enough for the LCMA split logic)."""
     torch.manual_seed(5)
     nms = lnf.build_nms_model(_glow_level, shape, num_levels)
-    return lnf.estimate_contributions(nms, _data(16, shape), _glow_level, progress=False)
+    return lnf.estimate_model_contributions(nms, _data(16, shape), _glow_level, progress=False)
 
 
 def _model(split: str, shape, num_levels, prior: str = "conditional", maps=None):
@@ -183,7 +183,7 @@ def test_state_dict_holds_the_priors(maps_by_shape):
     shape, num_levels = CASES[0]
     model = _model("checkerboard", shape, num_levels)
     _randomise(model)
-    assert any(key.startswith("merges.0.prior.") for key in model.state_dict())
+    assert any(key.startswith("merges.0.point.prior.") for key in model.state_dict())
     again = _model("checkerboard", shape, num_levels)
     again.load_state_dict(model.state_dict())
     x = _data(2, shape)

@@ -154,7 +154,7 @@ def test_same_maps_splits_and_likelihood_as_the_nflows_path(conv, attribution):
     torch.testing.assert_close(log_det_normflows, log_det_nflows, rtol=0, atol=TOL)
 
     maps_nflows = core.estimate_contributions(nms_nflows, x, levels_nflows, SHAPE, progress=False)
-    maps = lnf.estimate_contributions(
+    maps = lnf.estimate_model_contributions(
         nms, x, lambda index, shape: level_lists[index], SHAPE, progress=False
     )
     for got, expected in zip(maps.data_maps, maps_nflows.data_maps, strict=True):
@@ -259,7 +259,7 @@ def test_lcma_model_log_likelihood_equals_brute_force(placement):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    maps = lnf.estimate_contributions(nms, x, level, progress=False)  # the NMS placement
+    maps = lnf.estimate_model_contributions(nms, x, level, progress=False)  # the NMS placement
     assert maps.input_shape == SHAPE and maps.num_levels == LEVELS
     model = lnf.build_multiscale_model(
         level, SHAPE, LEVELS, "lcma", maps, placement=placement, base=_hand_set_gaussian
@@ -305,7 +305,7 @@ def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
         q0 = [nf.distributions.DiagGaussian((4, 2, 1))] * 2
     else:  # halves of shape (2, 2, 2); the deep level squeezes to (8, 1, 1)
         split = nf.flows.Merge("channel") if merge == "normflows-channel" else None
-        merges = [split or lnf.LCMASplit(torch.randn(4, 2, 2))]
+        merges = [split or lnf.LCMAMerge(torch.randn(4, 2, 2))]
         deep = [nf.flows.Permute(8), nf.flows.ActNorm((8, 1, 1)), nf.flows.Squeeze()]
         q0 = [nf.distributions.DiagGaussian((8, 1, 1)), nf.distributions.DiagGaussian((2, 2, 2))]
     model = nf.MultiscaleFlow(q0, [deep, data_side], merges, class_cond=False)
@@ -346,7 +346,7 @@ def test_residual_blocks_through_the_pipeline():
     nms = lnf.build_nms_model(level, shape, 2)
     loss = nms.forward_kld(x)
     loss.backward()  # trains through the exact log-det
-    maps = lnf.estimate_contributions(nms, x, level, shape, progress=False)
+    maps = lnf.estimate_model_contributions(nms, x, level, shape, progress=False)
     # brute force: after level 0 (squeeze, block, ActNorm) dimension d's contribution is the
     # diagonal of log(J_block) at its squeezed position, plus ActNorm's -s; averaged over x
     nms.eval()  # in training mode every call would update the spectral-norm estimates
@@ -372,14 +372,14 @@ def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path):
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)
     x = _data()
     nms.log_prob(x)
-    maps = lnf.estimate_contributions(nms, x, _glow_level, progress=False)
+    maps = lnf.estimate_model_contributions(nms, x, _glow_level, progress=False)
     plain = nf.NormalizingFlow(nms.q0, list(nms.flows))
-    plain_maps = lnf.estimate_contributions(plain, x, _glow_level, SHAPE, progress=False)
+    plain_maps = lnf.estimate_model_contributions(plain, x, _glow_level, SHAPE, progress=False)
     for got, expected in zip(plain_maps.data_maps, maps.data_maps, strict=True):
         assert torch.equal(got, expected)
     assert nms.training and all(module.training for module in nms.modules())  # mode restored
     nms.eval()
-    lnf.estimate_contributions(nms, x, _glow_level, progress=False)
+    lnf.estimate_model_contributions(nms, x, _glow_level, progress=False)
     assert not any(module.training for module in nms.modules())
     maps.save(tmp_path / "maps.pt")  # loaded maps have no levels: new ones from the factory
     loaded = core.ContributionMaps.load(tmp_path / "maps.pt")
@@ -396,8 +396,9 @@ def test_split_per_point_levels_reuse_and_remap():
 
     x = _data()
     nms = lnf.build_nms_model(level, SHAPE, LEVELS)
-    maps = lnf.estimate_contributions(nms, x, level, progress=False)
-    model = lnf.build_multiscale_model(level, SHAPE, LEVELS, ["lcma", "random"], maps)
+    maps = lnf.estimate_model_contributions(nms, x, level, progress=False)
+    # no factory: copies of the maps' in-memory levels (a factory would build new ones)
+    model = lnf.build_multiscale_model(None, SHAPE, LEVELS, ["lcma", "random"], maps)
     assert isinstance(model.merges[1].split, LCMASplit)  # split point 0 is the data-side one
     assert isinstance(model.merges[0].split, RandomSplit)
     for got, stored in zip(reversed(model.flows), maps.levels, strict=True):  # deep copies
@@ -425,16 +426,16 @@ def test_errors_name_the_class_and_what_to_do():
     x = _data(8)
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)
     nms.log_prob(x)
-    maps = lnf.estimate_contributions(nms, x, _glow_level, progress=False)
+    maps = lnf.estimate_model_contributions(nms, x, _glow_level, progress=False)
     model = lnf.build_multiscale_model(_glow_level, SHAPE, LEVELS, "lcma", maps)
 
     # not multi-scale / not an NMS model
     with pytest.raises(TypeError, match=r"expected a normflows MultiscaleFlow; got .*NMSFlow"):
         lnf.inverse_and_log_det_with_diag(nms, x)
     with pytest.raises(TypeError, match="got a MultiscaleFlow"):
-        lnf.estimate_contributions(model, x, _glow_level, SHAPE, progress=False)
+        lnf.estimate_model_contributions(model, x, _glow_level, SHAPE, progress=False)
     with pytest.raises(TypeError, match=r"NormalizingFlow .*got torch\.nn.*Linear"):
-        lnf.estimate_contributions(nn.Linear(2, 2), x, _glow_level, SHAPE, progress=False)
+        lnf.estimate_model_contributions(nn.Linear(2, 2), x, _glow_level, SHAPE, progress=False)
 
     # shapes that do not match the maps
     with pytest.raises(ValueError, match=r"expected input_shape \(1, 8, 8\) \(from the maps\)"):
@@ -448,9 +449,9 @@ def test_errors_name_the_class_and_what_to_do():
     with pytest.raises(ValueError, match=r"expected a contribution map of shape \(4, 4, 4\)"):
         lnf.build_multiscale_model(_glow_level, SHAPE, LEVELS, "lcma", [torch.zeros(2, 4, 4)] * 2)
     with pytest.raises(ValueError, match=r"expected input_shape \(1, 8, 8\) \(the NMS model's\)"):
-        lnf.estimate_contributions(nms, x, _glow_level, (1, 4, 4), progress=False)
+        lnf.estimate_model_contributions(nms, x, _glow_level, (1, 4, 4), progress=False)
     with pytest.raises(ValueError, match=r"expected placement 'post_squeeze' \(the NMS model's\)"):
-        lnf.estimate_contributions(nms, x, _glow_level, placement="squeeze", progress=False)
+        lnf.estimate_model_contributions(nms, x, _glow_level, placement="squeeze", progress=False)
 
     # a normflows flow without a per-dimension adapter
     def unsupported(index, shape):
@@ -479,9 +480,9 @@ def test_errors_name_the_class_and_what_to_do():
         lnf.NMSFlow(nms.q0, list(nms.flows), level_sizes=[3, 3])
     plain_nms = nf.NormalizingFlow(nms.q0, list(nms.flows))
     with pytest.raises(ValueError, match="expected an NMS model from build_nms_model"):
-        lnf.estimate_contributions(plain_nms, x, level_lists_of(maps), SHAPE, progress=False)
+        lnf.estimate_model_contributions(plain_nms, x, level_lists_of(maps), SHAPE, progress=False)
     with pytest.raises(ValueError, match="to be the factory's levels"):
-        lnf.estimate_contributions(
+        lnf.estimate_model_contributions(
             plain_nms, x, lambda i, s: [nf.flows.Squeeze()], SHAPE, progress=False
         )
     with pytest.raises(RuntimeError, match="expected level_sizes"):

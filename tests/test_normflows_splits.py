@@ -1,4 +1,4 @@
-"""LCMASplit as a merge inside normflows' MultiscaleFlow: log_prob vs brute force, sampling."""
+"""LCMAMerge inside normflows' MultiscaleFlow: log_prob vs brute force, sampling."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
-from lcma_ext.normflows import LCMASplit, SplitMerge
+from lcma_ext.normflows import LCMAMerge, SplitMerge
 
 from brute_force import jacobian
 
@@ -35,8 +35,8 @@ def _merges():
     generator = torch.Generator().manual_seed(1)
     contributions = torch.randn(4, 2, 2, generator=generator)
     return {
-        "lcma": LCMASplit(contributions),
-        "high": LCMASplit(contributions, factor_out="high"),
+        "lcma": LCMAMerge(contributions),
+        "high": LCMAMerge(contributions, factor_out="high"),
         "checkerboard": SplitMerge(S.CheckerboardSplit((4, 2, 2))),
     }
 
@@ -69,7 +69,7 @@ def test_log_prob_sampling_and_exactness(name):
 
 def test_merge_follows_the_core_split():
     contributions = torch.tensor([[5.0, 0.0], [1.0, 9.0], [7.0, 8.0], [3.0, 1.0]]).view(4, 1, 2)
-    merge = LCMASplit(contributions)
+    merge = LCMAMerge(contributions)
     x = torch.arange(8, dtype=torch.float64).view(1, 4, 1, 2)
     (kept, factored), log_det = merge.inverse(x)
     assert kept.tolist() == [[[[0.0, 3.0]], [[4.0, 5.0]]]]  # the two highest per block
@@ -78,7 +78,7 @@ def test_merge_follows_the_core_split():
     merged, _ = merge([kept, factored])
     assert torch.equal(merged, x)
     state = merge.state_dict()
-    other = LCMASplit(torch.randn(4, 1, 2))
+    other = LCMAMerge(torch.randn(4, 1, 2))
     other.load_state_dict(state)
     assert torch.equal(other.inverse(x)[0][0], kept)
 
@@ -86,11 +86,11 @@ def test_merge_follows_the_core_split():
 def test_errors():
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split"):
         SplitMerge("channel")
-    merge = LCMASplit(torch.randn(4, 2, 2))
+    merge = LCMAMerge(torch.randn(4, 2, 2))
     with pytest.raises(ValueError, match="expected a pair"):
         merge([torch.zeros(1, 2, 2, 2)])
     with pytest.raises(ValueError, match="finite"):
-        LCMASplit(torch.full((4, 2, 2), float("nan")))
+        LCMAMerge(torch.full((4, 2, 2), float("nan")))
 
 
 def test_lcma_ext_multiscale_flow_log_prob_without_labels():

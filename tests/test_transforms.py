@@ -710,6 +710,8 @@ ABSTRACT_OR_MIXIN = {
 #: another signature), covered inside registry entries: class name -> entry name.
 COVERED_INSIDE = {
     "lcma_ext.transforms.factor_prior.ConditionalGaussianPrior": "multiscale_conditional_prior",
+    # the split-point step (also against brute force on its own in tests/test_split_point.py)
+    "lcma_ext.multiscale.SplitPoint": "multiscale_conditional_prior",
 }
 
 #: normflows flows (not nflows transforms) covered by brute force outside the normflows

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lcma_ext.distributions.vae_prior import VAEPrior
-from lcma_ext.flows import flow_dtype_device
+from lcma_ext.flows import eval_mode, flow_dtype_device, flow_parts
 from lcma_ext.transforms.residual import InvertibleResNetBlock, ResidualFlowBlock
 
 _RESIDUAL_BLOCKS = (InvertibleResNetBlock, ResidualFlowBlock)
@@ -78,7 +78,8 @@ def bpd_kind(flow: nn.Module, num_samples: int | None = None) -> str:
 
 def is_bound_only(flow: nn.Module) -> bool:
     """Whether a flow's ``log_prob`` is a stochastic lower bound (scored by IWAE-K)."""
-    return is_stochastic(flow._transform) or isinstance(flow._distribution, VAEPrior)
+    transform, distribution, _ = flow_parts(flow)
+    return is_stochastic(transform) or isinstance(distribution, VAEPrior)
 
 
 def log_importance_weights(flow: Any, inputs: Tensor, num_samples: int) -> Tensor:
@@ -91,7 +92,7 @@ def log_importance_weights(flow: Any, inputs: Tensor, num_samples: int) -> Tenso
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"expected num_samples a positive int; got {num_samples!r}")
-    transform, distribution = flow._transform, flow._distribution
+    transform, distribution, _ = flow_parts(flow)
     vae = isinstance(distribution, VAEPrior)
     batch = inputs.shape[0]
     if vae and not is_stochastic(transform):
@@ -179,8 +180,6 @@ def evaluate_bpd_mc(
     Returns:
         ``{"bpd_iwae", "bpd_iwae_se", "bpd_elbo", "bpd_elbo_se", "num_samples", "bpd_kind"}``.
     """
-    was_training = flow.training
-    flow.eval()
     dtype, device = flow_dtype_device(flow)
     generator = torch.Generator().manual_seed(seed)
     num_dims = data[0].numel()
@@ -188,22 +187,19 @@ def evaluate_bpd_mc(
     sums = {"iwae": 0.0, "elbo": 0.0, "iwae_var": 0.0, "elbo_var": 0.0}
     count = 0
     devices = [device] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(mc_seed)
-            for start in range(0, data.shape[0], batch_size):
-                batch = data[start : start + batch_size].to(device)
-                y, logit_logdet = preprocessing(batch, generator=generator, dtype=dtype)
-                estimate = mc_log_prob(flow, y, num_samples)
-                for name in ("iwae", "elbo"):
-                    value = getattr(estimate, name)
-                    bpd = preprocessing.bits_per_dim(value, logit_logdet, num_dims)
-                    sums[name] += float(bpd.double().sum())
-                    se = getattr(estimate, f"{name}_se").double() * scale
-                    sums[f"{name}_var"] += float(se.square().sum())
-                count += batch.shape[0]
-    finally:
-        flow.train(was_training)
+    with eval_mode(flow), torch.random.fork_rng(devices=devices):
+        torch.manual_seed(mc_seed)
+        for start in range(0, data.shape[0], batch_size):
+            batch = data[start : start + batch_size].to(device)
+            y, logit_logdet = preprocessing(batch, generator=generator, dtype=dtype)
+            estimate = mc_log_prob(flow, y, num_samples)
+            for name in ("iwae", "elbo"):
+                value = getattr(estimate, name)
+                bpd = preprocessing.bits_per_dim(value, logit_logdet, num_dims)
+                sums[name] += float(bpd.double().sum())
+                se = getattr(estimate, f"{name}_se").double() * scale
+                sums[f"{name}_var"] += float(se.square().sum())
+            count += batch.shape[0]
     n = max(count, 1)
     return {
         "bpd_iwae": sums["iwae"] / n,

@@ -16,15 +16,7 @@ References:
     D. Kingma, P. Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions. NeurIPS 2018.
 """
 
-from __future__ import annotations
-
-import math
-from collections.abc import Sequence
-
-from nflows.distributions import StandardNormal
-from nflows.flows import Flow
-from nflows.transforms.base import Transform
-
+from lcma_ext.flows import build_flow, count_parameters
 from lcma_ext.models.couplings import (
     CheckerboardAffineCouplingTransform,
     RealNVPAffineCouplingTransform,
@@ -35,14 +27,17 @@ from lcma_ext.models.levels import (
     SIZES,
     SQUEEZES,
     LevelFactory,
+    default_num_levels,
     glow_level_factory,
     iresnet_level_factory,
+    level_shapes,
     make_level_factory,
+    max_num_levels,
     realnvp_level_factory,
     resflow_level_factory,
+    squeeze_layer,
 )
 from lcma_ext.models.nets import ConvResNet, WNConv2d, scale_parameters
-from lcma_ext.transforms import carry_positions
 
 __all__ = [
     "MODELS",
@@ -59,56 +54,11 @@ __all__ = [
     "default_num_levels",
     "glow_level_factory",
     "iresnet_level_factory",
+    "level_shapes",
     "make_level_factory",
     "max_num_levels",
     "realnvp_level_factory",
     "resflow_level_factory",
     "scale_parameters",
+    "squeeze_layer",
 ]
-
-
-def max_num_levels(shape: Sequence[int]) -> int:
-    """Largest number of levels (one squeeze each) an image shape ``(C, H, W)`` allows."""
-    if len(shape) != 3:
-        raise ValueError(f"expected an image shape (C, H, W); got {tuple(shape)}")
-    _, h, w = shape
-    levels = 0
-    while h % 2 == 0 and w % 2 == 0 and h >= 2 and w >= 2:
-        h, w, levels = h // 2, w // 2, levels + 1
-    return levels
-
-
-def default_num_levels(shape: Sequence[int], cap: int = 4) -> int:
-    """``min(max_num_levels(shape), cap)``: 3 for 8x8 digits (2 splits), 4 for 16x16 patches."""
-    levels = min(max_num_levels(shape), cap)
-    if levels < 2:
-        raise ValueError(
-            "expected an image shape that allows 2 squeezes (H, W divisible by 4); "
-            f"got {tuple(shape)}"
-        )
-    return levels
-
-
-def build_flow(transform: Transform, shape: Sequence[int]) -> Flow:
-    """nflows ``Flow`` of a diag-aware ``transform`` with a standard normal base.
-
-    The base has the transform's output shape (flat ``[D]`` for a multi-scale transform, the last
-    level's shape for an NMS transform), found with ``carry_positions`` so no data runs through
-    the transform (ActNorm would data-initialize).
-
-    Args:
-        transform: Diag-aware transform (data to noise).
-        shape: Event shape of the data, e.g. ``(C, H, W)``.
-    """
-    output_shape = tuple(carry_positions(transform, tuple(int(s) for s in shape)).shape)
-    if math.prod(output_shape) != math.prod(int(s) for s in shape):
-        raise ValueError(
-            f"expected a transform that keeps all {math.prod(shape)} dimensions; "
-            f"got output shape {output_shape}"
-        )
-    return Flow(transform, StandardNormal(list(output_shape)))
-
-
-def count_parameters(module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

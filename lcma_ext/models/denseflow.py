@@ -14,9 +14,10 @@ evaluation; score it with :func:`lcma_ext.distributions.evaluate_bpd_mc` (many s
 noise, IWAE-K with standard errors), never as an exact likelihood.
 
 Example:
+    >>> from lcma_ext.flows import flow_parts
     >>> from lcma_ext.models.denseflow import build_denseflow
     >>> flow = build_denseflow((1, 8, 8), num_levels=2, size="tiny")
-    >>> flow._distribution._shape  # 64 data dims + 32 noise dims, flattened
+    >>> flow_parts(flow).distribution._shape  # 64 data dims + 32 noise dims, flattened
     torch.Size([96])
 
 References:
@@ -38,7 +39,7 @@ from nflows.transforms.base import Transform
 from torch import Tensor, nn
 
 from lcma_ext import transforms as T
-from lcma_ext.models.levels import LevelFactory, _squeeze_layer
+from lcma_ext.models.levels import LevelFactory, squeeze_layer
 from lcma_ext.models.nets import ConvResNet
 from lcma_ext.transforms.base import DiagMixin, carry_positions, check_diag
 
@@ -112,7 +113,7 @@ class DenseFlowBlock(DiagMixin, Transform):
         for name, value in (("units", units), ("steps", steps), ("growth", growth)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"expected {name} a positive int; got {value!r}")
-        self.squeeze = _squeeze_layer(squeeze)
+        self.squeeze = squeeze_layer(squeeze)
         channels = 4 * c
         self.units = nn.ModuleList()
         self.couplings = nn.ModuleList()

@@ -17,7 +17,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,7 @@ from lcma_ext.models.couplings import (
     RealNVPAffineCouplingTransform,
 )
 from lcma_ext.models.nets import ConvResNet
-from lcma_ext.multiscale import LevelFactory
+from lcma_ext.multiscale import LevelFactory, LevelShapes, walk_levels
 from lcma_ext.transforms import residual
 
 __all__ = [
@@ -38,11 +38,15 @@ __all__ = [
     "SIZE_NAMES",
     "SQUEEZES",
     "LevelFactory",
+    "default_num_levels",
     "glow_level_factory",
     "iresnet_level_factory",
+    "level_shapes",
     "make_level_factory",
+    "max_num_levels",
     "realnvp_level_factory",
     "resflow_level_factory",
+    "squeeze_layer",
 ]
 
 SIZE_NAMES = ("tiny", "small", "medium", "paper")
@@ -112,7 +116,12 @@ def _check_squeeze(squeeze: str) -> None:
         raise ValueError(f"expected squeeze in {SQUEEZES}; got {squeeze!r}")
 
 
-def _squeeze_layer(squeeze: str) -> Transform:
+def squeeze_layer(squeeze: str) -> Transform:
+    """The squeeze at the start of every level: ``"pixel"`` (nflows') or ``"haar"``.
+
+    Raises:
+        ValueError: for a name not in :data:`SQUEEZES`.
+    """
     _check_squeeze(squeeze)
     return T.HaarSqueezeTransform() if squeeze == "haar" else T.SqueezeTransform()
 
@@ -147,7 +156,7 @@ def realnvp_level_factory(
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, height, width = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [_squeeze_layer(squeeze)]
+        layers: list[Transform] = [squeeze_layer(squeeze)]
         if height * width >= 2:
             layers += [
                 CheckerboardAffineCouplingTransform(channels, net, parity=k % 2)
@@ -186,7 +195,7 @@ def glow_level_factory(
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, _, _ = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [_squeeze_layer(squeeze)]
+        layers: list[Transform] = [squeeze_layer(squeeze)]
         for k in range(config["steps"]):
             layers += [
                 T.ActNorm(channels),
@@ -213,7 +222,7 @@ def _residual_factory(
 
     def factory(level_index: int, input_shape: tuple[int, ...]) -> T.CompositeTransform:
         channels, height, width = _squeezed(level_index, input_shape)
-        layers: list[Transform] = [_squeeze_layer(squeeze)]
+        layers: list[Transform] = [squeeze_layer(squeeze)]
         for _ in range(config["steps"]):
             if family == "resflow":
                 layers.append(T.ActNorm(channels))
@@ -282,3 +291,55 @@ def make_level_factory(model: str, size: str = "tiny", **overrides: Any) -> Leve
     if model not in MODELS:
         raise ValueError(f"expected model in {tuple(MODELS)}; got {model!r}")
     return MODELS[model](size, **overrides)
+
+
+def _squeeze_level(level_index: int, input_shape: tuple[int, ...]) -> Transform:
+    """A level's shapes without its steps: every family's level is its squeeze, shape-wise."""
+    _squeezed(level_index, input_shape)  # the factories' own check, with their message
+    return T.SqueezeTransform()
+
+
+def level_shapes(
+    input_shape: Sequence[int], num_levels: int | None = None
+) -> Iterator[LevelShapes]:
+    """The level shapes of a multi-scale flow of this module's families, building no model.
+
+    :func:`lcma_ext.multiscale.walk_levels` of levels that are only their squeeze (every
+    family's level begins with it and keeps its shape after it), placement
+    ``"post_squeeze"``: split point ``l`` sees :attr:`LevelShapes.output_shape`, whose
+    ``H x W`` is its grid of local blocks.
+
+    Args:
+        input_shape: Image shape ``(C, H, W)``.
+        num_levels: Number of levels; ``None``: levels while the shape allows a squeeze (the
+            walk raises ``ValueError`` at the first that does not).
+
+    Raises:
+        ValueError: for a shape that is not ``(C, H, W)``, or one a level cannot squeeze.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"expected an image shape (C, H, W); got {tuple(input_shape)}")
+    return walk_levels(_squeeze_level, input_shape, num_levels)
+
+
+def max_num_levels(shape: Sequence[int]) -> int:
+    """Largest number of levels (one squeeze each) an image shape ``(C, H, W)`` allows."""
+    steps = level_shapes(shape)
+    levels = 0
+    try:
+        for _ in steps:
+            levels += 1
+    except ValueError:  # the next level's squeeze needs an even H and W
+        pass
+    return levels
+
+
+def default_num_levels(shape: Sequence[int], cap: int = 4) -> int:
+    """``min(max_num_levels(shape), cap)``: 3 for 8x8 digits (2 splits), 4 for 16x16 patches."""
+    levels = min(max_num_levels(shape), cap)
+    if levels < 2:
+        raise ValueError(
+            "expected an image shape that allows 2 squeezes (H, W divisible by 4); "
+            f"got {tuple(shape)}"
+        )
+    return levels

@@ -37,6 +37,7 @@ __all__ = [
     "Squeeze",
     "carry_data_to_noise",
     "data_to_noise_with_diag",
+    "per_sample_log_det",
     "require_supported",
 ]
 
@@ -47,7 +48,7 @@ def _sum_except_batch(tensor: Tensor) -> Tensor:
     return torch.sum(tensor, dim=list(range(1, tensor.dim())))
 
 
-def _per_sample(log_det: Tensor | float, z: Tensor) -> Tensor:
+def per_sample_log_det(log_det: Tensor | float, z: Tensor) -> Tensor:
     """normflows returns a scalar log-det for some flows; the protocol wants shape ``(B,)``."""
     log_det = torch.as_tensor(log_det, dtype=z.dtype, device=z.device)
     return log_det.expand(z.shape[0]) if log_det.dim() == 0 else log_det
@@ -61,8 +62,10 @@ def _actnorm(flow: nf.flows.ActNorm, z: Tensor, diag: Tensor):
             f"ActNorm: expected inputs broadcastable with shape {tuple(flow.s.shape[1:])}; "
             f"got {tuple(z.shape[1:])}"
         )
+    if z.shape[0] == 0:  # no data to initialise from: nothing to compute either
+        return z.clone(), z.new_zeros(0), diag - flow.s
     outputs, log_det = flow.inverse(z)  # runs the data-dependent init first, as normflows does
-    return outputs, _per_sample(log_det, z), diag - flow.s
+    return outputs, per_sample_log_det(log_det, z), diag - flow.s
 
 
 def _invertible_1x1_attribution(flow: nf.flows.Invertible1x1Conv, attribution: str) -> Tensor:
@@ -85,7 +88,7 @@ def _invertible_1x1(flow: nf.flows.Invertible1x1Conv, z: Tensor, diag: Tensor, a
             f"Invertible1x1Conv: expected (B, {flow.num_channels}, H, W); got {tuple(z.shape)}"
         )
     outputs, log_det = flow.inverse(z)
-    log_det = _per_sample(log_det, z)
+    log_det = per_sample_log_det(log_det, z)
     shares = _invertible_1x1_attribution(flow, attribution).to(diag.dtype)
     return outputs, log_det, diag + shares.view(1, -1, 1, 1)
 
@@ -145,7 +148,7 @@ def _affine_coupling_block(block: nf.flows.AffineCouplingBlock, z: Tensor, diag:
 
 def _rearrangement(flow: nf.flows.Flow, z: Tensor, diag: Tensor):
     outputs, log_det = flow.inverse(z)
-    return outputs, _per_sample(log_det, z), carry_data_to_noise(flow, diag)
+    return outputs, per_sample_log_det(log_det, z), carry_data_to_noise(flow, diag)
 
 
 def _check_squeeze(z: Tensor) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lcma_ext.normflows.adapters import (
     carry_data_to_noise,
     data_to_noise_with_diag,
+    per_sample_log_det,
     require_supported,
 )
 from lcma_ext.normflows.splits import SplitMerge
@@ -44,12 +45,6 @@ from lcma_ext.transforms.base import DiagMixin, check_diag
 from lcma_ext.transforms.factor_prior import ConditionalGaussianPrior
 
 __all__ = ["MultiscaleFlow", "NMSFlow", "NormflowsLevel", "inverse_and_log_det_with_diag"]
-
-
-def _per_sample(log_det: Tensor | float, like: Tensor) -> Tensor:
-    """normflows returns a scalar log-det for some flows; broadcast it to shape ``(B,)``."""
-    log_det = torch.as_tensor(log_det, dtype=like.dtype, device=like.device)
-    return log_det.expand(like.shape[0]) if log_det.dim() == 0 else log_det
 
 
 def _check_context(context: Tensor | None, name: str) -> None:
@@ -101,7 +96,7 @@ class NormflowsLevel(DiagMixin, nflows_base.Transform):
         log_det = inputs.new_zeros(inputs.shape[0])
         for flow in reversed(self.flows):
             inputs, step = flow.inverse(inputs)
-            log_det = log_det + _per_sample(step, inputs)
+            log_det = log_det + per_sample_log_det(step, inputs)
         return inputs, log_det
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -110,7 +105,7 @@ class NormflowsLevel(DiagMixin, nflows_base.Transform):
         log_det = inputs.new_zeros(inputs.shape[0])
         for flow in self.flows:
             inputs, step = flow(inputs)
-            log_det = log_det + _per_sample(step, inputs)
+            log_det = log_det + per_sample_log_det(step, inputs)
         return inputs, log_det
 
     def _forward_with_diag(self, inputs, context, diag):
@@ -184,6 +179,15 @@ class NMSFlow(nf.NormalizingFlow):
             raise RuntimeError("NMSFlow: expected level_sizes; got None (pass a level_factory)")
         return split_levels(list(self.flows), self.level_sizes)
 
+    def log_prob(self, x: Tensor) -> Tensor:
+        """normflows' ``log_prob``; an empty batch gives shape ``(0,)`` without running the model.
+
+        (normflows' ``ActNorm`` would initialise itself from the statistics of no data.)
+        """
+        if x.shape[0] == 0:
+            return x.new_zeros(0)
+        return super().log_prob(x)
+
     def forward_kld(self, x: Tensor) -> Tensor:
         """Forward KL divergence (mean negative log-likelihood) in the dtype of ``x``.
 
@@ -209,7 +213,7 @@ def _merge_inverse(merge: nn.Module, tensor: Tensor, where: str) -> tuple[Tensor
             f"{cls.__module__}.{cls.__qualname__}, whose split has no per-dimension adapter"
         )
     (kept, factored), log_det = merge.inverse(tensor)
-    return kept, factored, _per_sample(log_det, tensor)
+    return kept, factored, per_sample_log_det(log_det, tensor)
 
 
 def inverse_and_log_det_with_diag(
@@ -284,7 +288,9 @@ class MultiscaleFlow(nf.MultiscaleFlow):
 
     Same constructor as normflows (``q0, flows, merges, transform=None, class_cond=True``).
     normflows 1.7.3 requires ``y`` in ``log_prob`` even with ``class_cond=False`` (fixed
-    upstream, unreleased); here ``y`` defaults to ``None``. Its ``log_prob`` also fails when
+    upstream, unreleased); here ``y`` defaults to ``None``, and labels given to a model without
+    class conditioning are refused (normflows would ignore them in ``log_prob``,
+    ``forward_kld`` and ``sample``). Its ``log_prob`` also fails when
     the data-side flows return scalar log-dets first (``Squeeze`` then ``ActNorm``: the running
     sum becomes a 0-dim tensor); here the sum starts at shape ``(B,)``, as its
     ``inverse_and_log_det`` does. Also gives the per-dimension log-dets of the whole model
@@ -301,21 +307,50 @@ class MultiscaleFlow(nf.MultiscaleFlow):
         L. Dinh, J. Sohl-Dickstein, S. Bengio. Density estimation using Real NVP. ICLR 2017.
     """
 
-    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        """Log-likelihood of ``x`` (``y``: class labels, only for ``class_cond=True``).
-
-        Raises:
-            ValueError: for a class-conditional model without ``y``.
-        """
-        if self.class_cond and y is None:
+    def _check_labels(self, y: Tensor | None, *, required: bool) -> None:
+        if self.class_cond and required and y is None:
             raise ValueError(
                 "MultiscaleFlow: expected class labels y for a class-conditional model "
                 "(class_cond=True); got None. Pass y, or build it with class_cond=False"
             )
+        if not self.class_cond and y is not None:
+            raise ValueError(
+                "MultiscaleFlow: expected y=None for a model without class conditioning "
+                "(class_cond=False); got labels, which it would ignore. Build it with "
+                "class-conditional bases and class_cond=True (build_multiscale_model(..., "
+                "base=..., class_cond=True))"
+            )
+
+    def log_prob(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Log-likelihood of ``x`` (``y``: class labels, only for ``class_cond=True``).
+
+        An empty batch gives an empty result (shape ``(0,)``) without running the model.
+
+        Raises:
+            ValueError: for a class-conditional model without ``y``, or labels given to a
+                model without class conditioning.
+        """
+        self._check_labels(y, required=True)
+        if x.shape[0] == 0:  # as nflows: shape (0,); no data-dependent initialisation on it
+            return x.new_zeros(0)
         z, log_q = self.inverse_and_log_det(x)
         for q0, latent in zip(self.q0, z):
             log_q = log_q + (q0.log_prob(latent, y) if self.class_cond else q0.log_prob(latent))
         return log_q
+
+    def sample(
+        self, num_samples: int = 1, y: Tensor | None = None, temperature: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """normflows' ``sample``: ``(x, log_q)`` of ``num_samples`` draws.
+
+        ``y``: class labels of the draws, only for ``class_cond=True`` (``None`` draws them
+        uniformly, as normflows does).
+
+        Raises:
+            ValueError: for labels given to a model without class conditioning.
+        """
+        self._check_labels(y, required=False)
+        return super().sample(num_samples, y, temperature)
 
     @property
     def priors(self) -> list[ConditionalGaussianPrior | None]:

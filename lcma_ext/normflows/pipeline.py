@@ -13,7 +13,7 @@ one level as normflows' Glow example does, in normflows order (noise to data) an
 pipeline; ``input_shape`` is the level's input event shape. Typical use::
 
     nms = build_nms_model(level, shape, num_levels)          # then train: nms.forward_kld(x)
-    maps = estimate_contributions(nms, x, level, shape)
+    maps = estimate_model_contributions(nms, x, level, shape)
     model = build_multiscale_model(level, shape, num_levels, "lcma", maps)
 
 Every step runs the core of lcma-ext unchanged on :class:`NormflowsLevel` wrappers of the very
@@ -30,6 +30,8 @@ References:
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from lcma_ext import contributions as core_contributions
 from lcma_ext import pipeline as core_pipeline
 from lcma_ext.contributions import ContributionMaps
-from lcma_ext.multiscale import check_level_arguments, level_output_shape
+from lcma_ext.multiscale import check_level_arguments, walk_levels
 from lcma_ext.normflows.multiscale import MultiscaleFlow, NMSFlow, NormflowsLevel, split_levels
 from lcma_ext.normflows.splits import SplitMerge
 from lcma_ext.splits import DEFAULT_REGION_SIZE, SplitSpec
@@ -50,7 +52,8 @@ __all__ = [
     "LevelFactory",
     "build_multiscale_model",
     "build_nms_model",
-    "estimate_contributions",
+    "estimate_model_contributions",
+    "takes_labels",
 ]
 
 #: ``level_factory(level_index, input_shape) -> list of normflows flows`` (normflows order).
@@ -78,7 +81,25 @@ def _wrap(level_factory: LevelFactory) -> Callable[[int, tuple[int, ...]], Normf
     return factory
 
 
-def _base(base: BaseFactory | None, shape: tuple[int, ...]) -> nn.Module:
+def takes_labels(distribution: nn.Module) -> bool:
+    """Whether a normflows base distribution is class-conditional: ``log_prob(z, y)``.
+
+    True when its ``log_prob`` has a required argument after ``z`` (normflows'
+    ``ClassCondDiagGaussian``); ``DiagGaussian``'s optional ``context`` does not count.
+    """
+    try:
+        parameters = list(inspect.signature(distribution.log_prob).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: assume none
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
+    return len(required) > 1
+
+
+def _base(
+    base: BaseFactory | None, shape: tuple[int, ...], class_cond: bool | None = False
+) -> nn.Module:
+    """``base(shape)``, checked; ``class_cond``: whether it must take labels (``None``: either)."""
     distribution = (base or _diag_gaussian)(shape)
     if not isinstance(distribution, nn.Module) or not callable(
         getattr(distribution, "log_prob", None)
@@ -87,34 +108,36 @@ def _base(base: BaseFactory | None, shape: tuple[int, ...]) -> nn.Module:
             f"expected base(shape) to return a normflows base distribution; got "
             f"{type(distribution).__name__} for shape {shape}"
         )
+    name = type(distribution).__name__
+    if class_cond is False and takes_labels(distribution):
+        raise ValueError(
+            f"expected a base distribution without class labels for class_cond=False; got "
+            f"{name} (its log_prob needs labels y) for shape {shape}. Pass class_cond=True to "
+            "condition the model on labels"
+        )
+    if class_cond is True and not takes_labels(distribution):
+        raise ValueError(
+            f"expected class-conditional base distributions (log_prob(z, y), e.g. normflows' "
+            f"ClassCondDiagGaussian) for class_cond=True; got {name} for shape {shape}"
+        )
     return distribution
-
-
-def _nms_level(
-    factory: Callable[[int, tuple[int, ...]], NormflowsLevel],
-    index: int,
-    shape: tuple[int, ...],
-    last: bool,
-    placement: str,
-) -> NormflowsLevel:
-    """NMS level ``index``: the factory's level, then (``placement="squeeze"``) the squeeze."""
-    level = factory(index, shape)
-    if placement == "squeeze" and not last:  # the squeeze the multi-scale split does
-        level = NormflowsLevel([nf.flows.Squeeze(), *level.flows])
-    return level
 
 
 def _nms_levels(
     level_factory: LevelFactory, input_shape: Sequence[int], num_levels: int, placement: str
 ) -> tuple[list[NormflowsLevel], tuple[int, ...]]:
-    """The NMS levels (data side first) and the shape of the last one's output."""
+    """The NMS levels (data side first) and the shape of the last one's output.
+
+    With ``placement="squeeze"`` each level but the last also begins (data to noise) with the
+    squeeze the multi-scale split does.
+    """
     check_level_arguments(num_levels, placement)
-    factory = _wrap(level_factory)
-    shape = tuple(int(size) for size in input_shape)
-    levels = []
-    for index in range(num_levels):
-        level = _nms_level(factory, index, shape, index == num_levels - 1, placement)
-        shape = level_output_shape(level, shape)
+    levels, shape = [], tuple(input_shape)
+    steps = walk_levels(_wrap(level_factory), input_shape, num_levels, placement, multiscale=False)
+    for step in steps:
+        level, shape = step.level, step.output_shape
+        if placement == "squeeze" and step.index < num_levels - 1:
+            level = NormflowsLevel([nf.flows.Squeeze(), *level.flows])
         levels.append(level)
     return levels, shape
 
@@ -139,19 +162,29 @@ def build_nms_model(
         num_levels: Number of levels.
         placement: ``"post_squeeze"`` (default; the levels squeeze) or ``"squeeze"``.
         base: ``base(shape) -> distribution`` for the latent; default normflows'
-            ``DiagGaussian(shape)`` (trainable, as normflows does).
+            ``DiagGaussian(shape)`` (trainable, as normflows does). Without class labels:
+            normflows' ``NormalizingFlow`` takes none, and the contributions the NMS model is
+            trained for are its flow layers' log-dets, whatever the base.
 
     Returns:
         An :class:`NMSFlow` (a ``normflows.NormalizingFlow``) that records its level sizes.
 
     Raises:
-        ValueError: for ``num_levels < 1`` or an unknown placement.
+        ValueError: for ``num_levels < 1``, an unknown placement, or a class-conditional base.
         TypeError: for a factory result that is not a list of supported normflows flows.
     """
     levels, shape = _nms_levels(level_factory, input_shape, num_levels, placement)
     flows = [flow for level in reversed(levels) for flow in level.flows]  # normflows order
+    distribution = _base(base, shape, class_cond=None)
+    if takes_labels(distribution):
+        raise ValueError(
+            "expected a base distribution without class labels for the NMS model (normflows' "
+            f"NormalizingFlow takes none); got {type(distribution).__name__}. Pre-train the NMS "
+            "model with an unconditional base (the default): the contributions it is trained "
+            "for are its flow layers' log-dets"
+        )
     return NMSFlow(
-        _base(base, shape),
+        distribution,
         flows,
         level_sizes=[len(level.flows) for level in levels],
         input_shape=input_shape,
@@ -176,23 +209,24 @@ def _derive_level_sizes(
             f"got {type(nms_model).__name__} without them"
         )
     flows = list(reversed(nms_model.flows))  # data side first
-    factory = _wrap(level_factory)
-    shape = tuple(int(size) for size in input_shape)
     built: list[nf.flows.Flow] = []
     sizes: list[int] = []
     message = (
         f"expected the NMS model's {len(flows)} flows to be the factory's levels; got other "
         "flows from the factory. Build the model with build_nms_model"
     )
-    try:
-        while len(built) < len(flows):
-            level = factory(len(sizes), shape)
+    try:  # NMS levels without end, until they hold as many flows as the model
+        for step in walk_levels(
+            _wrap(level_factory), input_shape, None, placement, multiscale=False
+        ):
+            level = step.level
             last = len(built) + len(level.flows) >= len(flows)
             if placement == "squeeze" and not last:
                 level = NormflowsLevel([nf.flows.Squeeze(), *level.flows])
             built += list(reversed(level.flows))
             sizes.append(len(level.flows))
-            shape = level_output_shape(level, shape)
+            if last:
+                break
     except (TypeError, ValueError) as error:
         raise ValueError(f"{message} ({error})") from error
     if [type(flow) for flow in built] != [type(flow) for flow in flows]:
@@ -222,7 +256,7 @@ def _nms_transform(
     return CompositeTransform([NormflowsLevel(level) for level in levels])
 
 
-def estimate_contributions(
+def estimate_model_contributions(
     nms_model: nf.NormalizingFlow,
     data: Any,
     levels: LevelFactory | Sequence[Sequence[nf.flows.Flow]],
@@ -237,14 +271,15 @@ def estimate_contributions(
 
     :func:`lcma_ext.contributions.estimate_contributions` on the NMS model's levels (the same
     modules, wrapped as :class:`NormflowsLevel`), in eval mode without gradient; every
-    module's training mode is restored afterwards.
+    module's training mode is restored afterwards. (Named apart from the core function, whose
+    first argument is an nflows NMS transform.)
 
     Args:
         nms_model: The (partially) trained NMS model: from :func:`build_nms_model`, or a plain
             ``normflows.NormalizingFlow`` whose flows are the factory's NMS levels (then
             ``levels`` must be the factory and ``input_shape`` given).
         data: A tensor ``(N, *input_shape)`` or an iterable of ``x`` or ``(x, y, ...)``
-            batches, pre-processed as the model sees it.
+            batches, pre-processed as the model sees it (floating point; integer images raise).
         levels: The level factory (new multi-scale levels are built and kept in the result's
             ``levels``), or the ``K`` multi-scale levels as lists of normflows flows, data side
             first.
@@ -279,21 +314,33 @@ def estimate_contributions(
         multiscale_levels = _wrap(levels)
     else:
         multiscale_levels = [NormflowsLevel(level) for level in levels]
-    modes = [(module, module.training) for module in nms_model.modules()]
-    try:
-        return core_contributions.estimate_contributions(
-            transform,
-            data,
-            multiscale_levels,
-            shape,
-            placement=placement,
-            factor_out=factor_out,
-            batch_size=batch_size,
-            progress=progress,
-        )
-    finally:
-        for module, training in modes:
-            module.training = training
+    # the core runs (and restores the modes of) every flow of the model, wrapped
+    return core_contributions.estimate_contributions(
+        transform,
+        data,
+        multiscale_levels,
+        shape,
+        placement=placement,
+        factor_out=factor_out,
+        batch_size=batch_size,
+        progress=progress,
+    )
+
+
+def estimate_contributions(*args: Any, **kwargs: Any) -> ContributionMaps:
+    """Deprecated name of :func:`estimate_model_contributions` (same arguments).
+
+    It shadowed :func:`lcma_ext.estimate_contributions`, whose first argument is an nflows NMS
+    transform. Kept for one release: using it warns with a ``DeprecationWarning``.
+    """
+    warnings.warn(
+        "lcma_ext.normflows.estimate_contributions is deprecated and will be removed in the "
+        "next release: use lcma_ext.normflows.estimate_model_contributions (same arguments; "
+        "lcma_ext.estimate_contributions is the core function for nflows transforms)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return estimate_model_contributions(*args, **kwargs)
 
 
 def build_multiscale_model(
@@ -310,6 +357,7 @@ def build_multiscale_model(
     *,
     base: BaseFactory | None = None,
     prior: str | Sequence[str] = "standard",
+    class_cond: bool = False,
 ) -> MultiscaleFlow:
     """A normflows multi-scale model with the named split at every split point.
 
@@ -325,7 +373,8 @@ def build_multiscale_model(
 
     Args:
         level_factory: ``level_factory(level_index, input_shape) -> list of normflows flows``;
-            used only when neither ``levels`` nor in-memory levels of ``contributions`` exist.
+            builds the levels unless ``levels`` are given (``None``: copies of the in-memory
+            levels of ``contributions``), as in the core builder.
         input_shape: Event shape of the data.
         num_levels: Number of levels (split points: ``num_levels - 1``).
         split: A split name (``"channel"``, ``"checkerboard"``, ``"random"``, ``"lcma"``,
@@ -345,14 +394,18 @@ def build_multiscale_model(
         prior: ``"standard"`` (default: the base distribution scores each factored half) or
             ``"conditional"`` (Glow's learned Gaussian given the kept half), for every split
             point or one per split point.
+        class_cond: ``True`` for a class-conditional model: every base must take labels
+            (``log_prob(z, y)``, e.g. ``base=lambda s: nf.distributions.ClassCondDiagGaussian(s,
+            num_classes)``), and ``log_prob``, ``forward_kld`` and ``sample`` take ``y``. The
+            default ``False`` refuses such bases and, later, labels.
 
     Returns:
-        An untrained :class:`lcma_ext.normflows.MultiscaleFlow` with ``class_cond=False``
-        (``log_prob(x)`` without labels).
+        An untrained :class:`lcma_ext.normflows.MultiscaleFlow` with ``class_cond`` as given
+        (``False``: ``log_prob(x)`` without labels).
 
     Raises:
-        ValueError: for an unknown split or prior, missing contributions or inconsistent
-            shapes.
+        ValueError: for an unknown split or prior, missing contributions, inconsistent
+            shapes, or bases that do not match ``class_cond``.
         RuntimeError: for levels that do not match the maps (unless ``remap``).
         TypeError: for a level entry without a per-dimension adapter.
 
@@ -382,17 +435,12 @@ def build_multiscale_model(
                 "contributions' in-memory levels are nflows ones: pass levels or a "
                 "level_factory, with remap=True if their permutations differ)"
             )
-    shape = tuple(int(size) for size in input_shape)
-    factored_shapes = []
-    for index, level in enumerate(built):
-        shape = level_output_shape(level, shape)
-        if index < len(splits):
-            factored, shape = splits[index].output_shapes(shape)
-            factored_shapes.append(tuple(factored))
-    q0 = [_base(base, shape)] + [_base(base, s) for s in reversed(factored_shapes)]
+    *factored_shapes, last_shape = flow.output_shapes  # data side first
+    q0 = [_base(base, last_shape, class_cond)]
+    q0 += [_base(base, shape, class_cond) for shape in reversed(factored_shapes)]
     return MultiscaleFlow(
         q0,
         [list(level.flows) for level in reversed(built)],
         [SplitMerge(s, p) for s, p in zip(reversed(splits), reversed(priors), strict=True)],
-        class_cond=False,
+        class_cond=class_cond,
     )

@@ -1,4 +1,4 @@
-"""Splits as normflows ``MultiscaleFlow`` merges (``LCMASplit`` and any other split).
+"""Splits as normflows ``MultiscaleFlow`` merges (:class:`LCMAMerge` and any other split).
 
 normflows' ``MultiscaleFlow(q0, flows, merges)`` runs noise to data in ``forward``: each merge's
 ``forward([z, z_new])`` joins the latent ``z`` coming from the deeper levels with the newly
@@ -6,7 +6,9 @@ sampled ``z_new`` of this level, and its ``inverse(z)`` (data to noise) returns 
 again. Here ``z`` is the half that is *kept* (it goes on through the deeper levels) and
 ``z_new`` the half *factored out* (scored by this level's base distribution ``q0``).
 :class:`SplitMerge` wraps any :class:`lcma_ext.splits.Split` in that interface, so the LCMA
-split of the core package drops into a normflows model unchanged.
+split of the core package drops into a normflows model unchanged. The step itself (split, prior,
+log-det, the per-dimension map) is the core's :class:`lcma_ext.multiscale.SplitPoint`, the same
+one nflows' :class:`lcma_ext.ContributionMultiscaleFlow` runs.
 
 With a :class:`lcma_ext.transforms.ConditionalGaussianPrior` (Glow's learned prior of the
 factored half, ``build_multiscale_model(..., prior="conditional")``) the merge also carries the
@@ -28,34 +30,21 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import normflows as nf
-import torch
 from torch import Tensor
 
 from lcma_ext import splits as core
+from lcma_ext.multiscale import SplitPoint, migrate_state_keys
 from lcma_ext.transforms.factor_prior import ConditionalGaussianPrior
 
-__all__ = ["LCMASplit", "SplitMerge"]
+__all__ = ["LCMAMerge", "SplitMerge"]
 
-
-def _check_prior(split: core.Split, prior: ConditionalGaussianPrior | None) -> None:
-    """Raise unless ``prior`` is ``None`` or a prior of the bound split's halves."""
-    if prior is None:
-        return
-    if not isinstance(prior, ConditionalGaussianPrior):
-        raise TypeError(
-            f"expected prior=None or a ConditionalGaussianPrior; got {type(prior).__name__}"
-        )
-    shape = getattr(split, "input_shape", None)  # index splits know it once bound
-    if shape is not None:
-        factored, kept = split.output_shapes(shape)
-        if (prior.factored_shape, prior.kept_shape) != (tuple(factored), tuple(kept)):
-            raise ValueError(
-                f"expected a prior for halves {tuple(factored)} and {tuple(kept)}; got one for "
-                f"{prior.factored_shape} and {prior.kept_shape}"
-            )
+#: Keys of a :class:`SplitMerge` state saved before its step was a :class:`SplitPoint`.
+_STATE_RENAMES = ((r"split\.", "point.split."), (r"prior\.", "point.prior."))
 
 
 class SplitMerge(nf.flows.Merge):
@@ -65,6 +54,8 @@ class SplitMerge(nf.flows.Merge):
     split object replaces normflows' ``mode`` (channel or checkerboard halves). Without a prior
     it only moves dimensions (log-det 0); with a :class:`ConditionalGaussianPrior` the factored
     half leaves (data to noise) as ``eps = (z_new - mu(z)) / sigma(z)``, ``z`` the kept half.
+    The step is a :class:`lcma_ext.multiscale.SplitPoint` (:attr:`point`); states saved before
+    (with ``split`` and ``prior`` keys) still load.
 
     Args:
         split: A bound split (an index split built with its input shape, or a ChannelSplit).
@@ -86,11 +77,23 @@ class SplitMerge(nf.flows.Merge):
 
     def __init__(self, split: core.Split, prior: ConditionalGaussianPrior | None = None) -> None:
         super().__init__(mode="channel")
-        if not isinstance(split, core.Split):
-            raise TypeError(f"expected a lcma_ext.splits.Split; got {type(split).__name__}")
-        _check_prior(split, prior)
-        self.split = split
-        self.prior = prior
+        self.point = SplitPoint(split, prior)
+
+    @property
+    def split(self) -> core.Split:
+        """The split."""
+        return self.point.split
+
+    @property
+    def prior(self) -> ConditionalGaussianPrior | None:
+        """The conditional prior of the factored half, or ``None``."""
+        return self.point.prior
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        migrate_state_keys(state_dict, prefix, _STATE_RENAMES)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, z: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Merge ``[z_kept, z_factored]`` (noise to data); returns ``(z, log_det)``."""
@@ -100,17 +103,11 @@ class SplitMerge(nf.flows.Merge):
                 f"{len(z) if isinstance(z, (list, tuple)) else 'no'} entries"
             )
         kept, factored = z
-        log_det = torch.zeros(kept.shape[0], dtype=kept.dtype, device=kept.device)
-        if self.prior is not None:
-            factored, log_det = self.prior.inverse(factored, kept)
-        return self.split.inverse(factored, kept), log_det
+        return self.point.inverse(factored, kept)
 
     def inverse(self, z: Tensor) -> tuple[list[Tensor], Tensor]:
         """Split ``z`` (data to noise); returns ``([z_kept, z_factored], log_det)``."""
-        factored, kept = self.split(z)
-        log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        if self.prior is not None:
-            factored, log_det = self.prior(factored, kept)
+        factored, kept, log_det = self.point(z)
         return [kept, factored], log_det
 
     def inverse_with_diag(
@@ -123,16 +120,11 @@ class SplitMerge(nf.flows.Merge):
         Returns:
             ``([z_kept, z_factored], log_det, [diag_kept, diag_factored])``.
         """
-        factored, kept = self.split(z)
-        factored_diag, kept_diag = self.split.carry(diag)
-        log_det = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        if self.prior is not None:
-            factored, log_det, own = self.prior.forward_with_diag(factored, kept)
-            factored_diag = factored_diag + own
-        return [kept, factored], log_det, [kept_diag, factored_diag]
+        step = self.point.forward_with_diag(z, diag)
+        return [step.kept, step.factored], step.logabsdet, [step.kept_diag, step.factored_diag]
 
 
-class LCMASplit(SplitMerge):
+class LCMAMerge(SplitMerge):
     """The LCMA split as a normflows ``MultiscaleFlow`` merge.
 
     Same arguments as :class:`lcma_ext.LCMASplit`: inside each local ``2 x 2`` block keep the two
@@ -155,3 +147,17 @@ class LCMASplit(SplitMerge):
         prior: ConditionalGaussianPrior | None = None,
     ) -> None:
         super().__init__(core.LCMASplit(contributions, factor_out, placement), prior)
+
+
+class LCMASplit(LCMAMerge):
+    """Deprecated name of :class:`LCMAMerge` (it is a merge; :class:`lcma_ext.LCMASplit` is the
+    core split). Kept for one release: using it warns with a ``DeprecationWarning``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        warnings.warn(
+            "lcma_ext.normflows.LCMASplit is deprecated and will be removed in the next "
+            "release: use lcma_ext.normflows.LCMAMerge (lcma_ext.LCMASplit is the core split)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(*args, **kwargs)

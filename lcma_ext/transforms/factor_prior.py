@@ -131,14 +131,14 @@ class ConditionalGaussianPrior(nn.Module):
         mean, log_scale = self.mean_and_log_scale(kept)
         eps = (factored - mean) * torch.exp(-log_scale)
         own = -log_scale
-        return eps, own.reshape(own.shape[0], -1).sum(1), own
+        return eps, own.flatten(1).sum(1), own
 
     def inverse(self, eps: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
         """Noise to data: ``(mu + sigma * eps, sum log sigma(kept))``."""
         self._check(eps, self.factored_shape, "eps")
         mean, log_scale = self.mean_and_log_scale(kept)
         factored = mean + eps * torch.exp(log_scale)
-        return factored, log_scale.reshape(log_scale.shape[0], -1).sum(1)
+        return factored, log_scale.flatten(1).sum(1)
 
     def extra_repr(self) -> str:
         return (

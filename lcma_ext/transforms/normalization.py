@@ -28,12 +28,15 @@ class ActNorm(DiagMixin, nflows_normalization.ActNorm):
     :func:`lcma_ext.training.train_flow` ensures by initialising on the first batch before it
     compiles. nflows' own ``ActNorm`` still breaks the graph at that check.
 
+    An empty batch does not initialise the layer (nflows' would set every scale to NaN from
+    the statistics of no data); the first batch with data does.
+
     Shapes:
         inputs: ``(B, C)`` or ``(B, C, H, W)``.
     """
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and inputs.shape[0] > 0:
             return super().forward(inputs, context)
         check_ndim(inputs, (2, 4), type(self).__name__)
         scale, shift = self._broadcastable_scale_shift(inputs)
