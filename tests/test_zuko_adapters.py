@@ -51,7 +51,7 @@ from lcma_ext.zuko.adapters import SUPPORTED  # noqa: E402
 
 from brute_force import jacobian, log_abs_diagonal, slogdet, svd_attribution  # noqa: E402
 
-BATCH = 3
+BATCH = 2
 SPLINE = {"univariate": zt.MonotonicRQSTransform, "shapes": [(8,), (8,), (7,)]}
 
 
@@ -559,6 +559,33 @@ def test_zuko_level_refuses_a_zuko_flow_and_names_other_objects():
         ZukoLevel(zuko.flows.MAF(3), (3,))
     with pytest.raises(TypeError, match="Linear"):
         ZukoLevel(torch.nn.Linear(3, 3), (3,))
+
+
+#: Every flow class of zuko 1.6 but CNF, whose continuous-time transform has no diagonal.
+ZUKO_FLOWS = ("NICE", "RealNVP", "MAF", "NSF", "NCSF", "SOSPF", "BPF", "NAF", "UNAF", "GF")
+
+
+@pytest.mark.parametrize("name", ZUKO_FLOWS)
+def test_zuko_flows_as_levels_match_brute_force(name):
+    """``zuko.flows.<name>(4, 3).transform`` as one level: its map sums to ``slogdet``."""
+    torch.manual_seed(0)
+    level = ZukoLevel(getattr(zuko.flows, name)(4, 3).transform, (4,)).double()
+    x = 2 * torch.rand(BATCH, 4, dtype=torch.float64) - 1  # inside every domain (NCSF: circle)
+    context = torch.randn(BATCH, 3, dtype=torch.float64)
+    with torch.no_grad():
+        _, logabsdet, diag = level.forward_with_diag(x, context)
+    torch.testing.assert_close(diag.sum(1), logabsdet, rtol=0, atol=1e-12)
+    for b in range(BATCH):
+        row = context[b : b + 1]
+        sign, expected = slogdet(jacobian(lambda batch, row=row: level(batch, row)[0], x[b]))
+        assert sign != 0
+        np.testing.assert_allclose(float(logabsdet[b]), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_zuko_cnf_is_refused_by_name():
+    level = ZukoLevel(zuko.flows.CNF(4, 3).transform, (4,))
+    with pytest.raises(TypeError, match="FreeFormJacobianTransform"):
+        level.forward_with_diag(torch.randn(2, 4), torch.randn(2, 3))
 
 
 # --- completeness ----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from nflows.transforms import base as nflows_base
-from torch import Size, Tensor
+from torch import Size, Tensor, nn
 from torch.distributions import constraints
 from torch.distributions import transforms as td
 from zuko.flows import ElementWiseTransform, GeneralCouplingTransform, MaskedAutoregressiveTransform
@@ -157,7 +157,9 @@ def as_lazy_transform(
         )
     if isinstance(transform, nflows_base.Transform):
         return NflowsTransform(transform, shape)
-    if isinstance(transform, Sequence) and not isinstance(transform, str):
+    if isinstance(transform, nn.ModuleList) or (
+        isinstance(transform, Sequence) and not isinstance(transform, str)
+    ):
         if not transform:
             raise ValueError("expected at least one transform in a level; got an empty sequence")
         parts = []
@@ -253,7 +255,9 @@ class ZukoLevel(DiagMixin, nflows_base.Transform):
         outputs, ladj = self._transform(context).inv.call_and_ladj(inputs)
         return outputs, _per_example(ladj, inputs)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check(inputs)
         outputs, ladj, diag = call_and_ladj_with_diag(
             self._transform(context), inputs, diag, self.attribution

@@ -123,6 +123,10 @@ class MultiscaleFlow(Flow):
     Raises:
         TypeError: for a transform that is not a :class:`MultiscaleTransform`.
 
+    The per-dimension log-dets of the whole flow (each latent dimension's cumulative
+    contribution, conditional priors included) are
+    ``lcma_ext.zuko.call_and_ladj_with_diag(flow(c).transform, x)``.
+
     Shapes:
         x: ``(*batch, *input_shape)``; ``flow(c).log_prob(x)``: ``batch``;
         ``flow(c).sample((n,))``: ``(n, *c.shape[:-1], *input_shape)``.
@@ -133,7 +137,9 @@ class MultiscaleFlow(Flow):
         for Generative Flows, Sec. 3.3.
     """
 
-    def __init__(self, transform: MultiscaleTransform, base: LazyDistribution | None = None):
+    def __init__(
+        self, transform: MultiscaleTransform, base: LazyDistribution | None = None
+    ) -> None:
         if not isinstance(transform, MultiscaleTransform):
             cls = type(transform)
             raise TypeError(

@@ -27,7 +27,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -168,7 +168,7 @@ def _data_dtype(levels: Sequence[ZukoLevel]) -> tuple[torch.dtype, torch.device]
 
 def estimate_contributions(
     nms_flow: Flow,
-    data: Any,
+    data: Tensor | Iterable[object],
     levels: LevelFactory | Sequence[Any],
     input_shape: Sequence[int] | None = None,
     *,
