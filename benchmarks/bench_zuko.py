@@ -20,7 +20,7 @@ gradient (one context per example; NSF sampling inverts autoregressively).
 
 Usage::
 
-    python benchmarks/bench_zuko.py [--batch 256] [--repeats 20] [--threads 2]
+    python benchmarks/bench_zuko.py [--batch 256] [--repeats 20] [--threads 2] [--data image]
 """
 
 from __future__ import annotations
@@ -146,15 +146,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data", choices=("both", "vector", "image"), default="both")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"{platform.platform()}, {platform.processor() or platform.machine()}, torch "
         f"{torch.__version__}, zuko {zuko.__version__}, {torch.get_num_threads()} threads"
     )
-    bench("vector data, NSF(3 transforms, 64x64 hidden) per level", vector_level, (64,), 3, args)
-    image = image_level_factory(context=CONTEXT, hidden=32, steps=2)
-    bench("images, Glow level with a context (2 steps, 32 hidden)", image, (1, 16, 16), 3, args)
+    if args.data in ("both", "vector"):
+        bench("vector data, NSF(3 transforms, 64x64 hidden)", vector_level, (64,), 3, args)
+    if args.data in ("both", "image"):
+        image = image_level_factory(context=CONTEXT, hidden=32, steps=2)
+        bench("images, Glow level with a context (2 steps, 32 hidden)", image, (1, 16, 16), 3, args)
 
 
 if __name__ == "__main__":
