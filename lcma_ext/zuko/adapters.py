@@ -17,33 +17,24 @@ returns the per-dimension map of lcma-ext's protocol (see :mod:`lcma_ext.transfo
 
 What each transform contributes per dimension:
 
-============================================================  =====================================
-transform                                                     per-dimension contribution
-============================================================  =====================================
-elementwise: zuko's ``Identity``, ``Cos``, ``Sin``,            ``log|f'(x_i)|`` (the transform's own
-``Softclip``, ``CircularShift``, ``SignedPower``,             elementwise ``ladj``)
-``Additive``, ``MonotonicAffine``, ``MonotonicRQS`` and
-``Monotonic`` transforms (``Bernstein``, ``Gaussianization``,
-``SOSPolynomial``, ...); torch's ``Exp``, ``Sigmoid``,
-``Tanh``, ``Softplus`` and ``Affine`` (``event_dim=0``)
-``DependentTransform``                                        its base's (the sum over the
-                                                              reinterpreted dimensions is the ladj)
-``AutoregressiveTransform`` (MAF, NSF, ...)                   ``log|df_i/dx_i|`` with the
-                                                              parameters of ``x_<i``: the exact
-                                                              diagonal of the triangular Jacobian
-``CouplingTransform`` (NICE, RealNVP, coupling NSF)           as above on the transformed half, 0
-                                                              on the constant half
-``PermutationTransform``                                      0; the running map is permuted
-``RotationTransform``, ``LULinearTransform``                  a share of ``log|det W|`` chosen by
-                                                              ``attribution`` (as
-                                                              :mod:`lcma_ext.transforms.lu`;
-                                                              ``"lu"``: ``log|l_ii|``)
-``ComposedTransform``                                         chains its parts
-inverse (``f.inv``) of a permutation, or of an                for the inverse of a triangular map
-elementwise, autoregressive or coupling transform (IAF)       ``g``: ``-log|dg_i/dx_i|`` at the
-                                                              output (the inverse's diagonal)
-``NflowsBijection`` (lcma-ext levels, multi-scale flows)      their own ``forward_with_diag``
-============================================================  =====================================
+* Elementwise bijections (zuko's ``Identity``, ``Cos``, ``Sin``, ``Softclip``,
+  ``CircularShift``, ``SignedPower``, ``Additive``, ``MonotonicAffine``, ``MonotonicRQS`` and
+  ``Monotonic`` transforms, e.g. ``Bernstein``, ``Gaussianization``, ``SOSPolynomial``; torch's
+  ``Exp``, ``Sigmoid``, ``Tanh``, ``Softplus`` and ``Affine`` with ``event_dim=0``):
+  ``log|f'(x_i)|``, the transform's own elementwise ``ladj``.
+* ``DependentTransform``: its base's (the sum over the reinterpreted dimensions is the ladj).
+* ``AutoregressiveTransform`` (MAF, NSF, NAF, ...): ``log|df_i/dx_i|`` with the parameters
+  computed from ``x_<i``, the exact diagonal of the triangular Jacobian.
+* ``CouplingTransform`` (NICE, RealNVP, coupling NSF): the same on the transformed half, 0 on
+  the constant half.
+* ``PermutationTransform``: 0; the running map is permuted like the data.
+* ``RotationTransform``, ``LULinearTransform``: a share of ``log|det W|`` chosen by
+  ``attribution`` (as :mod:`lcma_ext.transforms.lu`; ``"lu"``: ``log|l_ii|`` of ``W = L U``).
+* ``ComposedTransform``: chains its parts.
+* The inverse (``f.inv``) of a permutation, or of an elementwise, autoregressive or coupling
+  transform ``g`` (e.g. IAF): ``-log|dg_i/dx_i|`` at the output, the inverse's diagonal.
+* ``NflowsBijection`` (lcma-ext levels and multi-scale flows inside zuko): their own
+  ``forward_with_diag``.
 
 Everything else (``FreeFormJacobianTransform`` of CNF, torch's ``ComposeTransform``, ...) raises a
 ``TypeError`` that names its class. A transform object of another library may join by defining
