@@ -1,6 +1,9 @@
 """lcma-ext: likelihood-contribution based multi-scale architecture for nflows and normflows.
 
-Importing the package has no side effects: no data is loaded and torchvision is not imported.
+zuko users: :mod:`lcma_ext.zuko`, an optional extra (``pip install "lcma-ext[zuko]"``).
+
+Importing the package has no side effects: no data is loaded, and neither torchvision nor zuko
+is imported.
 
 References:
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for

@@ -36,6 +36,7 @@ def test_import_has_no_torchvision_and_no_side_effects():
         "before = torch.get_default_dtype(), torch.get_num_threads()\n"
         "import lcma_ext, lcma_ext.transforms, lcma_ext.normflows\n"
         "assert 'torchvision' not in sys.modules, 'torchvision imported at import time'\n"
+        "assert 'zuko' not in sys.modules, 'zuko (an optional extra) imported at import time'\n"
         "assert (torch.get_default_dtype(), torch.get_num_threads()) == before\n"
         "print(lcma_ext.__version__)\n"
     )
@@ -98,3 +99,21 @@ def test_wheel_packages_exclude_tests_and_sdist_includes_them():
     }
     assert {"README.md", "LICENSE", "CHANGELOG.md", "CITATION.cff", "setup.cfg"} <= included
     assert config["metadata"]["license_files"].strip() == "LICENSE"
+
+
+def test_zuko_is_an_optional_extra_with_a_clear_import_error():
+    extras = _setup_cfg()["options.extras_require"]
+    assert any(r.startswith("zuko") for r in _cfg_list(extras["zuko"]))
+    assert any(r.startswith("zuko") for r in _cfg_list(extras["test"]))  # CI runs its tests
+    code = (
+        "import sys\n"
+        "sys.modules['zuko'] = None  # makes 'import zuko' raise ImportError\n"
+        "import lcma_ext, lcma_ext.transforms, lcma_ext.normflows\n"
+        "try:\n"
+        "    import lcma_ext.zuko\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+    assert 'pip install "lcma-ext[zuko]"' in result.stdout

@@ -10,12 +10,14 @@ e.g. the 1x1 convolutions and the composites) on the sum invariant. Transforms t
 
 :func:`test_registry_covers_every_diag_aware_class` walks the whole package and fails for any
 diag-aware class without an entry here (or, for normflows flows, in
-``tests/test_normflows_adapters.py``).
+``tests/test_normflows_adapters.py``; for the optional zuko extra, in
+``tests/test_zuko_adapters.py``).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pkgutil
 from collections.abc import Callable, Iterator
@@ -714,6 +716,9 @@ COVERED_INSIDE = {
     "lcma_ext.multiscale.SplitPoint": "multiscale_conditional_prior",
 }
 
+#: zuko is an optional extra: without it, lcma_ext.zuko is not walked (and cannot be imported).
+HAS_ZUKO = importlib.util.find_spec("zuko") is not None
+
 #: normflows flows (not nflows transforms) covered by brute force outside the normflows
 #: adapters' registry: class name -> (test module, test function).
 NORMFLOWS_COVERED_ELSEWHERE = {
@@ -744,14 +749,21 @@ def _diag_aware_classes() -> dict[str, type]:
     Imports every module of the package (an import error fails the test: nothing is skipped),
     then collects module attributes and every subclass of nflows' ``Transform``, normflows'
     ``Flow`` and ``DiagMixin`` defined in the package (classes not exposed as attributes too).
+    zuko-side classes (``call_and_ladj_with_diag``) count too; ``lcma_ext.zuko`` is skipped only
+    when zuko is not installed.
     """
 
+    def optional(name: str) -> bool:
+        return not HAS_ZUKO and (name == "lcma_ext.zuko" or name.startswith("lcma_ext.zuko."))
+
     def fail(name: str) -> None:
-        raise AssertionError(f"could not import {name} while walking lcma_ext")
+        if not optional(name):
+            raise AssertionError(f"could not import {name} while walking lcma_ext")
 
     modules = [lcma_ext]
     for info in pkgutil.walk_packages(lcma_ext.__path__, "lcma_ext.", onerror=fail):
-        modules.append(importlib.import_module(info.name))
+        if not optional(info.name):
+            modules.append(importlib.import_module(info.name))
     candidates: set[type] = set()
     for module in modules:
         candidates.update(c for _, c in inspect.getmembers(module, inspect.isclass))
@@ -761,7 +773,11 @@ def _diag_aware_classes() -> dict[str, type]:
     for cls in candidates:
         if not cls.__module__.startswith("lcma_ext"):
             continue
-        if callable(getattr(cls, "forward_with_diag", None)) or issubclass(cls, DiagMixin):
+        if (
+            callable(getattr(cls, "forward_with_diag", None))
+            or callable(getattr(cls, "call_and_ladj_with_diag", None))  # zuko's side
+            or issubclass(cls, DiagMixin)
+        ):
             found[_qualified(cls)] = cls
     return found
 
@@ -780,10 +796,18 @@ def test_registry_covers_every_diag_aware_class():
     stale = set(ABSTRACT_OR_MIXIN) - set(found)
     assert not stale, f"exclusions that are no longer diag-aware classes: {sorted(stale)}"
     missing = []
+    zuko_registered = set()
+    if HAS_ZUKO:
+        import test_zuko_adapters
+
+        zuko_registered = test_zuko_adapters.registered_classes()
     for name, cls in sorted(found.items()):
         if name in ABSTRACT_OR_MIXIN:
             continue
-        if issubclass(cls, nflows_base.Transform):
+        if name.startswith("lcma_ext.zuko."):
+            if name not in zuko_registered:
+                missing.append(f"{name} (add it to a registry of tests/test_zuko_adapters.py)")
+        elif issubclass(cls, nflows_base.Transform):
             if name not in registered:
                 missing.append(f"{name} (add an entry to REGISTRY in tests/test_transforms.py)")
         elif issubclass(cls, nf.flows.Flow):
@@ -808,6 +832,9 @@ def test_registry_covers_every_diag_aware_class():
         DenseFlowBlock,
     ):
         assert _qualified(cls) in found
+    if HAS_ZUKO:
+        for name in ("lcma_ext.zuko.levels.ZukoLevel", "lcma_ext.zuko.levels.NflowsBijection"):
+            assert name in found
     assert registered <= set(found), "registry entries must be diag-aware lcma_ext classes"
 
 
