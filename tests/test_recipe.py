@@ -263,3 +263,17 @@ def test_the_legacy_recipe_reproduces_the_figures_of_version_0_2(tmp_path):
     for arm, figures in VERSION_0_2.items():
         assert results["arms"][arm]["bpd_per_seed"] == figures, arm
     assert results["config"]["grad_clip"] == 100.0 and "ema_decay" not in results["config"]
+
+
+def test_the_documented_recipes_are_the_code_s():
+    """docs/cli.md's table of the named recipes matches RECIPES (change both together)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for name, recipe in RECIPES.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        warmup, schedule, clip, ema = cells[1:5]
+        assert int(warmup.split()[0]) == recipe.warmup_steps, name
+        assert schedule == recipe.lr_schedule and float(clip) == recipe.grad_clip, name
+        assert float(ema.split()[0]) == recipe.ema_decay, name
