@@ -236,61 +236,55 @@ class ParameterEMA:
     the module: the averaged parameters are swapped into the live module to evaluate it
     (:meth:`swapped`), so the buffers are always the live model's (split permutations that a
     phased trainer changes, ActNorm ``initialized`` flags, Lipschitz power-iteration vectors),
-    and a flow whose split is switched (same parameters, new buffers) keeps its average.
+    and a flow whose split is switched (same parameters, new buffers) keeps its average. The
+    module's parameters are listed once, here (walking a deep flow's modules costs more than
+    the update itself).
 
     Args:
-        module: The module whose parameters are averaged (in ``named_parameters`` order).
+        module: The module whose parameters are averaged (in ``named_parameters`` order); its
+            parameters must stay the same tensors (``load_state_dict`` copies into them).
         decay: In ``[0, 1)``.
     """
 
     def __init__(self, module: nn.Module, decay: float) -> None:
         named = list(module.named_parameters())
+        self.module = module
         self.decay = float(decay)
         self.names = [name for name, _ in named]
-        self.average = [p.detach().clone() for _, p in named]
+        self.live = [p for _, p in named]
+        self.average = [p.detach().clone() for p in self.live]
         self.updates = 0
         self._update = get_ema_multi_avg_fn(self.decay)
 
-    def _live(self, module: nn.Module) -> list[Tensor]:
-        params = [p.detach() for p in module.parameters()]
-        if len(params) != len(self.average):
-            raise ValueError(
-                f"expected a module with the {len(self.average)} averaged parameters; got "
-                f"{len(params)}"
-            )
-        return params
-
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self) -> None:
         """Fold the module's current parameters into the average (the first call copies them)."""
-        live = self._live(module)
         if self.updates == 0:
-            torch._foreach_copy_(self.average, live)
+            torch._foreach_copy_(self.average, self.live)
         else:
-            self._update(self.average, live, self.updates)
+            self._update(self.average, self.live, self.updates)
         self.updates += 1
 
     @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
-        """Write the averaged parameters into ``module`` (nothing before the first update)."""
+    def copy_to_module(self) -> None:
+        """Write the averaged parameters into the module (nothing before the first update)."""
         if self.updates:
-            torch._foreach_copy_(self._live(module), self.average)
+            torch._foreach_copy_(self.live, self.average)
 
     @contextmanager
-    def swapped(self, module: nn.Module) -> Iterator[nn.Module]:
-        """``module`` with the averaged parameters inside the block, its own ones restored after."""
+    def swapped(self) -> Iterator[nn.Module]:
+        """The module with the averaged parameters inside the block, its own restored after."""
         if not self.updates:
-            yield module
+            yield self.module
             return
-        live = self._live(module)
         with torch.no_grad():
-            saved = [p.clone() for p in live]
-            torch._foreach_copy_(live, self.average)
+            saved = [p.clone() for p in self.live]
+            torch._foreach_copy_(self.live, self.average)
         try:
-            yield module
+            yield self.module
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(live, saved)
+                torch._foreach_copy_(self.live, saved)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -803,7 +797,8 @@ def train_flow(
     where = world()
     dtype, device = _check_setup(flow, config, where)
     recipe = config.recipe
-    optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
+    parameters = list(flow.parameters())  # listed once: walking a deep flow costs per step
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
     penalized = scale_parameters(flow)
     generator = torch.Generator().manual_seed(config.seed)
     loader = _train_loader(train_data, config, generator, where, device)
@@ -877,7 +872,7 @@ def train_flow(
             scaler.scale(loss).backward()
             if recipe.grad_clip:
                 scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), recipe.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
                 if not torch.isfinite(norm) and not scaler.is_enabled():
                     result.diverged = True
                     result.diverged_reason = (
@@ -890,7 +885,7 @@ def train_flow(
             if scheduler is not None:
                 scheduler.step()
             if ema is not None:
-                ema.update(flow)
+                ema.update()
             result.steps += 1
             totals[0] += bpd.detach().double() * batch.shape[0]
             totals[1] += batch.shape[0]
@@ -905,7 +900,7 @@ def train_flow(
         if test_data is not None and (
             last or (config.eval_every and result.epochs_done % config.eval_every == 0)
         ):
-            with ema.swapped(flow) if ema is not None else nullcontext():
+            with ema.swapped() if ema is not None else nullcontext():
                 score = evaluate_bpd(flow, test_data, preprocessing, config.eval_batch_size)
             result.test_bpd.append((result.epochs_done, score))
         epochs.set_postfix(train_bpd=f"{result.train_bpd[-1]:.3f}")
@@ -928,7 +923,7 @@ def train_flow(
             barrier()  # no rank reads the checkpoint before rank 0 has written it
     epochs.close()
     if ema is not None:
-        ema.copy_to(flow)  # the flow holds the evaluation weights
+        ema.copy_to_module()  # the flow holds the evaluation weights
     return result
 
 

@@ -134,6 +134,22 @@ def test_a_cell_of_another_configuration_is_not_skipped(swept):
         run_sweep(SweepConfig(_base(seeds=3), out=out))
 
 
+def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(swept):
+    """The legacy recipe adds nothing (a sweep of an earlier version is still finished under
+    --recipe legacy); another recipe is recorded resolved and named in the command."""
+    legacy = sweep_module._identity(_base(recipe="legacy"))
+    assert not {"recipe", "warmup_steps", "lr_schedule", "grad_clip", "ema_decay"} & set(legacy)
+    mine = sweep_module._identity(_base(recipe="legacy", ema_decay=0.5))
+    assert mine == {**legacy, "ema_decay": 0.5}
+    default = sweep_module._identity(_base())
+    assert default["ema_decay"] == ExperimentConfig().training_recipe.ema_decay
+    command = sweep_module.sweep_command(SweepConfig(_base(recipe="legacy", ema_decay=0.5)))
+    assert "--recipe legacy" in command and "--ema-decay 0.5" in command
+    out, _ = swept
+    with pytest.raises(ExperimentError, match="reproduces its training recipe"):
+        run_sweep(SweepConfig(_base(recipe="legacy"), out=out))
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -217,19 +217,23 @@ def test_parameter_ema_swaps_and_restores_exactly():
     flow = _flow()
     ema = ParameterEMA(flow, 0.5)
     live = [p.detach().clone() for p in flow.parameters()]
-    with ema.swapped(flow):  # before the first update: the live weights
+    with ema.swapped() as swapped:  # before the first update: the live weights
+        assert swapped is flow
         assert all(torch.equal(p, q) for p, q in zip(flow.parameters(), live))
-    ema.update(flow)
+    ema.update()
     with torch.no_grad():
         for p in flow.parameters():
             p.add_(1.0)
-    ema.update(flow)  # (w + w + 1) / 2
-    with pytest.raises(RuntimeError, match="inside"), ema.swapped(flow):
+    ema.update()  # (w + w + 1) / 2
+    with pytest.raises(RuntimeError, match="inside"), ema.swapped():
         for p, q in zip(flow.parameters(), live):
             torch.testing.assert_close(p, q + 0.5, rtol=0, atol=1e-6)
         raise RuntimeError("inside")
     for p, q in zip(flow.parameters(), live):
         assert torch.equal(p, q + 1.0)  # restored, even after an error
+    ema.copy_to_module()
+    for p, q in zip(flow.parameters(), live):
+        torch.testing.assert_close(p, q + 0.5, rtol=0, atol=1e-6)
     other = ParameterEMA(flow, 0.9)
     with pytest.raises(ValueError, match=r"expected an EMA state of decay 0\.9"):
         other.load_state_dict(ema.state_dict())
@@ -277,3 +281,41 @@ def test_the_documented_recipes_are_the_code_s():
         assert int(warmup.split()[0]) == recipe.warmup_steps, name
         assert schedule == recipe.lr_schedule and float(clip) == recipe.grad_clip, name
         assert float(ema.split()[0]) == recipe.ema_decay, name
+
+
+def _recipe_search():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_search.py"
+    spec = importlib.util.spec_from_file_location("recipe_search", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_search_parses_candidates_and_selects_on_static_arms_only():
+    search = _recipe_search()
+    name, recipe = search.parse_candidate("w:warmup_steps=50,lr_schedule=cosine,ema_decay=0.9")
+    assert name == "w" and recipe == Recipe(50, "cosine", 100.0, 0.9)  # unset: legacy's
+    assert search.parse_candidate("legacy") == ("legacy", LEGACY_RECIPE)
+    with pytest.raises(ValueError, match="expected fields among"):
+        search.parse_candidate("x:lr=1")
+    rows = [
+        {"candidate": "legacy", "arm": "channel", "n": 5, "mean": 5.50, "std": 0.20},
+        {"candidate": "legacy", "arm": "lcma", "n": 5, "mean": 5.40, "std": 0.20},
+        # halves the spread, no worse mean: qualifies (whatever LCMA does)
+        {"candidate": "a", "arm": "channel", "n": 5, "mean": 5.45, "std": 0.09},
+        {"candidate": "a", "arm": "lcma", "n": 5, "mean": 9.00, "std": 3.00},
+        # smaller spread but a worse mean: does not qualify
+        {"candidate": "b", "arm": "channel", "n": 5, "mean": 5.60, "std": 0.01},
+        {"candidate": "b", "arm": "lcma", "n": 5, "mean": 5.00, "std": 0.01},
+        # qualifies with a smaller spread than a: chosen
+        {"candidate": "c", "arm": "channel", "n": 5, "mean": 5.50, "std": 0.05},
+        {"candidate": "c", "arm": "lcma", "n": 5, "mean": 5.40, "std": 0.30},
+    ]
+    choice = search.select(rows, ["channel"], 0.5)
+    verdicts = {name: v["qualifies"] for name, v in choice["candidates"].items()}
+    assert verdicts == {"legacy": False, "a": True, "b": False, "c": True}
+    assert choice["chosen"] == "c"
+    assert search.select(rows, ["channel"], 0.1)["chosen"] is None
