@@ -20,9 +20,11 @@ The training recipe (``TrainConfig`` fields, one :class:`Recipe`; named recipes 
   as ``lr (1 + cos(pi t)) / 2``, ``t`` going from 0 to 1 over the remaining optimizer steps of
   the whole run (``schedule_epochs`` epochs of the training data, see :func:`lr_factor`);
   ``torch.optim.lr_scheduler.LambdaLR`` applies it;
-- ``grad_clip``: the global gradient norm is clipped to this (``clip_grad_norm_``); the steps it
-  clipped are counted (``TrainResult.clipped_steps``); ``0`` disables clipping (and the
-  non-finite-gradient check that comes with it);
+- ``grad_clip``: the global gradient norm is clipped to this (``get_total_norm`` and
+  ``clip_grads_with_norm_``, the two halves of ``clip_grad_norm_``; the gradients are scaled
+  only when the norm exceeds the limit); the steps it clipped are counted
+  (``TrainResult.clipped_steps``); ``0`` disables clipping (and the non-finite-gradient check
+  that comes with it);
 - ``ema_decay``: an exponential moving average of the parameters (:class:`ParameterEMA`,
   ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s update) is what is evaluated: the test
   bits/dim of the learning curve and the weights :func:`train_flow` leaves in the flow. Buffers
@@ -853,7 +855,6 @@ def train_flow(
         start_time = time.perf_counter()
         set_loader_epoch(loader, epoch)
         totals = torch.zeros(2, dtype=torch.float64, device=device)
-        clipped = torch.zeros((), dtype=torch.int64, device=device)
         for step, raw in enumerate(loader):
             batch = _images(raw).to(device, non_blocking=True)
             result.rank_batch_size = max(result.rank_batch_size, batch.shape[0])
@@ -872,14 +873,19 @@ def train_flow(
             scaler.scale(loss).backward()
             if recipe.grad_clip:
                 scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
-                if not torch.isfinite(norm) and not scaler.is_enabled():
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in parameters if p.grad is not None]
+                )
+                finite = bool(torch.isfinite(norm))  # not with fp16: the scaler skips the step
+                if not finite and not scaler.is_enabled():
                     result.diverged = True
                     result.diverged_reason = (
                         f"non-finite gradient at epoch {epoch + 1}, step {step + 1}"
                     )
                     break
-                clipped += _was_clipped(norm, recipe.grad_clip)
+                if finite and _clips(norm, recipe.grad_clip):
+                    torch.nn.utils.clip_grads_with_norm_(parameters, recipe.grad_clip, norm)
+                    result.clipped_steps += 1
             scaler.step(optimizer)
             scaler.update()
             if scheduler is not None:
@@ -890,7 +896,6 @@ def train_flow(
             totals[0] += bpd.detach().double() * batch.shape[0]
             totals[1] += batch.shape[0]
         result.train_time_s += time.perf_counter() - start_time
-        result.clipped_steps += int(clipped)
         if result.diverged:
             break
         all_reduce_sum(totals)
@@ -927,10 +932,11 @@ def train_flow(
     return result
 
 
-def _was_clipped(norm: Tensor, max_norm: float) -> Tensor:
-    """1 when ``clip_grad_norm_`` scaled the gradients (its coefficient ``max_norm / (norm +
-    1e-6)`` is below 1), else 0; a non-finite norm (a step the fp16 scaler skips) counts 0."""
-    return (torch.isfinite(norm) & (max_norm / (norm + 1e-6) < 1)).to(torch.int64)
+def _clips(norm: Tensor, max_norm: float) -> bool:
+    """True when ``clip_grad_norm_`` would scale the gradients: its coefficient
+    ``max_norm / (norm + 1e-6)`` is below 1 (otherwise it multiplies them by 1, which
+    :func:`train_flow` skips: the same values)."""
+    return bool(max_norm / (norm + 1e-6) < 1)
 
 
 def _finite_everywhere(loss: Tensor, where: World) -> bool:

@@ -110,25 +110,54 @@ def test_the_schedule_runs_over_schedule_epochs(digits, tmp_path):
 
 
 def test_clipped_steps_are_counted(digits, monkeypatch):
-    """The count equals the steps whose pre-clip norm n gives clip / (n + 1e-6) < 1."""
+    """The count equals the steps whose norm n gives clip / (n + 1e-6) < 1, the rule of
+    ``clip_grad_norm_``; those steps and only those have their gradients scaled."""
     train, test, pre = digits
-    norms = []
-    clip = torch.nn.utils.clip_grad_norm_
+    norms, scaled = [], []
+    total_norm, scale = torch.nn.utils.get_total_norm, torch.nn.utils.clip_grads_with_norm_
 
-    def spy(*args, **kwargs):
-        norm = clip(*args, **kwargs)
+    def norm_spy(*args, **kwargs):
+        norm = total_norm(*args, **kwargs)
         norms.append(float(norm))
         return norm
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    def scale_spy(parameters, max_norm, norm, *args, **kwargs):
+        scaled.append(float(norm))
+        return scale(parameters, max_norm, norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", norm_spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grads_with_norm_", scale_spy)
     result = train_flow(_flow(), train, pre, _config(ACTIVE, 3), test_data=test)
-    expected = sum(ACTIVE.grad_clip / (n + 1e-6) < 1 for n in norms)
+    expected = [n for n in norms if ACTIVE.grad_clip / (n + 1e-6) < 1]
     assert len(norms) == result.steps == 9
-    assert 0 < expected < 9  # the threshold splits the steps: the count has something to see
-    assert result.clipped_steps == expected
+    assert 0 < len(expected) < 9  # the threshold splits the steps: the count has something to see
+    assert result.clipped_steps == len(expected) and scaled == expected
     norms.clear()
     unclipped = train_flow(_flow(), train, pre, _config(Recipe(grad_clip=0.0), 1))
     assert unclipped.clipped_steps == 0 and norms == []  # 0 disables clipping
+
+
+def test_clipping_is_clip_grad_norm(digits):
+    """A step with the recipe's clipping equals one with ``clip_grad_norm_``, clipped or not."""
+    train, _, pre = digits
+    y, _ = pre(train[:64], generator=torch.Generator().manual_seed(0))
+    for max_norm in (0.3, 100.0):  # the norm of this step is about 0.65
+        grads = []
+        for use_torch in (True, False):
+            flow = _flow()
+            flow.log_prob(y)  # ActNorm's initialisation
+            (-flow.log_prob(y).mean()).backward()
+            parameters = list(flow.parameters())
+            if use_torch:
+                torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+            else:
+                from lcma_ext.training import _clips
+
+                norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+                if _clips(norm, max_norm):
+                    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+            grads.append([p.grad.clone() for p in parameters])
+        assert all(torch.equal(a, b) for a, b in zip(*grads)), max_norm
 
 
 def test_ema_is_the_average_of_the_raw_trajectory(digits, tmp_path):
