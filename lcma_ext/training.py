@@ -154,10 +154,9 @@ class Recipe:
     ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int):
-            raise ValueError(f"expected warmup_steps as an integer >= 0; got {self.warmup_steps!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"expected warmup_steps as an integer >= 0; got {self.warmup_steps!r}")
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"expected warmup_steps as an integer >= 0; got {warmup!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"expected lr_schedule in {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}"
