@@ -61,6 +61,7 @@ from lcma_ext.experiments.config import (
 )
 from lcma_ext.experiments.sweep import SWEEP_ARMS, SWEEP_EPOCHS, SWEEP_SIZES
 from lcma_ext.models import MODELS, SIZE_NAMES
+from lcma_ext.training import DEFAULT_RECIPE, LR_SCHEDULES, RECIPES
 
 __all__ = ["build_parser", "config_from_args", "main", "sweep_config_from_args"]
 
@@ -192,7 +193,13 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
         default=default.batch_size,
         help="(default: %(default)s)",
     )
-    add("--lr", type=_positive_float, default=default.lr, help="Adam (default: %(default)s)")
+    add(
+        "--lr",
+        type=_positive_float,
+        default=default.lr,
+        help="Adam's (peak) learning rate (default: %(default)s)",
+    )
+    _add_recipe(parser)
     add(
         "--device", default=default.device, help="cpu, cuda, cuda:1, mps ... (default: %(default)s)"
     )
@@ -265,6 +272,57 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
         action="store_true",
         help="hide the progress bars and status lines; the results are still printed "
         "(default: shown)",
+    )
+
+
+def _unit_interval(text: str) -> float:
+    value = _non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {value}")
+    return value
+
+
+def _add_recipe(parser: argparse.ArgumentParser) -> None:
+    """``--recipe`` and the four options that override one of its fields."""
+    recipes = "; ".join(
+        f"{name}: warm-up {r.warmup_steps} steps, {r.lr_schedule} lr, clip {r.grad_clip:g}, "
+        f"EMA {r.ema_decay:g}"
+        for name, r in RECIPES.items()
+    )
+    add = parser.add_argument
+    add(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=DEFAULT_RECIPE,
+        help=f"training recipe of every arm and the NMS ({recipes}; legacy is the recipe of "
+        "versions up to 0.2) (default: %(default)s)",
+    )
+    add(
+        "--warmup-steps",
+        type=_int_at_least(0),
+        default=None,
+        help="optimizer steps of the linear learning-rate warm-up (default: the recipe's)",
+    )
+    add(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help="constant, or cosine to 0 over the run's steps after the warm-up (default: the "
+        "recipe's)",
+    )
+    add(
+        "--grad-clip",
+        type=_non_negative_float,
+        default=None,
+        help="max global gradient norm, 0 disables; clipped steps are counted in each run's "
+        "summary (default: the recipe's)",
+    )
+    add(
+        "--ema-decay",
+        type=_unit_interval,
+        default=None,
+        help="decay of the EMA of the weights that is scored and sampled, 0 disables (default: "
+        "the recipe's)",
     )
 
 
@@ -447,6 +505,11 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         hflip=args.hflip,
         reestimate_every=getattr(args, "reestimate_every", None),
         prior=getattr(args, "prior", ExperimentConfig.prior),
+        recipe=args.recipe,
+        warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
+        grad_clip=args.grad_clip,
+        ema_decay=args.ema_decay,
     )
 
 

@@ -11,6 +11,36 @@ generator, torch's CPU and CUDA generators of every rank) are written atomically
 ``checkpoint_path``, so an interrupted run resumes where it stopped and ends with the same
 figures as an uninterrupted one. numpy's and Python's random states are not used in training.
 
+The training recipe (``TrainConfig`` fields, one :class:`Recipe`; named recipes in
+:data:`RECIPES`, the default :data:`DEFAULT_RECIPE`):
+
+- ``warmup_steps``: the learning rate rises linearly over the first optimizer steps
+  (``lr (s + 1) / warmup_steps`` at step ``s``);
+- ``lr_schedule``: ``"constant"``, or ``"cosine"``: after the warm-up the learning rate falls
+  as ``lr (1 + cos(pi t)) / 2``, ``t`` going from 0 to 1 over the remaining optimizer steps of
+  the whole run (``schedule_epochs`` epochs of the training data, see :func:`lr_factor`);
+  ``torch.optim.lr_scheduler.LambdaLR`` applies it;
+- ``grad_clip``: the global gradient norm is clipped to this (``get_total_norm`` and
+  ``clip_grads_with_norm_``, the two halves of ``clip_grad_norm_``; the gradients are scaled
+  only when the norm exceeds the limit); the steps it clipped are counted
+  (``TrainResult.clipped_steps``); ``0`` disables clipping (and the non-finite-gradient check
+  that comes with it);
+- ``ema_decay``: an exponential moving average of the parameters (:class:`ParameterEMA`,
+  ``torch.optim.swa_utils.get_ema_multi_avg_fn``'s update) is what is evaluated: the test
+  bits/dim of the learning curve and the weights :func:`train_flow` leaves in the flow. Buffers
+  (split permutations, ActNorm flags, power-iteration vectors) are never averaged: the live
+  model's are used. ``0`` disables it.
+
+:data:`RECIPES` ``["legacy"]`` is the recipe of versions up to 0.2 (Adam at a constant learning
+rate, no warm-up, no EMA, the gradient norm clipped at 100); it reproduces their figures bit
+for bit.
+
+**What the flow holds after** :func:`train_flow`: the *evaluation* weights (the EMA parameters
+with the live buffers; the trained parameters without EMA). The raw training state (the
+parameters the optimizer updates) is the checkpoint's ``"model"``, the EMA its ``"ema"``, so a
+resumed run, or a later phase of a phased trainer, continues from the raw weights;
+:func:`evaluation_state_dict` turns a checkpoint into the evaluated weights.
+
 Scale-out (``TrainConfig`` fields):
 
 - ``precision``: ``"bf16"`` or ``"fp16"`` runs the flow's transform under ``torch.autocast``
@@ -33,13 +63,21 @@ Scale-out (``TrainConfig`` fields):
 References:
     S. Das, P. Abbeel, C. Spanos. Dimensionality Reduction Flows (paper 001), Sec. 4.
     D. Kingma, J. Ba. Adam: A Method for Stochastic Optimization. ICLR 2015.
+    I. Loshchilov, F. Hutter. SGDR: Stochastic Gradient Descent with Warm Restarts. ICLR 2017
+    (the cosine schedule).
+    R. Chen, J. Behrmann, D. Duvenaud, J.-H. Jacobsen. Residual Flows for Invertible Generative
+    Modeling. NeurIPS 2019 (learning-rate warm-up, EMA of the weights evaluated).
+    S. Zhai et al. Normalizing Flows are Capable Generative Models (TarFlow). 2024 (warm-up and
+    a cosine schedule).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +85,8 @@ from typing import Any
 import torch
 from nflows.flows import Flow
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from lcma_ext.data.loading import image_loader, set_loader_epoch
@@ -57,12 +97,21 @@ from lcma_ext.models.nets import scale_parameters
 from lcma_ext.storage import atomic_save, load_torch_file
 
 __all__ = [
+    "DEFAULT_RECIPE",
     "EVAL_NOISE_SEED",
+    "LEGACY_RECIPE",
+    "LR_SCHEDULES",
     "PRECISIONS",
+    "RECIPES",
+    "RECIPE_FIELDS",
+    "ParameterEMA",
+    "Recipe",
     "TrainConfig",
     "TrainResult",
     "evaluate_bpd",
+    "evaluation_state_dict",
     "load_checkpoint",
+    "lr_factor",
     "save_checkpoint",
     "train_flow",
 ]
@@ -83,6 +132,202 @@ RANK_SEED_STRIDE = 1_000_003
 
 ImageBatchesLike = Tensor | Iterable[Any]
 
+#: ``lr_schedule`` choices.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe: warm-up, schedule, clipping and EMA (see the module docstring).
+
+    Attributes:
+        warmup_steps: Optimizer steps of the linear learning-rate warm-up (``0``: none).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (to 0 over the run's remaining steps).
+        grad_clip: Max global gradient norm (``0``: no clipping).
+        ema_decay: Decay of the EMA of the parameters that is evaluated (``0``: no EMA, the
+            trained parameters are evaluated); in ``[0, 1)``.
+    """
+
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    grad_clip: float = 0.0
+    ema_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        warmup = self.warmup_steps
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"expected warmup_steps as an integer >= 0; got {warmup!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"expected lr_schedule in {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}"
+            )
+        if not _number_in(self.grad_clip, 0.0, math.inf):
+            raise ValueError(f"expected grad_clip as a number >= 0; got {self.grad_clip!r}")
+        if not _number_in(self.ema_decay, 0.0, 1.0) or self.ema_decay == 1.0:
+            raise ValueError(f"expected ema_decay as a number in [0, 1); got {self.ema_decay!r}")
+
+    @property
+    def schedules_lr(self) -> bool:
+        """True when the learning rate is not constant (a warm-up or a cosine schedule)."""
+        return bool(self.warmup_steps) or self.lr_schedule != "constant"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not math.isnan(value)
+        and low <= value < high
+    )
+
+
+#: The recipe of lcma-ext up to 0.2: Adam at a constant learning rate from step 0, the gradient
+#: norm clipped at 100, no EMA (reproduces the figures of run folders of those versions).
+LEGACY_RECIPE = Recipe(warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.0)
+#: The named recipes (``--recipe``); the defaults of :class:`TrainConfig` and of
+#: ``lcma-ext run`` are ``RECIPES[DEFAULT_RECIPE]``. The ``"default"`` values are provisional
+#: (``benchmarks/recipe_search.py`` measures candidates; docs/cli.md lists them): a linear
+#: warm-up over 100 steps (about 4 epochs of the digits, 2 of the patches at batch 64), a cosine
+#: schedule, the gradient norm clipped at 20 (measured with the legacy recipe on a tiny RealNVP:
+#: norms up to 7.3 on the digits, 10 epochs; median 5.3, 90th percentile 17, maximum 35 on the
+#: patches, 3 epochs; so 20 clips the upper tail only) and an EMA of time constant 100 steps
+#: (decay 0.99; its weight on the first step after ``n`` steps is 0.99^n, 0.1 % after the
+#: about 690 steps of a default digits run).
+RECIPES: dict[str, Recipe] = {
+    "default": Recipe(warmup_steps=100, lr_schedule="cosine", grad_clip=20.0, ema_decay=0.99),
+    "legacy": LEGACY_RECIPE,
+}
+#: The recipe :class:`TrainConfig` and ``lcma-ext run`` use unless told otherwise.
+DEFAULT_RECIPE = "default"
+#: The fields of a :class:`Recipe` (also fields of :class:`TrainConfig` and
+#: ``ExperimentConfig``).
+RECIPE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
+def lr_factor(step: int, warmup_steps: int, schedule: str, total_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) as a fraction of ``lr``.
+
+    ``(step + 1) / warmup_steps`` during the warm-up; then 1 (``"constant"``) or
+    ``(1 + cos(pi t)) / 2`` with ``t = (step - warmup_steps) / (total_steps - warmup_steps)``
+    (``"cosine"``, ``t`` capped at 1).
+
+    Args:
+        step: The optimizer step, counted from 0 over the whole run.
+        warmup_steps: Steps of the linear warm-up.
+        schedule: ``"constant"`` or ``"cosine"``.
+        total_steps: Optimizer steps of the whole run.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ParameterEMA:
+    """An exponential moving average of a module's parameters; buffers are never averaged.
+
+    The update is ``torch.optim.swa_utils.get_ema_multi_avg_fn(decay)`` (``ema <- decay ema +
+    (1 - decay) p``), and the first update copies the parameters, as
+    ``torch.optim.swa_utils.AveragedModel`` does. Unlike ``AveragedModel`` it holds no copy of
+    the module: the averaged parameters are swapped into the live module to evaluate it
+    (:meth:`swapped`), so the buffers are always the live model's (split permutations that a
+    phased trainer changes, ActNorm ``initialized`` flags, Lipschitz power-iteration vectors),
+    and a flow whose split is switched (same parameters, new buffers) keeps its average. The
+    module's parameters are listed once, here (walking a deep flow's modules costs more than
+    the update itself).
+
+    Args:
+        module: The module whose parameters are averaged (in ``named_parameters`` order); its
+            parameters must stay the same tensors (``load_state_dict`` copies into them).
+        decay: In ``[0, 1)``.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        named = list(module.named_parameters())
+        self.module = module
+        self.decay = float(decay)
+        self.names = [name for name, _ in named]
+        self.live = [p for _, p in named]
+        self.average = [p.detach().clone() for p in self.live]
+        self.updates = 0
+        self._update = get_ema_multi_avg_fn(self.decay)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the module's current parameters into the average (the first call copies them)."""
+        if self.updates == 0:
+            torch._foreach_copy_(self.average, self.live)
+        else:
+            self._update(self.average, self.live, self.updates)
+        self.updates += 1
+
+    @torch.no_grad()
+    def copy_to_module(self) -> None:
+        """Write the averaged parameters into the module (nothing before the first update)."""
+        if self.updates:
+            torch._foreach_copy_(self.live, self.average)
+
+    @contextmanager
+    def swapped(self) -> Iterator[nn.Module]:
+        """The module with the averaged parameters inside the block, its own restored after."""
+        if not self.updates:
+            yield self.module
+            return
+        with torch.no_grad():
+            saved = [p.clone() for p in self.live]
+            torch._foreach_copy_(self.live, self.average)
+        try:
+            yield self.module
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, saved)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "parameters": dict(zip(self.names, self.average)),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the same decay and parameter names)."""
+        stored = state["parameters"]
+        if float(state["decay"]) != self.decay or list(stored) != self.names:
+            raise ValueError(
+                f"expected an EMA state of decay {self.decay} over the same parameters; got "
+                f"decay {state['decay']} over {len(stored)} parameters"
+            )
+        for average, name in zip(self.average, self.names):
+            average.copy_(stored[name])
+        self.updates = int(state["updates"])
+
+
+def evaluation_state_dict(checkpoint: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights a checkpoint of :func:`train_flow` evaluates: ``"model"`` with the EMA in.
+
+    The checkpoint's ``"model"`` is the raw training state; when it has an ``"ema"`` with at
+    least one update, its averaged parameters replace the raw ones (buffers stay the model's).
+    A checkpoint without one (the legacy recipe, or a file of the scored weights) gives
+    ``"model"`` itself.
+    """
+    model = dict(checkpoint["model"])
+    ema = checkpoint.get("ema")
+    if ema and ema.get("updates"):
+        missing = [name for name in ema["parameters"] if name not in model]
+        if missing:
+            raise ValueError(
+                f"expected the EMA's parameters in the checkpoint's model; got {missing[:3]} "
+                "missing"
+            )
+        model.update(ema["parameters"])
+    return model
+
 
 @dataclass
 class TrainConfig:
@@ -92,9 +337,13 @@ class TrainConfig:
         epochs: Passes over the training set.
         batch_size: Examples per step (64 in the paper); under ``torch.distributed`` the global
             batch, split evenly over the ranks.
-        lr: Adam learning rate.
+        lr: Adam learning rate (the peak, see ``warmup_steps`` and ``lr_schedule``).
         l2_scale: L2 coefficient on the weight-norm scales (5e-5 in the paper).
-        grad_clip: Max gradient norm (``0`` disables clipping).
+        warmup_steps, lr_schedule, grad_clip, ema_decay: The training recipe (:class:`Recipe`;
+            defaults ``RECIPES[DEFAULT_RECIPE]``, :meth:`from_recipe` for a named one).
+        schedule_epochs: Epochs the cosine schedule spans (``None``: ``epochs``). A trainer that
+            calls :func:`train_flow` once per phase (``epochs`` = the end of the phase) passes
+            the whole budget here, so the schedule runs over the whole run.
         eval_batch_size: Batch size of the test evaluation.
         eval_every: Evaluate test bits/dim every this many epochs for the learning curve
             (``0``: only at the end).
@@ -112,7 +361,11 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 1e-3
     l2_scale: float = 5e-5
-    grad_clip: float = 100.0
+    warmup_steps: int = RECIPES[DEFAULT_RECIPE].warmup_steps
+    lr_schedule: str = RECIPES[DEFAULT_RECIPE].lr_schedule
+    grad_clip: float = RECIPES[DEFAULT_RECIPE].grad_clip
+    ema_decay: float = RECIPES[DEFAULT_RECIPE].ema_decay
+    schedule_epochs: int | None = None
     eval_batch_size: int = 500
     eval_every: int = 1
     seed: int = 0
@@ -128,7 +381,7 @@ class TrainConfig:
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "l2_scale": self.l2_scale >= 0,
-            "grad_clip": self.grad_clip >= 0,
+            "schedule_epochs": self.schedule_epochs is None or self.schedule_epochs >= 1,
             "eval_batch_size": self.eval_batch_size >= 1,
             "eval_every": self.eval_every >= 0,
             "num_workers": self.num_workers >= 0,
@@ -138,6 +391,26 @@ class TrainConfig:
                 raise ValueError(f"expected a valid {name}; got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"expected precision in {tuple(PRECISIONS)}; got {self.precision!r}")
+        self.recipe  # noqa: B018 - validates the recipe fields
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe fields as a :class:`Recipe`."""
+        return Recipe(**{name: getattr(self, name) for name in RECIPE_FIELDS})
+
+    @classmethod
+    def from_recipe(cls, recipe: str | Recipe = DEFAULT_RECIPE, **fields: Any) -> TrainConfig:
+        """A config with the named (or given) recipe; ``fields`` override any field.
+
+        Example:
+            >>> TrainConfig.from_recipe("legacy", epochs=3).grad_clip
+            100.0
+        """
+        if isinstance(recipe, str):
+            if recipe not in RECIPES:
+                raise ValueError(f"expected recipe in {', '.join(RECIPES)}; got {recipe!r}")
+            recipe = RECIPES[recipe]
+        return cls(**{**recipe.to_dict(), **fields})
 
 
 @dataclass
@@ -153,6 +426,9 @@ class TrainResult:
         train_time_s: Wall time spent in training (summed over resumed sessions).
         world_size: Processes that trained (1 without ``torch.distributed``).
         rank_batch_size: Images per step on each rank.
+        steps: Optimizer steps taken (checkpoints of version 0.2 and earlier: counted from
+            the resume).
+        clipped_steps: Steps whose gradient norm was clipped (``grad_clip``).
     """
 
     train_bpd: list[float] = field(default_factory=list)
@@ -163,6 +439,8 @@ class TrainResult:
     train_time_s: float = 0.0
     world_size: int = 1
     rank_batch_size: int = 0
+    steps: int = 0
+    clipped_steps: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -443,6 +721,43 @@ def _initialize_on_first_batch(
         flow.log_prob(y)
 
 
+def _steps_per_epoch(loader: Iterable[Any], recipe: Recipe) -> int:
+    """Optimizer steps of one epoch (``len(loader)``); 0 when no schedule needs it."""
+    if recipe.lr_schedule == "constant":
+        return 0
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(
+            f"expected training batches with a length (len()) for lr_schedule "
+            f"{recipe.lr_schedule!r}; got {type(loader).__name__} without one"
+        ) from None
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int
+) -> LambdaLR | None:
+    """``LambdaLR`` of :func:`lr_factor`; ``None`` for a constant rate without warm-up."""
+    if not recipe.schedules_lr:
+        return None
+
+    def factor(step: int) -> float:
+        return lr_factor(step, recipe.warmup_steps, recipe.lr_schedule, total_steps)
+
+    return LambdaLR(optimizer, factor)
+
+
+def _check_recipe(state: dict[str, Any], recipe: Recipe, path: Path) -> None:
+    """A checkpoint resumes only under the recipe it was written with (no key: legacy)."""
+    stored = Recipe(**state["recipe"]) if "recipe" in state else LEGACY_RECIPE
+    if stored != recipe:
+        options = ", ".join(f"{k}={v!r}" for k, v in stored.to_dict().items())
+        raise ValueError(
+            f"expected to resume {str(path)!r} with the training recipe it was written with "
+            f"({options}); got {', '.join(f'{k}={v!r}' for k, v in recipe.to_dict().items())}"
+        )
+
+
 def train_flow(
     flow: Flow,
     train_data: ImageBatchesLike,
@@ -459,35 +774,51 @@ def train_flow(
         train_data: Integer training images ``(N, C, H, W)`` (any device; served by a
             ``DataLoader`` of ``config.num_workers`` workers, pinned on CUDA), or any iterable of
             integer image batches such as a ``DataLoader`` (its sampler's ``set_epoch`` is
-            called every epoch; ``(images, labels)`` pairs are accepted).
+            called every epoch; ``(images, labels)`` pairs are accepted; with a cosine schedule
+            it must have a ``len()``).
         preprocessing: Dequantization + logit pre-processing.
-        config: Optimization settings.
-        test_data: Integer test images (or batches) for the learning curve (optional).
+        config: Optimization settings and the training recipe.
+        test_data: Integer test images (or batches) for the learning curve (optional); scored
+            with the evaluation weights (the EMA when ``config.ema_decay``).
         checkpoint_path: Where to save after every epoch (rank 0 only); if the file exists,
-            training resumes from it (model, optimizer, epoch, curves, every random state).
+            training resumes from it (model, optimizer, learning-rate schedule, EMA, epoch,
+            curves, every random state).
         desc: Label of the progress bar.
 
     Returns:
-        The :class:`TrainResult`; the flow holds the trained parameters.
+        The :class:`TrainResult`. The flow holds the evaluation weights: the EMA parameters
+        (with the live buffers) when ``config.ema_decay`` and at least one step was taken, the
+        trained parameters otherwise. The raw training state is the checkpoint's ``"model"``.
 
     Raises:
         ValueError: for a float64 flow with mixed precision, a batch size the world size does
-            not divide, bad batches, or a checkpoint written with another world size.
+            not divide, bad batches, or a checkpoint written with another world size or
+            another recipe.
     """
     where = world()
     dtype, device = _check_setup(flow, config, where)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=config.lr)
+    recipe = config.recipe
+    parameters = list(flow.parameters())  # listed once: walking a deep flow costs per step
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
     penalized = scale_parameters(flow)
     generator = torch.Generator().manual_seed(config.seed)
     loader = _train_loader(train_data, config, generator, where, device)
+    total_steps = _steps_per_epoch(loader, recipe) * (config.schedule_epochs or config.epochs)
+    scheduler = _scheduler(optimizer, recipe, total_steps)
+    ema = ParameterEMA(flow, recipe.ema_decay) if recipe.ema_decay else None
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     log_density: nn.Module = _LogDensity(flow, PRECISIONS[config.precision])
     result = TrainResult(world_size=where.size)
     checkpoint = Path(checkpoint_path) if checkpoint_path is not None else None
     if checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint, map_location=device)
+        _check_recipe(state, recipe, checkpoint)
         flow.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         _restore_random_state(state, generator, loader, device, checkpoint)
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -539,17 +870,28 @@ def train_flow(
                 break
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if config.grad_clip:
+            if recipe.grad_clip:
                 scaler.unscale_(optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(flow.parameters(), config.grad_clip)
-                if not torch.isfinite(norm) and not scaler.is_enabled():
+                norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in parameters if p.grad is not None]
+                )
+                finite = bool(torch.isfinite(norm))  # not with fp16: the scaler skips the step
+                if not finite and not scaler.is_enabled():
                     result.diverged = True
                     result.diverged_reason = (
                         f"non-finite gradient at epoch {epoch + 1}, step {step + 1}"
                     )
                     break
+                if finite and _clips(norm, recipe.grad_clip):
+                    torch.nn.utils.clip_grads_with_norm_(parameters, recipe.grad_clip, norm)
+                    result.clipped_steps += 1
             scaler.step(optimizer)
             scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update()
+            result.steps += 1
             totals[0] += bpd.detach().double() * batch.shape[0]
             totals[1] += batch.shape[0]
         result.train_time_s += time.perf_counter() - start_time
@@ -562,7 +904,8 @@ def train_flow(
         if test_data is not None and (
             last or (config.eval_every and result.epochs_done % config.eval_every == 0)
         ):
-            score = evaluate_bpd(flow, test_data, preprocessing, config.eval_batch_size)
+            with ema.swapped() if ema is not None else nullcontext():
+                score = evaluate_bpd(flow, test_data, preprocessing, config.eval_batch_size)
             result.test_bpd.append((result.epochs_done, score))
         epochs.set_postfix(train_bpd=f"{result.train_bpd[-1]:.3f}")
         if checkpoint is not None:
@@ -572,6 +915,9 @@ def train_flow(
                     checkpoint,
                     model=flow.state_dict(),
                     optimizer=optimizer.state_dict(),
+                    recipe=recipe.to_dict(),
+                    **({"scheduler": scheduler.state_dict()} if scheduler is not None else {}),
+                    **({"ema": ema.state_dict()} if ema is not None else {}),
                     generator=random_state["generator"],
                     random_state=random_state,
                     **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
@@ -580,7 +926,16 @@ def train_flow(
                 )
             barrier()  # no rank reads the checkpoint before rank 0 has written it
     epochs.close()
+    if ema is not None:
+        ema.copy_to_module()  # the flow holds the evaluation weights
     return result
+
+
+def _clips(norm: Tensor, max_norm: float) -> bool:
+    """True when ``clip_grad_norm_`` would scale the gradients: its coefficient
+    ``max_norm / (norm + 1e-6)`` is below 1 (otherwise it multiplies them by 1, which
+    :func:`train_flow` skips: the same values)."""
+    return bool(max_norm / (norm + 1e-6) < 1)
 
 
 def _finite_everywhere(loss: Tensor, where: World) -> bool:

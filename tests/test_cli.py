@@ -65,8 +65,8 @@ def test_quick_run_writes_every_output(quick_run):
     for index, entry in enumerate(diagnostics):  # the consistency columns come from the json
         row = next(line for line in table.splitlines() if line.startswith(f"| {index} | "))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert float(cells[-2]) == pytest.approx(entry["agrees_with_channel_granularity"], abs=5e-4)
-        assert float(cells[-1]) == pytest.approx(entry["kept_position_entropy"], abs=5e-4)
+        assert cells[-2] == f"{entry['agrees_with_channel_granularity']:.3f}"  # as written
+        assert cells[-1] == f"{entry['kept_position_entropy']:.3f}"
 
 
 def test_rerun_resumes_without_retraining(quick_run, capsys):

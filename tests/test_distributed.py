@@ -62,6 +62,9 @@ def test_two_ranks_take_the_steps_of_one_rank_float64(tmp_path):
     for name, value in one["model"].items():
         torch.testing.assert_close(two["model"][name], value, rtol=0, atol=1e-9, msg=name)
     assert two["result"]["train_bpd"] == pytest.approx(one["result"]["train_bpd"], abs=1e-9)
+    assert two["result"]["clipped_steps"] == one["result"]["clipped_steps"]
+    assert 0 < one["result"]["clipped_steps"] < 8  # the clip splits the steps (measured: 7)
+    assert two["result"]["steps"] == one["result"]["steps"] == 8
 
 
 def test_torchrun_cli_run_matches_one_process(tmp_path):
@@ -108,17 +111,19 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(model, tmp_path):
     """Kill after epoch 1 (a fresh build and another global random state), resume to 2 epochs.
 
     Residual Flows and i-ResNets draw Hutchinson probes and roulette terms from torch's global
-    generator; the checkpoint holds it, so the resumed run ends bit for bit where the
-    uninterrupted one does.
+    generator; the checkpoint holds it (and the schedule and the EMA), so the resumed run ends
+    bit for bit where the uninterrupted one does; the flows hold the EMA weights.
     """
     data = load_digits_dataset()
     train, test, pre = data.train[:96], data.test[:48], LogitPreprocessing(17)
-    config = TrainConfig(epochs=2, batch_size=32, progress=False)
+    recipe = {"warmup_steps": 2, "lr_schedule": "cosine", "grad_clip": 1.0, "ema_decay": 0.8}
+    config = TrainConfig(epochs=2, batch_size=32, progress=False, **recipe)
     straight = _residual_flow(model)
     reference = train_flow(straight, train, pre, config, test_data=test)
     path = tmp_path / "arm.pt"
     first = _residual_flow(model)
-    partial = TrainConfig(epochs=1, batch_size=32, progress=False)
+    # killed after epoch 1 of the same 2-epoch budget (so the same schedule)
+    partial = TrainConfig(epochs=1, batch_size=32, progress=False, schedule_epochs=2, **recipe)
     train_flow(first, train, pre, partial, test_data=test, checkpoint_path=path)
     assert len(load_checkpoint(path)["random_state"]["ranks"]) == 1
     torch.manual_seed(12345)  # the new process's global state differs
@@ -127,6 +132,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(model, tmp_path):
     resumed = train_flow(resumed_flow, train, pre, config, test_data=test, checkpoint_path=path)
     assert resumed.train_bpd == reference.train_bpd
     assert resumed.test_bpd == reference.test_bpd
+    assert (resumed.steps, resumed.clipped_steps) == (reference.steps, reference.clipped_steps)
     for (name, p), q in zip(straight.named_parameters(), resumed_flow.parameters()):
         assert torch.equal(p, q), name
     scores = []

@@ -8,6 +8,8 @@ import pytest
 
 from lcma_ext.data import load_dataset
 from lcma_ext.experiments import ARMS, VAE_ARMS, ExperimentConfig
+from lcma_ext.experiments.config import recipe_options
+from lcma_ext.training import DEFAULT_RECIPE, RECIPES, Recipe
 
 
 def test_defaults_and_quick_resolution():
@@ -85,16 +87,65 @@ def test_ablation_split_count_is_checked_from_the_shape():
 
 
 def test_record_is_the_stored_config_and_round_trips():
-    config = ExperimentConfig(quick=True)
+    config = ExperimentConfig(quick=True, recipe="legacy")
     data = load_dataset("digits", limit=config.data_limit)
     record = config.record(data, 0.05, 3)
     assert list(record) == [
-        "command", "dataset", "model", "size", "levels", "epochs", "nms_epochs", "seeds",
-        "batch_size", "lr", "l2_scale", "grad_clip", "alpha", "levels_of_data", "shape",
-        "num_train", "num_test", "limit", "quick",
-    ]  # fmt: skip
+        "command",
+        "dataset",
+        "model",
+        "size",
+        "levels",
+        "epochs",
+        "nms_epochs",
+        "seeds",
+        "batch_size",
+        "lr",
+        "l2_scale",
+        "grad_clip",
+        "alpha",
+        "levels_of_data",
+        "shape",
+        "num_train",
+        "num_test",
+        "limit",
+        "quick",
+    ]  # fmt: skip  (the legacy recipe: the record of earlier versions, so their folders match)
     assert record["limit"] is None and record["quick"] is True and record["seeds"] == [0, 1]
+    assert record["grad_clip"] == 100.0
     assert "region_size" not in record  # only when not the default (old run folders match)
     assert "region_size" in config.replace(region_size=2).record(data, 0.05, 3)
     again = ExperimentConfig.from_record(record, out="/tmp/r")
     assert again.record(data, 0.05, 3) == record and again.levels == 3
+    assert again.training_recipe == RECIPES["legacy"]
+    # the default recipe records the fields that differ from the legacy one, and round-trips
+    default = ExperimentConfig(quick=True).record(data, 0.05, 3)
+    recipe = RECIPES[DEFAULT_RECIPE]
+    legacy = RECIPES["legacy"].to_dict()
+    changed = {k: v for k, v in recipe.to_dict().items() if v != legacy[k]}
+    assert {k: default[k] for k in changed} == changed
+    unchanged = [k for k in record if k not in changed]
+    assert [k for k in default if k not in changed] == unchanged
+    assert all(default[k] == record[k] for k in unchanged)
+    restored = ExperimentConfig.from_record(default)
+    assert restored.training_recipe == recipe and restored.record(data, 0.05, 3) == default
+
+
+def test_the_recipe_is_one_switch_and_its_fields_override_it():
+    assert ExperimentConfig().training_recipe == RECIPES[DEFAULT_RECIPE]
+    assert ExperimentConfig(recipe="legacy").training_recipe == Recipe(0, "constant", 100.0, 0.0)
+    mixed = ExperimentConfig(recipe="legacy", ema_decay=0.9, warmup_steps=5)
+    assert mixed.training_recipe == Recipe(5, "constant", 100.0, 0.9)
+    assert recipe_options(mixed.training_recipe) == (
+        "--recipe legacy --warmup-steps 5 --ema-decay 0.9"
+    )
+    assert recipe_options(RECIPES["legacy"]) == "--recipe legacy"
+    for bad, message in [
+        ({"recipe": "fast"}, "expected recipe in default, legacy; got 'fast'"),
+        ({"lr_schedule": "linear"}, "expected lr_schedule in constant, cosine; got 'linear'"),
+        ({"ema_decay": 1.0}, r"expected ema_decay as a number in \[0, 1\); got 1.0"),
+        ({"grad_clip": -1.0}, "expected grad_clip as a number >= 0; got -1.0"),
+        ({"warmup_steps": 1.5}, "expected warmup_steps as an integer >= 0; got 1.5"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ExperimentConfig(**bad).validate()

@@ -181,3 +181,85 @@ def test_update_readme_renders_the_current_report(tmp_path):
     text = readme.read_text()
     assert "### lcma-ext run: m (s) on d" in text and "| = channel granularity |" in text
     assert "old" not in text and "stale" not in text and text.endswith("<!-- table:end -->\nrest\n")
+
+
+def _update_readme():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "update_readme.py"
+    spec = importlib.util.spec_from_file_location("update_readme", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_md_has_the_interval_and_verdict_against_the_best_static_split():
+    runs = {
+        "lcma": [_run(0, 1.90), _run(1, 1.91), _run(2, 1.89)],
+        "channel": [_run(0, 2.00), _run(1, 2.02), _run(2, 2.01)],
+        "checkerboard": [_run(0, 1.95), _run(1, 1.99), _run(2, 1.97)],
+    }
+    priors = dict.fromkeys(runs, "standard")
+    arms = aggregate(runs, "channel", [0, 1, 2], 0.5, priors)
+    text = results_markdown(_results(arms, seeds=[0, 1, 2]))
+    assert "| wins | Δ vs best static (95 % CI) | verdict | params |" in text
+    lcma = next(line for line in text.splitlines() if line.startswith("| lcma |"))
+    comparison = arms["lcma"]["vs_best_static"]
+    low, high = comparison["ci95"]
+    assert comparison["reference"] == "checkerboard" and high < 0
+    assert f"[{low:+.4f}, {high:+.4f}] vs checkerboard | better |" in lcma
+    checkerboard = next(line for line in text.splitlines() if line.startswith("| checkerboard |"))
+    assert "| — | — |" in checkerboard  # itself the best static split
+    assert "| lcma | checkerboard (best static) | 3 |" in text  # the comparisons table
+    assert "| lcma | channel (reference) | 3 |" in text
+    assert "the arm is better" not in text  # no "better" without an interval
+
+
+def test_an_earlier_results_json_gets_its_comparisons_computed():
+    runs = {"lcma": [_run(0, 1.9), _run(1, 1.8)], "channel": [_run(0, 2.0), _run(1, 2.1)]}
+    arms = aggregate(runs, "channel", [0, 1], 0.5)
+    old = {
+        name: {k: v for k, v in entry.items() if not k.startswith("vs_")}
+        for name, entry in arms.items()
+    }
+    text = results_markdown(_results(old))
+    assert text == results_markdown(_results(arms))
+
+
+def test_update_readme_fills_the_verdicts_block_and_keeps_the_others(tmp_path):
+    module = _update_readme()
+    runs = {
+        "lcma": [_run(0, 1.90), _run(1, 1.91), _run(2, 1.89)],
+        "channel": [_run(0, 2.00), _run(1, 2.02), _run(2, 2.01)],
+        "lcma+cond": [_run(0, 1.80), _run(1, 1.85), _run(2, 1.75)],
+        "channel+cond": [_run(0, 1.81), _run(1, 1.82), _run(2, 1.79)],
+    }
+    priors = {"lcma": "standard", "channel": "standard"}
+    priors.update({"lcma+cond": "conditional", "channel+cond": "conditional"})
+    arms = aggregate(runs, "channel", [0, 1, 2], 0.5, priors)
+    run = tmp_path / "run"
+    write_results(run, _results(arms, seeds=[0, 1, 2]))
+    readme = tmp_path / "README.md"
+    other = "<!-- results:start -->\nA\n<!-- results:end -->\n<!-- granularity:start -->\nB\n"
+    readme.write_text(f"{other}<!-- granularity:end -->\n<!-- verdicts:start -->\nold\n"
+                      "<!-- verdicts:end -->\nrest\n")  # fmt: skip
+    assert module.main(["--verdicts", str(run), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(other) and "old" not in text and text.endswith("end -->\nrest\n")
+    assert "**d, m (s), 3 epochs, 3 seeds**" in text
+    lcma = next(line for line in text.splitlines() if line.startswith("| lcma |"))
+    assert "| standard | channel |" in lcma and "| **better** |" in lcma
+    cond = next(line for line in text.splitlines() if line.startswith("| lcma+cond |"))
+    assert "| conditional | channel+cond |" in cond and "| **no evidence** |" in cond
+    assert not any(line.startswith("| channel") for line in text.splitlines())  # yardsticks
+    assert module.main(["--verdicts", str(tmp_path / "missing"), "--readme", str(readme)]) == 2
+
+
+def test_the_readme_has_each_generated_block_once():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for marker in ("results", "granularity", "verdicts"):
+        assert readme.count(f"<!-- {marker}:start -->") == 1, marker
+        assert readme.count(f"<!-- {marker}:end -->") == 1, marker

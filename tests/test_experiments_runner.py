@@ -132,27 +132,112 @@ def test_the_configuration_is_checked_before_anything_is_written(tmp_path):
 
 
 def test_a_diverged_nms_stops_the_run_unless_asked(tmp_path):
-    out = tmp_path / "diverged"
+    out = tmp_path / "diverged"  # the legacy recipe (no warm-up, clip 100) diverges at lr 1000
     with pytest.raises(NMSDivergedError) as info:
-        run_comparison(_config(out, lr=1000.0))
+        run_comparison(_config(out, lr=1000.0, recipe="legacy"))
     message = str(info.value)
     assert message.startswith("NMS pre-training diverged (non-finite")
     assert "--lr (now 1000.0)" in message and "--allow-diverged-nms" in message
     assert not list((out / "checkpoints").glob("*_seed*.pt"))  # no arm trained
     assert (out / "checkpoints" / "nms.pt").is_file()  # the lcma-ext contributions input
     with pytest.raises(NMSDivergedError):  # the stored summary says so on a rerun
-        run_comparison(_config(out, lr=1000.0))
+        run_comparison(_config(out, lr=1000.0, recipe="legacy"))
     with pytest.raises(NMSDivergedError, match="no usable contributions"):  # NaN weights
-        run_comparison(_config(out, lr=1000.0, allow_diverged_nms=True))
+        run_comparison(_config(out, lr=1000.0, recipe="legacy", allow_diverged_nms=True))
 
 
 def test_an_nms_far_above_the_uniform_baseline_has_diverged(tmp_path):
-    out = tmp_path / "lr1"  # lr 1: a finite NMS of ~14.6 bpd, far above log2(17) = 4.09
+    out = tmp_path / "lr1"  # lr 1, legacy recipe: a finite NMS of ~14.6 bpd, above 2 x 4.09
+    legacy = {"lr": 1.0, "seeds": 1, "recipe": "legacy"}
     with pytest.raises(NMSDivergedError, match=r"test bpd 1\d\.\d+ > 2 x uniform baseline 4\.087"):
-        run_comparison(_config(out, lr=1.0, seeds=1))
-    results = run_comparison(_config(out, lr=1.0, seeds=1, allow_diverged_nms=True))
+        run_comparison(_config(out, **legacy))
+    results = run_comparison(_config(out, **legacy, allow_diverged_nms=True))
     assert results["nms_diverged"] is True
     assert results["arms"]["lcma"]["built_on_diverged_nms"] is True
     assert "built_on_diverged_nms" not in results["arms"]["channel"]
     text = (out / "results.md").read_text()
     assert "NMS pre-trained 1 epochs (diverged:" in text and "built on a diverged NMS" in text
+
+
+def _refuse(token):
+    raise ValueError(f"non-strict JSON token {token}")
+
+
+def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path):
+    """No NaN or Infinity in any JSON file; null is read back where NaN was read before."""
+    from lcma_ext.experiments import arms as registry
+    from lcma_ext.experiments.arms import register_arm, split_arm
+    from lcma_ext.experiments.inspection import evaluate_run
+    from lcma_ext.experiments.report import results_markdown
+    from lcma_ext.experiments.sweep import cell_rows
+
+    name = "test-nan-channel"
+    channel = split_arm("channel")
+
+    def diverging(config, maps, seed):
+        flow = channel(config, maps, seed)
+        with torch.no_grad():
+            next(flow.parameters()).fill_(float("nan"))
+        return flow
+
+    register_arm(name, diverging)
+    try:
+        out = tmp_path / "strict"
+        config = _config(out, seeds=1, arms=f"lcma,channel,{name}")
+        results = run_comparison(config)
+        files = sorted(out.rglob("*.json"))
+        assert {p.name for p in files} >= {"results.json", "config.json", f"{name}_seed0.json"}
+        for path in files:
+            assert "NaN" not in path.read_text() and "Infinity" not in path.read_text(), path
+            json.loads(path.read_text(), parse_constant=_refuse)
+        summary = json.loads((out / "runs" / f"{name}_seed0.json").read_text())
+        assert summary["test_bpd"] is None and summary["diverged"] is True
+        stored = json.loads((out / "results.json").read_text())
+        assert stored["arms"][name]["bpd_per_seed"] == [None]
+        assert stored["arms"]["lcma"]["bpd_std"] is None  # one seed
+        for arm in ("lcma", name):
+            comparison = stored["arms"][arm]["vs_best_static"]
+            assert comparison["reference"] == "channel" and comparison["ci95"] is None
+            assert comparison["verdict"] == "no evidence"
+        assert stored["arms"]["channel"]["vs_best_static"] is None
+        # the readers take the nulls: a rerun (summaries read back), reports, sweep rows
+        again = run_comparison(config)
+        assert math.isnan(again["arms"][name]["bpd_per_seed"][0])
+        assert again["arms"]["lcma"]["bpd_per_seed"] == results["arms"]["lcma"]["bpd_per_seed"]
+        text = results_markdown(stored)
+        assert f"| {name} |" in text and "seed 0 (diverged)" in text
+        row = next(r for r in cell_rows(stored) if r["arm"] == name)
+        assert row["n"] == 0 and row["vs_best_static"]["verdict"] == "no evidence"
+        rows = evaluate_run(out)  # the diverged arm left no checkpoint
+        assert {r["arm"] for r in rows} == {"nms", "lcma", "channel"}
+        json.loads((out / "evaluation.json").read_text(), parse_constant=_refuse)
+    finally:
+        del registry._REGISTRY[name]
+
+
+def test_an_earlier_versions_folder_names_the_option_of_its_recipe(tmp_path, capsys):
+    """A folder written by version 0.2 (the legacy recipe) refuses the new defaults in one line
+    that names --recipe legacy, and resumes under it."""
+    from lcma_ext.cli import main
+    from lcma_ext.data import load_dataset
+    from lcma_ext.data.preprocess import LogitPreprocessing
+    from lcma_ext.experiments.store import write_json
+
+    out = tmp_path / "old"
+    legacy = _config(out, recipe="legacy", seeds=1, arms="channel")
+    data = load_dataset("digits", limit=legacy.data_limit)
+    record = legacy.record(data, LogitPreprocessing(data.levels).alpha, 3)
+    assert "ema_decay" not in record and record["grad_clip"] == 100.0  # what 0.2 wrote
+    out.mkdir()
+    write_json(out / "config.json", record)
+    with pytest.raises(ExperimentError) as info:
+        run_comparison(_config(out, seeds=1, arms="channel"))
+    message = str(info.value)
+    assert "--recipe legacy reproduces its training recipe" in message and "\n" not in message
+    argv = ["run", "--quick", "--limit", "64", "--epochs", "1", "--nms-epochs", "1"]
+    argv += ["--seeds", "1", "--arms", "channel", "--no-progress", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--recipe legacy reproduces" in err and "\n" not in err
+    assert main([*argv, "--recipe", "legacy"]) == 0
+    assert json.loads((out / "config.json").read_text()) == record

@@ -17,7 +17,7 @@ from lcma_ext.experiments.arms import arm_spec, build_arm
 from lcma_ext.experiments.runner import CONTRIBUTION_EXAMPLES, CONTRIBUTION_NOISE_SEED
 from lcma_ext.multiscale import ContributionMultiscaleFlow, level_output_shape
 from lcma_ext.splits import ChannelSplit, LCMASplit, make_split
-from lcma_ext.training import evaluate_bpd, load_checkpoint
+from lcma_ext.training import evaluate_bpd, evaluation_state_dict, load_checkpoint
 
 from brute_force import jacobian, slogdet
 
@@ -30,6 +30,12 @@ TINY = {
     "seeds": 1,
     "progress": False,
     "reestimate_every": 1,
+    # every part of the recipe active on the 3 steps (1 per epoch): the schedule and the EMA
+    # must run over the whole budget across the phases, as for the channel arm
+    "warmup_steps": 1,
+    "lr_schedule": "cosine",
+    "grad_clip": 10.0,
+    "ema_decay": 0.5,
 }
 SELF = "channel,lcma-self,lcma-reestimate"
 
@@ -135,7 +141,7 @@ def test_the_switched_split_is_the_lcma_split_of_the_models_own_maps(self_run):
     with torch.random.fork_rng(devices=[]):
         trained = build_arm(config, "lcma-self", maps, seed=0)
     phase0 = load_checkpoint(out / "checkpoints" / "phases" / "lcma-self_seed0_phase0.pt")
-    trained.load_state_dict(phase0["model"])
+    trained.load_state_dict(evaluation_state_dict(phase0))  # a switch measures the EMA weights
     assert all(isinstance(s, ChannelSplit) for s in trained._transform.splits)
     expected = _independent_maps(trained, data, shape)
 
@@ -192,6 +198,51 @@ def test_results_report_the_switches_and_their_cost(self_run):
     assert not arm_spec("lcma-self").uses_contributions
 
 
+def test_the_recipe_runs_over_the_whole_budget_across_phases(self_run):
+    """Schedule, EMA and step counts of the last phase equal the channel arm's at the end."""
+    out, _ = self_run
+    channel = load_checkpoint(out / "checkpoints" / "channel_seed0.pt")
+    assert channel["optimizer"]["param_groups"][0]["lr"] == 0.0  # the cosine ran to its end
+    for arm, last in (("lcma-self", 1), ("lcma-reestimate", 2)):
+        state = load_checkpoint(out / "checkpoints" / "phases" / f"{arm}_seed0_phase{last}.pt")
+        assert state["scheduler"]["last_epoch"] == channel["scheduler"]["last_epoch"] == EPOCHS
+        lrs = [s["optimizer"]["param_groups"][0]["lr"] for s in (state, channel)]
+        assert lrs[0] == lrs[1]
+        assert state["ema"]["updates"] == channel["ema"]["updates"] == EPOCHS
+        assert _summary(out, arm)["steps"] == _summary(out, "channel")["steps"] == EPOCHS
+
+
+def test_a_switch_continues_from_the_raw_weights(self_run):
+    """The next phase starts from the previous phase's raw parameters with the new split's
+    buffers, never from the EMA weights the flow holds after a phase."""
+    out, _ = self_run
+    config = ExperimentConfig.from_record(json.loads((out / "config.json").read_text()))
+    maps = ContributionMaps.load(out / "contributions.pt")
+    with torch.random.fork_rng(devices=[]):
+        flow = build_arm(config, "lcma-reestimate", maps, seed=0)
+    phases = out / "checkpoints" / "phases"
+    first = load_checkpoint(phases / "lcma-reestimate_seed0_phase1_switch.pt")
+    flow = phased.switched_flow(flow, first["layout_maps"], (1, 8, 8))
+    phase1 = load_checkpoint(phases / "lcma-reestimate_seed0_phase1.pt")  # after 2 steps
+    flow.load_state_dict(evaluation_state_dict(phase1))  # what the flow holds after phase 1
+    switch = load_checkpoint(phases / "lcma-reestimate_seed0_phase2_switch.pt")
+    new = phased.switched_flow(flow, switch["layout_maps"], (1, 8, 8))
+    raw = phase1["model"]
+    state = phased._switched_state(new, raw)
+    differs = 0
+    for name, param in new.named_parameters():
+        assert torch.equal(state[name], raw[name]), name
+        differs += not torch.equal(param, raw[name])
+    assert differs  # the EMA weights the flow holds are not the raw ones
+    params = dict(new.named_parameters())
+    buffers = {
+        n: b for n, b in new.state_dict().items() if n not in params and isinstance(b, torch.Tensor)
+    }
+    for name, buffer in buffers.items():
+        assert torch.equal(state[name], buffer), name
+    assert any(n not in raw or not torch.equal(b, raw[n]) for n, b in buffers.items())
+
+
 def _interrupt_at_last_phase(monkeypatch):
     real = phased.train_flow
 
@@ -216,7 +267,8 @@ def test_resume_after_a_phase_gives_the_uninterrupted_result(self_run, tmp_path,
     run_comparison(config)
     resumed = _summary(out, "lcma-reestimate")
     uninterrupted = _summary(self_run[0], "lcma-reestimate")
-    for key in ("test_bpd", "train_bpd_curve", "test_bpd_curve", "epochs_done"):
+    keys = ("test_bpd", "train_bpd_curve", "test_bpd_curve", "epochs_done", "clipped_steps")
+    for key in keys:
         assert resumed[key] == uninterrupted[key], key
 
 

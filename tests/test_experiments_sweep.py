@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy.stats import t as scipy_t
 
 from lcma_ext.cli import main
 from lcma_ext.experiments import ExperimentConfig, ExperimentError, SweepConfig, run_sweep
@@ -66,15 +67,21 @@ def _expected(results: dict, arm: str) -> dict[str, str]:
         f"{statistics.stdev(entry['bpd_per_seed']):.4f}",
         "median": f"{statistics.median(entry['bpd_per_seed']):.4f}",
     }
-    if arm == "channel":
-        return {**row, "diff": "—", "wins": "—"}
+    if arm == "channel":  # the reference and the best (only) static split of the cell
+        return {**row, "diff": "—", "wins": "—", "static": "—", "verdict": "—"}
     se = statistics.stdev(diffs) / math.sqrt(len(diffs))
     won = [seed for seed, d in zip(entry["seeds"], diffs) if d < 0]
     named = f" (seed{'s' * (len(won) != 1)} {', '.join(map(str, won))})" if won else ""
+    mean = statistics.fmean(diffs)
+    half = scipy_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    low, high = mean - half, mean + half
+    verdict = "better" if high < 0 else "worse" if low > 0 else "no evidence"
     return {
         **row,
-        "diff": f"{statistics.fmean(diffs):+.4f} ± {se:.4f}",
+        "diff": f"{mean:+.4f} ± {se:.4f}",
         "wins": f"{len(won)}/{len(diffs)}{named}",
+        "static": f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] vs channel",
+        "verdict": verdict,
     }
 
 
@@ -82,16 +89,19 @@ def test_the_table_figures_are_the_cells_results(swept):
     out, _ = swept
     table = _table(out)
     assert len(table) == len(CELLS) * 3
-    for size, epochs, params, arm, bpd, median, diff, wins, share, _flags in table:
+    for row in table:
+        size, epochs, params, arm, bpd, median, diff, wins, static, verdict, share, _ = row
         results = json.loads((out / f"{size}-{epochs}ep" / "results.json").read_text())
         assert results["config"]["epochs"] == int(epochs)
         expected = _expected(results, arm)
-        assert (params, bpd, median, diff, wins) == (
+        assert (params, bpd, median, diff, wins, static, verdict) == (
             expected["params"],
             expected["bpd"],
             expected["median"],
             expected["diff"],
             expected["wins"],
+            expected["static"],
+            expected["verdict"],
         ), (epochs, arm)
         cost = results["cost"].get(arm)
         assert share == ("—" if cost is None else f"{100 * cost['share']:.1f} %")
@@ -122,6 +132,22 @@ def test_a_cell_of_another_configuration_is_not_skipped(swept):
     out, _ = swept
     with pytest.raises(ExperimentError, match="different seeds"):
         run_sweep(SweepConfig(_base(seeds=3), out=out))
+
+
+def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(swept):
+    """The legacy recipe adds nothing (a sweep of an earlier version is still finished under
+    --recipe legacy); another recipe is recorded resolved and named in the command."""
+    legacy = sweep_module._identity(_base(recipe="legacy"))
+    assert not {"recipe", "warmup_steps", "lr_schedule", "grad_clip", "ema_decay"} & set(legacy)
+    mine = sweep_module._identity(_base(recipe="legacy", ema_decay=0.5))
+    assert mine == {**legacy, "ema_decay": 0.5}
+    default = sweep_module._identity(_base())
+    assert default["ema_decay"] == ExperimentConfig().training_recipe.ema_decay
+    command = sweep_module.sweep_command(SweepConfig(_base(recipe="legacy", ema_decay=0.5)))
+    assert "--recipe legacy" in command and "--ema-decay 0.5" in command
+    out, _ = swept
+    with pytest.raises(ExperimentError, match="reproduces its training recipe"):
+        run_sweep(SweepConfig(_base(recipe="legacy"), out=out))
 
 
 @pytest.mark.parametrize(

@@ -160,12 +160,17 @@ def restore_arm(name: str, flow: Flow, state: dict[str, Any]) -> Flow:
     """The stored flow of arm ``name``: its built ``flow`` with the checkpoint ``state`` loaded.
 
     An arm with a trainer rebuilds it through :meth:`ArmTrainer.restore` (its split may differ
-    from the builder's); any other arm loads ``state["model"]`` into ``flow``.
+    from the builder's); any other arm loads the evaluated weights of its
+    :func:`~lcma_ext.training.train_flow` checkpoint
+    (:func:`~lcma_ext.training.evaluation_state_dict`: the EMA parameters when the recipe has
+    one) into ``flow``.
     """
+    from lcma_ext.training import evaluation_state_dict
+
     trainer = arm_spec(name).trainer
     if trainer is not None:
         return trainer.restore(flow, state)
-    flow.load_state_dict(state["model"])
+    flow.load_state_dict(evaluation_state_dict(state))
     return flow
 
 

@@ -27,7 +27,14 @@ import torch
 
 from lcma_ext.data import DATASETS, VISION_DATASETS, dataset_slug, npz_path
 from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
-from lcma_ext.training import PRECISIONS
+from lcma_ext.training import (
+    DEFAULT_RECIPE,
+    LEGACY_RECIPE,
+    PRECISIONS,
+    RECIPE_FIELDS,
+    RECIPES,
+    Recipe,
+)
 from lcma_ext.transforms.factor_prior import PRIORS
 
 __all__ = [
@@ -41,6 +48,7 @@ __all__ = [
     "PRIORS",
     "PRIOR_SUFFIX",
     "QUICK",
+    "RECIPES",
     "REFERENCE_ARM",
     "REGION_SIZE",
     "SELF_ARMS",
@@ -48,6 +56,8 @@ __all__ = [
     "ExperimentConfig",
     "base_arm",
     "parse_arms",
+    "recipe_options",
+    "stored_recipe",
 ]
 
 #: The commands an :class:`ExperimentConfig` describes.
@@ -172,6 +182,12 @@ class ExperimentConfig:
             standard normal) or ``"conditional"`` (Glow's learned Gaussian given the kept half,
             :class:`lcma_ext.transforms.ConditionalGaussianPrior`). The ``+cond`` arms
             (:data:`CONDITIONAL_ARMS`) have the conditional prior either way.
+        recipe: The training recipe of every arm and of the NMS pre-training, a name of
+            :data:`lcma_ext.training.RECIPES` (``"default"``; ``"legacy"``: the recipe of
+            versions up to 0.2, Adam at a constant lr, the gradient norm clipped at 100, no
+            warm-up, no EMA). The resolved recipe is :attr:`training_recipe`.
+        warmup_steps, lr_schedule, grad_clip, ema_decay: Override one field of ``recipe``
+            (``None``: the recipe's value); see :class:`lcma_ext.training.Recipe`.
     """
 
     command: str = "run"
@@ -201,6 +217,11 @@ class ExperimentConfig:
     hflip: bool = False
     reestimate_every: int | None = None
     prior: str = "standard"
+    recipe: str = DEFAULT_RECIPE
+    warmup_steps: int | None = None
+    lr_schedule: str | None = None
+    grad_clip: float | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         if self.out is not None:
@@ -237,6 +258,16 @@ class ExperimentConfig:
     def reestimate_epochs(self) -> int:
         """Epochs of each phase of the self-estimated arms (``reestimate_every`` or a third)."""
         return self.reestimate_every or max(1, self.train_epochs // 3)
+
+    @property
+    def training_recipe(self) -> Recipe:
+        """``recipe`` with the fields given explicitly (raises ``ValueError`` when invalid)."""
+        if self.recipe not in RECIPES:
+            raise ValueError(f"expected recipe in {', '.join(RECIPES)}; got {self.recipe!r}")
+        changes = {name: getattr(self, name) for name in RECIPE_FIELDS}
+        return dataclasses.replace(
+            RECIPES[self.recipe], **{k: v for k, v in changes.items() if v is not None}
+        )
 
     @property
     def seed_list(self) -> list[int]:
@@ -349,6 +380,7 @@ class ExperimentConfig:
                     f"expected {name} as a positive number; got {getattr(self, name)!r}"
                 )
         self.torch_device  # noqa: B018 - raises for an unusable device
+        self.training_recipe  # noqa: B018 - raises for an unknown recipe or a bad field
         if self.dataset in VISION_DATASETS and self.data_root is None:
             raise ValueError(f"expected --data-root for dataset {self.dataset!r}; got None")
         if self.command == "run":
@@ -438,6 +470,7 @@ class ExperimentConfig:
         """
         from lcma_ext.training import TrainConfig
 
+        recipe = self.training_recipe
         return {
             "command": self.command,
             "dataset": self.dataset,
@@ -450,7 +483,7 @@ class ExperimentConfig:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "l2_scale": TrainConfig().l2_scale,
-            "grad_clip": TrainConfig().grad_clip,
+            "grad_clip": recipe.grad_clip,
             "alpha": alpha,
             "levels_of_data": data.levels,
             "shape": list(data.shape),
@@ -463,6 +496,7 @@ class ExperimentConfig:
             **({"reestimate_every": self.reestimate_every} if self.reestimate_every else {}),
             **({"prior": self.prior} if self.prior != "standard" else {}),
             **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
+            **_recipe_record(recipe),
         }
 
     def _scale_out(self) -> dict[str, Any]:
@@ -489,6 +523,42 @@ class ExperimentConfig:
             "reestimate_every": record.get("reestimate_every"),
             "prior": record.get("prior", "standard"),
             **{key: record.get(key, default) for key, default in SCALE_OUT.items()},
+            **stored_recipe(record).to_dict(),
+            "recipe": "legacy",
         }
         fields.update(overrides)
         return cls(**fields)
+
+
+def _recipe_record(recipe: Recipe) -> dict[str, Any]:
+    """The recipe fields ``config.json`` records besides ``grad_clip`` (always recorded): those
+    that differ from the legacy recipe, so run folders of earlier versions still match."""
+    legacy = LEGACY_RECIPE.to_dict()
+    return {
+        key: value
+        for key, value in recipe.to_dict().items()
+        if key != "grad_clip" and value != legacy[key]
+    }
+
+
+def stored_recipe(record: dict[str, Any]) -> Recipe:
+    """The training recipe of a stored ``config.json`` (fields it lacks: the legacy recipe's)."""
+    legacy = LEGACY_RECIPE.to_dict()
+    return Recipe(**{key: record.get(key, value) for key, value in legacy.items()})
+
+
+def recipe_options(recipe: Recipe) -> str:
+    """The command-line options that give ``recipe``: ``--recipe NAME`` when it is a named one,
+    else ``--recipe legacy`` and the fields that differ from it."""
+    for name, named in RECIPES.items():
+        if named == recipe:
+            return f"--recipe {name}"
+    legacy = LEGACY_RECIPE.to_dict()
+    changed = [
+        f"--{key.replace('_', '-')} {value:g}"
+        if isinstance(value, float)
+        else f"--{key.replace('_', '-')} {value}"
+        for key, value in recipe.to_dict().items()
+        if value != legacy[key]
+    ]
+    return " ".join(["--recipe legacy", *changed])

@@ -47,7 +47,7 @@ from lcma_ext.flows import flow_dtype_device
 from lcma_ext.models import build_flow, make_level_factory
 from lcma_ext.plotting import sample_title, save_image_grid
 from lcma_ext.sampling import MODES, interpolate, sample
-from lcma_ext.training import EVAL_NOISE_SEED, evaluate_bpd
+from lcma_ext.training import EVAL_NOISE_SEED, evaluate_bpd, evaluation_state_dict
 
 __all__ = ["evaluate_run", "evaluation_markdown", "interpolate_run", "sample_run"]
 
@@ -210,7 +210,7 @@ def _load_nms(run_dir: Path, record: dict[str, Any], device: str) -> Flow:
     with torch.random.fork_rng(devices=[]):
         factory = make_level_factory(config.model, config.size)
         flow = build_flow(build_nms_transform(factory, shape, record["levels"]), shape)
-    flow.load_state_dict(_load_state(run_dir / "checkpoints" / "nms.pt")["model"])
+    flow.load_state_dict(evaluation_state_dict(_load_state(run_dir / "checkpoints" / "nms.pt")))
     return flow.to(config.torch_device).eval()
 
 

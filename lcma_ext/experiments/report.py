@@ -1,7 +1,10 @@
 """Reports of a comparison: ``results.json`` and ``results.md``.
 
 ``results.md`` is the table of :func:`results_markdown` (mean ± std, median, difference of
-means, paired per-seed differences and wins against the reference arm, flags), the notes on
+means, paired per-seed differences and wins against the reference arm, the paired 95 %
+interval and verdict against the best static split of the arm's prior, flags), the table of
+both comparisons (:func:`comparisons_markdown`: mean, interval, verdict, seeds a 1 % difference
+would need; :mod:`lcma_ext.experiments.stats`), the notes on
 non-exact bits/dim, the split diagnostics of the NMS maps, the switches of the self-estimated
 arms, the cost of choosing each data-driven split (:mod:`lcma_ext.experiments.cost`), the NMS
 flow's own bits/dim and the uniform-model baseline. A ``quick`` run is marked as a smoke run,
@@ -23,11 +26,14 @@ import torch
 
 from lcma_ext.distributions import RESIDUAL_KINDS
 from lcma_ext.experiments.cost import cost_markdown
+from lcma_ext.experiments.stats import STATIC_ARMS, compared_arms
 from lcma_ext.experiments.store import write_json, write_text
 
 __all__ = [
     "UNIFORM_MARGIN",
     "bound_notes",
+    "comparison_cells",
+    "comparisons_markdown",
     "diagnostics_markdown",
     "prior_notes",
     "results_markdown",
@@ -178,6 +184,60 @@ def bound_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _interval(interval: Sequence[float] | None) -> str:
+    if interval is None:
+        return "no interval (< 2 seeds)"
+    low, high = interval
+    return f"[{_fmt(low, 4, signed=True)}, {_fmt(high, 4, signed=True)}]"
+
+
+def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
+    """``("Δ mean [95 % CI] vs other", verdict)`` cells of a :func:`paired_comparison` entry
+    (``("—", "—")`` for ``None``: the arm is the one compared with)."""
+    if comparison is None:
+        return "—", "—"
+    cell = (
+        f"{_fmt(comparison['mean'], 4, signed=True)} {_interval(comparison['ci95'])} vs "
+        f"{comparison['reference']}"
+    )
+    return cell, comparison["verdict"]
+
+
+def comparisons_markdown(results: dict[str, Any]) -> list[str]:
+    """``results.md`` lines: every arm against the reference arm and the best static split."""
+    arms = compared_arms(results)
+    rows = []
+    for arm, entry in arms.items():
+        for key, what in (("vs_reference", "reference"), ("vs_best_static", "best static")):
+            comparison = entry.get(key)
+            if comparison is None:
+                continue
+            seeds = comparison.get("seeds_for_1pct")
+            rows.append(
+                f"| {arm} | {comparison['reference']} ({what}) | {comparison['n']} "
+                f"| {_fmt(comparison['mean'], 4, signed=True)} "
+                f"| {_fmt(comparison.get('std'), 4)} | {_interval(comparison['ci95'])} "
+                f"| {comparison['verdict']} | {'—' if seeds is None else seeds} |"
+            )
+    if not rows:
+        return []
+    return [
+        "Paired comparisons: Δ = arm − other arm on the same seed (negative: lower bits/dim), "
+        "over the n seeds with finite figures for both; 95 % Student-t interval of the mean "
+        "Δ; verdict `better` or `worse` only when the interval excludes 0, else `no "
+        "evidence`. The best static split is the best mean among "
+        f"{', '.join(f'`{a}`' for a in STATIC_ARMS)} of this run with the arm's prior of the "
+        "factored halves. Seeds for 1 %: the smallest number of seeds whose 95 % half-width, "
+        "at this paired std, is below 1 % of the other arm's mean bits/dim (an observed 1 % "
+        "difference would then exclude 0).",
+        "",
+        "| arm | compared with | n | Δ mean | Δ std | 95 % CI | verdict | seeds for 1 % |",
+        "|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 def _flags(entry: dict[str, Any], uniform: float | None) -> str:
     """The ``flagged`` cell: diverged / outlier seeds, a diverged NMS, the uniform baseline."""
     flags = []
@@ -201,7 +261,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The ``results.md`` report of a ``run`` or ``ablate-levels`` results dictionary."""
     from lcma_ext.experiments.self_estimation import self_estimation_markdown
 
-    config, arms, reference = results["config"], results["arms"], results["reference_arm"]
+    config, reference = results["config"], results["reference_arm"]
+    arms = compared_arms(results)
     seeds = config["seeds"]
     nms = results.get("nms")
     nms_diverged = bool(nms and nms.get("diverged"))
@@ -229,12 +290,12 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{config['epochs']} epochs per arm, NMS pre-trained {config['nms_epochs']} epochs"
         f"{nms_note}, {config['levels']} levels, batch {config['batch_size']}{_ranks(results)}, "
         f"Adam lr "
-        f"{config['lr']}. Every arm: same architecture, optimizer, epochs, seeds and initial "
-        "weights per seed.",
+        f"{config['lr']}{_recipe_note(config)}. Every arm: same architecture, optimizer, "
+        "recipe, epochs, seeds and initial weights per seed.",
         "",
         f"| arm | bpd kind | bpd mean ± std | median | Δ mean vs {reference} | paired Δ per seed "
-        f"| wins | params | train s/seed | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| wins | Δ vs best static (95 % CI) | verdict | params | train s/seed | flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in arms.items():
         diffs = entry.get(f"paired_diff_vs_{reference}", [])
@@ -245,14 +306,17 @@ def results_markdown(results: dict[str, Any]) -> str:
             else "—"
         )
         wins = f"{entry.get('wins_vs_reference', 0)}/{len(diffs)}" if arm != reference else "—"
+        static, static_verdict = comparison_cells(entry.get("vs_best_static"))
         lines.append(
             f"| {arm} | {entry.get('bpd_kind', 'exact')} "
             f"| {_fmt(entry['bpd_mean'])} ± {_fmt(entry['bpd_std'])} "
             f"| {_fmt(entry['bpd_median'])} | {delta} | {paired} | {wins} "
+            f"| {static} | {static_verdict} "
             f"| {entry['parameters']:,} | {entry['train_time_s_mean']:.1f} "
             f"| {_flags(entry, uniform)} |"
         )
     lines += [""]
+    lines += comparisons_markdown({**results, "arms": arms})
     if nms_diverged:
         lines += [
             f"**The NMS pre-training diverged** ({nms.get('diverged_reason') or 'non-finite'}); "
@@ -279,9 +343,11 @@ def results_markdown(results: dict[str, Any]) -> str:
             "that learned nothing); an arm within "
             f"{UNIFORM_MARGIN} of it or above is flagged."
         )
+    lines += _clip_notes(arms)
     lines += [
-        f"Paired Δ = arm − {reference} on the same seed (negative: the arm is better); "
-        f"wins = seeds where the arm beats {reference}. Flagged runs (non-finite, or more than "
+        f"Paired Δ = arm − {reference} on the same seed (negative: lower bits/dim than "
+        f"{reference}); wins = seeds where the arm has the lower bits/dim. `better`/`worse` "
+        "only where the 95 % interval excludes 0. Flagged runs (non-finite, or more than "
         f"{results['outlier_gap']} bpd above their arm's median) are kept in every statistic "
         "except that non-finite values are left out of mean/std/median.",
         "",
@@ -292,6 +358,32 @@ def results_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _recipe_note(config: dict[str, Any]) -> str:
+    """``, recipe: warm-up 100 steps, cosine ...`` from ``config.json`` (legacy without keys)."""
+    from lcma_ext.experiments.config import recipe_options, stored_recipe
+
+    recipe = stored_recipe(config)
+    return (
+        f", warm-up {recipe.warmup_steps} steps, {recipe.lr_schedule} schedule, gradient norm "
+        f"clipped at {recipe.grad_clip:g}, "
+        + (f"EMA {recipe.ema_decay:g} of the weights scored" if recipe.ema_decay else "no EMA")
+        + f" (`{recipe_options(recipe)}`)"
+    )
+
+
+def _clip_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
+    """One line: the clipped steps per arm (summed over seeds), when any run recorded them."""
+    counts = {
+        arm: [c for c in entry.get("clipped_steps") or [] if c is not None]
+        for arm, entry in arms.items()
+    }
+    counts = {arm: c for arm, c in counts.items() if c}
+    if not counts:
+        return []
+    parts = ", ".join(f"{arm} {sum(c)}" for arm, c in counts.items())
+    return [f"Steps whose gradient norm was clipped (summed over seeds): {parts}.", ""]
 
 
 def _ranks(results: dict[str, Any]) -> str:

@@ -41,17 +41,18 @@ from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
 from lcma_ext.distributed import barrier, init_from_env, world
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
 from lcma_ext.experiments.arms import arm_prior, arm_spec, build_arm, restore_arm
-from lcma_ext.experiments.config import ExperimentConfig
+from lcma_ext.experiments.config import ExperimentConfig, recipe_options, stored_recipe
 from lcma_ext.experiments.cost import pipeline_cost
 from lcma_ext.experiments.jobs import ArmJob
 from lcma_ext.experiments.report import uniform_bpd, versions, write_results
-from lcma_ext.experiments.stats import aggregate
+from lcma_ext.experiments.stats import STATIC_ARMS, aggregate
 from lcma_ext.experiments.store import (
     ExperimentError,
     NMSDivergedError,
     StateFileError,
     atomic_path,
     read_json,
+    strict_json,
     write_json,
 )
 from lcma_ext.models import build_flow, count_parameters, make_level_factory
@@ -63,9 +64,11 @@ from lcma_ext.plotting import (
 )
 from lcma_ext.sampling import sample_images
 from lcma_ext.training import (
+    RECIPE_FIELDS,
     TrainConfig,
     TrainResult,
     evaluate_bpd,
+    evaluation_state_dict,
     load_checkpoint,
     save_checkpoint,
     train_flow,
@@ -119,7 +122,9 @@ class _Run:
         self.record = config.record(self.data, self.preprocessing.alpha, self.num_levels)
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
-        return TrainConfig(
+        """The optimizer settings and training recipe of every arm and of the NMS."""
+        return TrainConfig.from_recipe(
+            self.config.training_recipe,
             epochs=epochs,
             batch_size=self.config.batch_size,
             lr=self.config.lr,
@@ -167,9 +172,13 @@ def _prepare_out(run: _Run) -> None:
             raise StateFileError(path, "not a JSON object")
         if stored != _json_roundtrip(config):
             changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
+            hint = "choose another --out"
+            if set(changed) & set(RECIPE_FIELDS):
+                options = recipe_options(stored_recipe(stored))
+                hint = f"{options} reproduces its training recipe; or choose another --out"
             raise ExperimentError(
                 f"expected --out to hold runs of the same configuration or nothing; got "
-                f"{str(out)!r} with different {', '.join(changed)} (choose another --out)"
+                f"{str(out)!r} with different {', '.join(changed)} ({hint})"
             )
     elif run.writes:
         write_json(path, run.record)
@@ -177,9 +186,10 @@ def _prepare_out(run: _Run) -> None:
 
 
 def _json_roundtrip(value: Any) -> Any:
+    """``value`` as ``write_json`` stores it and ``read_json`` reads it back."""
     import json
 
-    return json.loads(json.dumps(value))
+    return json.loads(json.dumps(strict_json(value), allow_nan=False))
 
 
 def _load_state(path: Path, device: torch.device | str = "cpu") -> dict:
@@ -196,9 +206,12 @@ def _load_state(path: Path, device: torch.device | str = "cpu") -> dict:
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
+    """A run summary; its ``test_bpd`` as a float (a JSON ``null``, a non-finite score: NaN)."""
     summary = read_json(path)
     if not isinstance(summary, dict) or "test_bpd" not in summary:
         raise StateFileError(path, "not a run summary")
+    if summary["test_bpd"] is None:
+        summary["test_bpd"] = math.nan
     return summary
 
 
@@ -223,6 +236,8 @@ def _summary(run: _Run, arm: str, seed: int, flow: Flow, result: TrainResult) ->
         "train_time_s": result.train_time_s,
         "parameters": count_parameters(flow),
         "epochs_done": result.epochs_done,
+        "steps": result.steps,
+        "clipped_steps": result.clipped_steps,
         "train_bpd_curve": result.train_bpd,
         "test_bpd_curve": result.test_bpd,
     }
@@ -276,7 +291,7 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
     if summary_path.is_file() and checkpoint.is_file():  # no checkpoint: pre-train again
         summary = _nms_verdict(run, _read_summary(summary_path))
         _check_nms(run, summary)
-        flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
+        flow.load_state_dict(evaluation_state_dict(_load_state(checkpoint, run.device)))
         return flow, summary
     if checkpoint.is_file() and "optimizer" not in _load_state(checkpoint):
         barrier()  # every rank has looked before rank 0 removes it
@@ -297,7 +312,7 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
         # Keep the last finished epoch's weights (or, when the first epoch diverged, these):
         # the same flow a rerun would load.
         if checkpoint.is_file():
-            flow.load_state_dict(_load_state(checkpoint, run.device)["model"])
+            flow.load_state_dict(evaluation_state_dict(_load_state(checkpoint, run.device)))
         elif run.writes:
             save_checkpoint(checkpoint, model=flow.state_dict(), result=result.to_dict(), epoch=0)
     if run.writes:
@@ -498,11 +513,11 @@ def _results(
     start: float,
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    arms = aggregate(runs, reference, run.seeds, run.config.outlier_gap)
+    priors = {name: arm_prior(run.arm_config, name) for name in runs}  # of the factored halves
+    static = STATIC_ARMS if run.config.command == "run" else ()
+    arms = aggregate(runs, reference, run.seeds, run.config.outlier_gap, priors, static)
     contribution_time = _contribution_time(run)
     offline = [name for name in arms if arm_spec(name).uses_contributions]
-    for name, entry in arms.items():
-        entry["prior"] = arm_prior(run.arm_config, name)  # of the factored halves
     nms_diverged = bool(nms and nms.get("diverged"))
     if nms_diverged:
         for name, entry in arms.items():
@@ -715,7 +730,7 @@ def plot_checkpoint_contributions(
     factory = make_level_factory(meta["model"], meta["size"])
     transform = build_nms_transform(factory, data.shape, meta["levels"])
     flow = build_flow(transform, data.shape).to(torch_device)
-    flow.load_state_dict(state["model"])
+    flow.load_state_dict(evaluation_state_dict(state))
     flow.eval()
     y = _contribution_data(data, LogitPreprocessing(data.levels), torch_device)
     maps = estimate_contributions(flow._transform, y, factory, data.shape, progress=progress)

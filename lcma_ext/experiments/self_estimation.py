@@ -49,6 +49,15 @@ curves) with only the model replaced by the switched flow's state, and ``train_f
 to the phase's end. So every arm sees the same batches and noise per seed; the learning curves,
 ``epochs_done`` and ``train_time_s`` cover the whole budget.
 
+**Training recipe.** The phases run the recipe of every other arm over the whole budget, as one
+run: the learning-rate schedule spans all the epochs (``TrainConfig.schedule_epochs``), and its
+state, the EMA of the parameters and the count of clipped steps go on from phase to phase in the
+copied checkpoint (the EMA keeps averaging across a switch: a switch changes no parameter). Each
+phase trains from the raw weights of the previous phase's checkpoint, never from the EMA. The
+EMA weights (the evaluated ones, which :func:`lcma_ext.training.train_flow` leaves in the flow)
+are what a switch measures: the self-contributions that choose the new split, and the test
+bits/dim right before and after it, as the NMS flow's EMA weights choose the ``lcma`` arm's.
+
 Files (next to the arm's checkpoint ``checkpoints/<arm>_seed<k>.pt``): ``checkpoints/phases/
 <arm>_seed<k>_phase<p>.pt`` (``train_flow``'s checkpoint of phase ``p``), ``..._phase<p>_switch.pt``
 (the maps chosen at the start of phase ``p >= 1``, the estimation time, the test bits/dim around
@@ -85,6 +94,7 @@ from lcma_ext.splits import Split, SplitSpec
 from lcma_ext.training import (
     TrainResult,
     evaluate_bpd,
+    evaluation_state_dict,
     load_checkpoint,
     save_checkpoint,
     train_flow,
@@ -310,6 +320,7 @@ class PhasedTrainer:
         if switches:
             flow = switched_flow(flow, switches[-1]["layout_maps"], job.data.shape)
         result = TrainResult()
+        budget = job.train_config.schedule_epochs or job.train_config.epochs
         for phase in range(first, len(phases)):
             start, end = phases[phase]
             if phase > first:
@@ -323,7 +334,7 @@ class PhasedTrainer:
                 flow,
                 job.data.train,
                 job.preprocessing,
-                dataclasses.replace(job.train_config, epochs=end),
+                dataclasses.replace(job.train_config, epochs=end, schedule_epochs=budget),
                 test_data=job.data.test,
                 checkpoint_path=self._path(job, phase),
                 desc=f"{job.desc} phase {phase}",
@@ -383,7 +394,9 @@ class PhasedTrainer:
         checkpoint = self._path(job, phase)
         if not checkpoint.is_file():
             state = _load(self._path(job, phase - 1), device)
-            state["model"] = new.state_dict()  # optimizer, random states and curves go on
+            # the raw weights go on (the flow holds the evaluated ones), with the new split;
+            # optimizer, schedule, EMA, random states and curves go on too
+            state["model"] = _switched_state(new, state["model"])
             if job.writes:
                 save_checkpoint(checkpoint, **state)
             barrier()
@@ -414,8 +427,22 @@ class PhasedTrainer:
         """The scored flow: ``flow`` switched to the stored last maps, with the stored weights."""
         if state.get("layout_maps"):
             flow = switched_flow(flow, state["layout_maps"], state["input_shape"])
-        flow.load_state_dict(state["model"])
+        flow.load_state_dict(evaluation_state_dict(state))
         return flow
+
+
+def _switched_state(new: Flow, raw: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``new``'s state (its split buffers) with the parameters of the raw state ``raw``.
+
+    The switched flow shares its parameters (and their names) with the flow before the switch,
+    so the raw training weights of the previous phase's checkpoint go on under the new split.
+    """
+    state = new.state_dict()
+    for name, _ in new.named_parameters():
+        if name not in raw:
+            raise RuntimeError(f"expected parameter {name!r} in the previous phase's checkpoint")
+        state[name] = raw[name]
+    return state
 
 
 def _load(path: Path, device: torch.device) -> dict[str, Any]:

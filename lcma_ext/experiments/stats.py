@@ -1,29 +1,94 @@
-"""Statistics of a comparison: per-arm aggregation, outlier flags, paired differences.
+"""Statistics of a comparison: per-arm aggregation, outlier flags, paired intervals and verdicts.
 
 Honesty rules: a run is flagged, never dropped. Non-finite runs are left out of mean, std and
 median (and counted in ``n_diverged``); finite outliers (more than ``gap`` bits/dim above the
 median of the same arm's seeds) are flagged and kept in every statistic. The paired difference
 of an arm is its bits/dim minus the reference arm's on the same seed.
+
+**Comparisons that decide** (:func:`paired_comparison`). Each arm is compared, seed by seed, with
+
+- the run's reference arm (``vs_reference``; ``channel`` by default), and
+- the **best static split of the same prior** (``vs_best_static``): the arm with the best mean
+  bits/dim among :data:`STATIC_ARMS` (``channel``, ``checkerboard``, ``random``, ``high``) of
+  that run whose factored halves have the same prior as the arm's (the ``+cond`` twins for the
+  ``+cond`` arms, every split arm under ``--prior conditional``), see :func:`best_static`.
+
+For each: the paired differences ``d_s = bpd(arm, s) - bpd(other, s)`` over the seeds both ran
+(non-finite pairs left out, ``n`` finite pairs), their mean ``m`` and sample standard deviation
+``sd``, the paired 95 % Student-t interval ``m ± t(0.975, n - 1) sd / sqrt(n)``
+(:func:`t_interval`) and a verdict (:func:`verdict`): ``better`` when the interval lies below 0
+(lower bits/dim), ``worse`` when it lies above 0, ``no evidence`` when it contains 0 or when
+there are fewer than 2 finite pairs (no interval). ``seeds_for_1pct`` (:func:`seeds_needed`) is
+the smallest number of seeds ``n >= 2`` whose 95 % t half-width ``t(0.975, n - 1) sd / sqrt(n)``,
+at the measured ``sd``, is below 1 % of the compared arm's mean bits/dim: with that many seeds an
+observed mean difference of 1 % would give an interval that excludes 0 (a detection threshold
+at the measured spread, not a power calculation: a true 1 % difference is found about half the
+time with that many seeds).
+
+References:
+    Student (W. S. Gosset). The probable error of a mean. Biometrika 6(1), 1908.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["aggregate", "flag_outliers", "standard_error", "summary_stats"]
+from lcma_ext.experiments.config import base_arm
+
+__all__ = [
+    "CONFIDENCE",
+    "RELATIVE_EFFECT",
+    "STATIC_ARMS",
+    "VERDICTS",
+    "add_comparisons",
+    "aggregate",
+    "best_static",
+    "compared_arms",
+    "finite",
+    "finite_values",
+    "flag_outliers",
+    "paired_comparison",
+    "seeds_needed",
+    "standard_error",
+    "summary_stats",
+    "t_interval",
+    "t_quantile",
+    "verdict",
+]
+
+#: The static splits whose best (per prior) every arm is compared with.
+STATIC_ARMS = ("channel", "checkerboard", "random", "high")
+#: Confidence level of the paired intervals.
+CONFIDENCE = 0.95
+#: The difference ``seeds_for_1pct`` is sized for, relative to the compared arm's mean bpd.
+RELATIVE_EFFECT = 0.01
+#: The verdicts of :func:`verdict`.
+VERDICTS = ("better", "worse", "no evidence")
+#: Most seeds :func:`seeds_needed` reports (more: ``None``).
+MAX_SEEDS = 1_000_000
+
+
+def finite(value: Any) -> bool:
+    """True for a finite number; ``None`` (a JSON ``null``), NaN and infinities are not."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_values(values: Iterable[Any]) -> list[float]:
+    """The finite numbers of ``values`` as floats (``None``, NaN and infinities left out)."""
+    return [float(v) for v in values if finite(v)]
 
 
 def flag_outliers(runs: list[dict[str, Any]], gap: float) -> None:
     """Flag (in place) runs far above the median of the same arm's seeds; never drop them."""
-    finite = [r["test_bpd"] for r in runs if math.isfinite(r["test_bpd"])]
-    if len(finite) < 2:
+    values = finite_values(r["test_bpd"] for r in runs)
+    if len(values) < 2:
         return
-    median = statistics.median(finite)
+    median = statistics.median(values)
     for run in runs:
-        if math.isfinite(run["test_bpd"]) and run["test_bpd"] > median + gap:
+        if finite(run["test_bpd"]) and run["test_bpd"] > median + gap:
             run["diverged"] = True
             run["diverged_reason"] = (
                 run["diverged_reason"]
@@ -31,28 +96,199 @@ def flag_outliers(runs: list[dict[str, Any]], gap: float) -> None:
             )
 
 
-def summary_stats(values: Sequence[float]) -> dict[str, float]:
+def summary_stats(values: Sequence[Any]) -> dict[str, float]:
     """``{"mean", "std", "median"}`` of the finite ``values`` (``nan`` when too few)."""
-    finite = [v for v in values if math.isfinite(v)]
+    values = finite_values(values)
     nan = float("nan")
     return {
-        "mean": statistics.fmean(finite) if finite else nan,
-        "std": statistics.stdev(finite) if len(finite) > 1 else nan,
-        "median": statistics.median(finite) if finite else nan,
+        "mean": statistics.fmean(values) if values else nan,
+        "std": statistics.stdev(values) if len(values) > 1 else nan,
+        "median": statistics.median(values) if values else nan,
     }
 
 
-def standard_error(values: Sequence[float]) -> float:
+def standard_error(values: Sequence[Any]) -> float:
     """Standard error of the mean of the finite ``values``: ``std / sqrt(n)`` (``nan``: n < 2)."""
-    finite = [v for v in values if math.isfinite(v)]
-    std = summary_stats(finite)["std"]
-    return std / math.sqrt(len(finite)) if len(finite) > 1 else float("nan")
+    values = finite_values(values)
+    std = summary_stats(values)["std"]
+    return std / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# intervals and verdicts
+
+
+def t_quantile(probability: float, dof: int) -> float:
+    """The ``probability`` quantile of Student's t with ``dof`` degrees of freedom (scipy)."""
+    from scipy.stats import t
+
+    return float(t.ppf(probability, dof))
+
+
+def t_interval(values: Sequence[Any], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+    """The Student-t interval ``mean ± t((1 + confidence) / 2, n - 1) sd / sqrt(n)``.
+
+    Args:
+        values: Paired differences (non-finite ones and ``None`` left out).
+        confidence: The confidence level (0.95).
+
+    Returns:
+        ``(low, high)``, or ``None`` with fewer than 2 finite values.
+    """
+    values = finite_values(values)
+    n = len(values)
+    if n < 2:
+        return None
+    mean = statistics.fmean(values)
+    half = t_quantile((1 + confidence) / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean - half, mean + half
+
+
+def verdict(interval: Sequence[float] | None) -> str:
+    """``"better"`` (interval below 0: lower bits/dim), ``"worse"`` (above 0), else
+    ``"no evidence"`` (it contains 0, or there is no interval)."""
+    if interval is None:
+        return "no evidence"
+    low, high = interval
+    if high < 0:
+        return "better"
+    if low > 0:
+        return "worse"
+    return "no evidence"
+
+
+def seeds_needed(
+    std: float | None, effect: float | None, confidence: float = CONFIDENCE
+) -> int | None:
+    """The smallest ``n >= 2`` with ``t((1 + confidence) / 2, n - 1) std / sqrt(n) < effect``.
+
+    The seeds at which an observed paired mean difference of ``effect`` would give an interval
+    that excludes 0, at the paired standard deviation ``std``. ``None`` when ``std`` or
+    ``effect`` is unknown (non-finite, fewer than 2 seeds), ``effect <= 0``, or when more than
+    :data:`MAX_SEEDS` would be needed.
+    """
+    if not finite(std) or not finite(effect) or effect <= 0:
+        return None
+    level = (1 + confidence) / 2
+    z = statistics.NormalDist().inv_cdf(level)  # t > z, so n >= (z std / effect)^2
+    n = max(2, math.ceil((z * std / effect) ** 2))
+    while n <= MAX_SEEDS:
+        if t_quantile(level, n - 1) * std / math.sqrt(n) < effect:
+            return n
+        n += 1
+    return None
+
+
+def paired_comparison(
+    bpd: Mapping[int, Any], other_bpd: Mapping[int, Any], other: str
+) -> dict[str, Any]:
+    """An arm against ``other`` on the seeds both ran (see the module docstring).
+
+    Args:
+        bpd: The arm's bits/dim per seed.
+        other_bpd: ``other``'s bits/dim per seed.
+        other: The name of the arm compared with.
+
+    Returns:
+        ``{"reference": other, "seeds", "diff_per_seed", "n", "mean", "std", "ci95",
+        "verdict", "seeds_for_1pct"}``: ``diff_per_seed`` has one entry per common seed
+        (non-finite ones ``nan``); ``n``, ``mean``, ``std`` and ``ci95`` count the finite
+        ones; ``ci95`` is ``None`` below 2 finite pairs; ``seeds_for_1pct`` is
+        :func:`seeds_needed` for 1 % of ``other``'s mean bits/dim over those seeds.
+    """
+    seeds = [seed for seed in bpd if seed in other_bpd]
+    diffs = [
+        float(bpd[s]) - float(other_bpd[s]) if finite(bpd[s]) and finite(other_bpd[s]) else math.nan
+        for s in seeds
+    ]
+    stats = summary_stats(diffs)
+    interval = t_interval(diffs)
+    scale = summary_stats([other_bpd[s] for s in seeds])["mean"]
+    return {
+        "reference": other,
+        "seeds": seeds,
+        "diff_per_seed": diffs,
+        "n": len(finite_values(diffs)),
+        "mean": stats["mean"],
+        "std": stats["std"],
+        "ci95": None if interval is None else list(interval),
+        "verdict": verdict(interval),
+        "seeds_for_1pct": seeds_needed(stats["std"], RELATIVE_EFFECT * abs(scale)),
+    }
+
+
+def best_static(
+    arms: Mapping[str, Mapping[str, Any]], prior: str, static: Sequence[str] = STATIC_ARMS
+) -> str | None:
+    """The static split of ``prior`` with the best (lowest) finite mean bits/dim, or ``None``.
+
+    Candidates are the arms ``s`` and ``s+cond`` for ``s`` in ``static`` whose ``prior`` field
+    (``"standard"`` when absent) is ``prior``; the first in ``arms``' order wins a tie.
+    """
+    candidates = [
+        (float(entry["bpd_mean"]), index, name)
+        for index, (name, entry) in enumerate(arms.items())
+        if base_arm(name) in static
+        and entry.get("prior", "standard") == prior
+        and finite(entry.get("bpd_mean"))
+    ]
+    return min(candidates)[2] if candidates else None
+
+
+def _per_seed(entry: Mapping[str, Any]) -> dict[int, Any]:
+    return dict(zip(entry["seeds"], entry["bpd_per_seed"]))
+
+
+def add_comparisons(
+    arms: dict[str, dict[str, Any]], reference: str, static: Sequence[str] = STATIC_ARMS
+) -> None:
+    """Add ``vs_reference`` and ``vs_best_static`` (:func:`paired_comparison`) to every arm.
+
+    ``vs_reference`` is ``None`` for the reference arm itself (or when it did not run);
+    ``vs_best_static`` is ``None`` for the static arm that is itself the best of its prior, and
+    when the run has no static split of the arm's prior (``static=()``: never compared).
+    """
+    for name, entry in arms.items():
+        if name == reference or reference not in arms:
+            entry["vs_reference"] = None
+        else:
+            entry["vs_reference"] = paired_comparison(
+                _per_seed(entry), _per_seed(arms[reference]), reference
+            )
+        best = best_static(arms, entry.get("prior", "standard"), static)
+        if best is None or best == name:
+            entry["vs_best_static"] = None
+        else:
+            entry["vs_best_static"] = paired_comparison(
+                _per_seed(entry), _per_seed(arms[best]), best
+            )
+
+
+def compared_arms(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The arms of a results dictionary with their comparisons (:func:`add_comparisons`).
+
+    A ``results.json`` written by an earlier version has none: they are computed on a copy
+    (from ``bpd_per_seed``, ``seeds`` and ``prior``; ``ablate-levels`` results get no
+    ``vs_best_static``). Stored comparisons are returned as they are.
+    """
+    arms = results["arms"]
+    if all("vs_best_static" in entry for entry in arms.values()):
+        return arms
+    arms = {name: dict(entry) for name, entry in arms.items()}
+    static = STATIC_ARMS if results["config"].get("command", "run") == "run" else ()
+    add_comparisons(arms, results["reference_arm"], static)
+    return arms
 
 
 def aggregate(
-    runs: dict[str, list[dict[str, Any]]], reference: str, seeds: Sequence[int], gap: float
+    runs: dict[str, list[dict[str, Any]]],
+    reference: str,
+    seeds: Sequence[int],
+    gap: float,
+    priors: Mapping[str, str] | None = None,
+    static: Sequence[str] = STATIC_ARMS,
 ) -> dict[str, dict[str, Any]]:
-    """Per arm: per-seed bpd, mean/std/median, paired differences against ``reference``.
+    """Per arm: per-seed bpd, mean/std/median, paired differences and comparisons.
 
     Args:
         runs: Per arm, the run summaries (``runs/<arm>_seed<k>.json``) in seed order; outliers
@@ -60,6 +296,10 @@ def aggregate(
         reference: The arm the paired differences are taken against.
         seeds: The seeds of the comparison.
         gap: Outlier gap in bits/dim.
+        priors: Per arm, the prior of its factored halves (stored as ``prior``; absent:
+            ``"standard"``), which decides the best static split it is compared with.
+        static: The static arms (``()``: no ``vs_best_static`` comparison, e.g. for
+            ``ablate-levels``, whose ``high`` arm is a per-level choice).
     """
     arms: dict[str, dict[str, Any]] = {}
     for arm, arm_runs in runs.items():
@@ -81,21 +321,24 @@ def aggregate(
             "train_time_s_mean": statistics.fmean(r["train_time_s"] for r in arm_runs),
             "parameters": arm_runs[0]["parameters"],
             "epochs_done": [r["epochs_done"] for r in arm_runs],
+            "clipped_steps": [r.get("clipped_steps") for r in arm_runs],
         }
+        if priors is not None:
+            arms[arm]["prior"] = priors[arm]
     if reference in arms:
-        base = dict(zip(arms[reference]["seeds"], arms[reference]["bpd_per_seed"]))
+        base = _per_seed(arms[reference])
         for entry in arms.values():
             diffs = [
-                bpd - base[seed]
+                bpd - base[seed] if finite(bpd) and finite(base[seed]) else math.nan
                 for seed, bpd in zip(entry["seeds"], entry["bpd_per_seed"])
                 if seed in base
             ]
             stats = summary_stats(diffs)
-            finite = [d for d in diffs if math.isfinite(d)]
             entry[f"paired_diff_vs_{reference}"] = diffs
             entry["paired_diff_mean"] = stats["mean"]
             entry["paired_diff_std"] = stats["std"]
             entry["paired_diff_median"] = stats["median"]
-            entry["wins_vs_reference"] = sum(d < 0 for d in finite)
+            entry["wins_vs_reference"] = sum(d < 0 for d in finite_values(diffs))
             entry["diff_of_means_vs_reference"] = entry["bpd_mean"] - arms[reference]["bpd_mean"]
+    add_comparisons(arms, reference, static)
     return arms

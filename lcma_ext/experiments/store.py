@@ -10,6 +10,7 @@ short) raises :class:`StateFileError`, one line naming the file and how to recov
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "StateFileError",
     "atomic_path",
     "read_json",
+    "strict_json",
     "write_json",
     "write_text",
 ]
@@ -54,9 +56,29 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinities) replaced by ``None``.
+
+    Dicts, lists and tuples are converted element-wise (tuples become lists), anything else is
+    returned as it is. Strict JSON has no ``NaN`` or ``Infinity`` token; ``null`` stands for
+    a value that is not a finite number (a diverged run, a statistic of too few seeds).
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def write_json(path: str | Path, value: Any) -> None:
-    """Write ``value`` as indented JSON to ``path`` atomically (``NaN`` allowed)."""
-    write_text(path, json.dumps(value, indent=2, allow_nan=True))
+    """Write ``value`` as indented strict JSON to ``path`` atomically (non-finite: ``null``).
+
+    Raises:
+        ValueError: for a value ``json`` cannot write (after :func:`strict_json`).
+    """
+    write_text(path, json.dumps(strict_json(value), indent=2, allow_nan=False))
 
 
 def read_json(path: str | Path) -> Any:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,18 +43,20 @@ from typing import Any
 
 from lcma_ext.experiments.config import SELF_ARMS, ExperimentConfig
 from lcma_ext.experiments.cost import selection_share
-from lcma_ext.experiments.report import _flags, _fmt
+from lcma_ext.experiments.report import _flags, _fmt, comparison_cells
 from lcma_ext.experiments.runner import run_comparison
-from lcma_ext.experiments.stats import standard_error
+from lcma_ext.experiments.stats import compared_arms, finite, finite_values, standard_error
 from lcma_ext.experiments.store import (
     ExperimentError,
     StateFileError,
     atomic_path,
     read_json,
+    strict_json,
     write_json,
     write_text,
 )
 from lcma_ext.models import SIZE_NAMES
+from lcma_ext.training import LEGACY_RECIPE, RECIPE_FIELDS
 
 __all__ = [
     "QUICK_SWEEP",
@@ -188,11 +189,20 @@ class SweepConfig:
 
 
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
-    """A cell's configuration as plain JSON, without what does not change its figures."""
+    """A cell's configuration as plain JSON, without what does not change its figures.
+
+    The training recipe appears resolved, and only in its fields that differ from the legacy
+    recipe (as in ``config.json``), so the cells of a sweep of an earlier version are still
+    finished under ``--recipe legacy``.
+    """
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    identity = {k: v for k, v in fields.items() if k not in _NOT_IDENTITY}
+    hidden = (*_NOT_IDENTITY, "recipe", *RECIPE_FIELDS)
+    identity = {k: v for k, v in fields.items() if k not in hidden}
     identity["arms"] = list(config.arms)
-    return json.loads(json.dumps(identity, default=str))
+    legacy = LEGACY_RECIPE.to_dict()
+    recipe = config.training_recipe.to_dict()
+    identity.update({k: v for k, v in recipe.items() if v != legacy[k]})
+    return json.loads(json.dumps(strict_json(identity), default=str, allow_nan=False))
 
 
 def sweep_command(config: SweepConfig) -> str:
@@ -226,7 +236,7 @@ def sweep_command(config: SweepConfig) -> str:
 
 def _won(entry: dict[str, Any], reference: str) -> list[int]:
     diffs = entry.get(f"paired_diff_vs_{reference}", [])
-    return [s for s, d in zip(entry["seeds"], diffs) if math.isfinite(d) and d < 0]
+    return [s for s, d in zip(entry["seeds"], diffs) if finite(d) and d < 0]
 
 
 def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -237,10 +247,12 @@ def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ``reference_parameters``, ``seeds``, ``bpd_per_seed``, ``bpd_mean``, ``bpd_std``,
         ``bpd_median``, ``paired_diff`` (per seed), ``paired_diff_mean``, ``paired_diff_se``
         (standard error across seeds), ``wins``, ``n``, ``seeds_won``, ``selection_share``
-        (:mod:`lcma_ext.experiments.cost`), ``smoke_run`` and ``flags``.
+        (:mod:`lcma_ext.experiments.cost`), ``vs_reference`` and ``vs_best_static`` (the
+        paired comparisons of :mod:`lcma_ext.experiments.stats`, computed here for a
+        ``results.json`` of an earlier version), ``smoke_run`` and ``flags``.
     """
     config, reference = results["config"], results["reference_arm"]
-    arms = results["arms"]
+    arms = compared_arms(results)
     uniform = results.get("uniform_bpd")
     rows = []
     for arm, entry in arms.items():
@@ -262,9 +274,11 @@ def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "paired_diff_mean": entry.get("paired_diff_mean") if diffs else None,
                 "paired_diff_se": standard_error(diffs) if diffs else None,
                 "wins": len(_won(entry, reference)) if diffs else None,
-                "n": len([d for d in diffs if math.isfinite(d)]),
+                "n": len(finite_values(diffs)),
                 "seeds_won": _won(entry, reference) if diffs else [],
                 "selection_share": selection_share(results, arm),
+                "vs_reference": entry.get("vs_reference"),
+                "vs_best_static": entry.get("vs_best_static"),
                 "smoke_run": bool(results.get("smoke_run")),
                 "flags": _flags(entry, uniform),
             }
@@ -351,22 +365,29 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
         ]
     lines += [
         "Per cell (model size x epochs per arm): test bits/dim (lower is better) of every arm "
-        "over the same seeds, initial weights, batches and optimizer. Paired Δ = arm − "
-        f"{reference} on the same seed, mean ± standard error across seeds (negative: the arm "
-        f"is better); wins = seeds where the arm beats {reference}, named. Selection share = "
+        "over the same seeds, initial weights, batches, optimizer and recipe. Paired Δ = arm − "
+        f"{reference} on the same seed, mean ± standard error across seeds (negative: lower "
+        f"bits/dim than {reference}); wins = seeds where the arm has the lower bits/dim, named. "
+        "Δ vs best static: the paired mean difference against the best static split of the "
+        "cell with the arm's prior (best mean of `channel`, `checkerboard`, `random`, `high` "
+        "that ran) and its 95 % Student-t interval; verdict `better` or `worse` only when the "
+        "interval excludes 0, else `no evidence`. Selection share = "
         "the share of the arm's whole pipeline spent choosing its split: NMS pre-training + "
         "contribution estimation for offline LCMA, the in-training estimations for the "
         "self-estimated arms. Params = the arm's trainable parameters.",
         "",
         f"| size | epochs | params | arm | bpd mean ± std | median | paired Δ vs {reference} "
-        "(mean ± SE) | wins | selection share | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(mean ± SE) | wins | Δ vs best static (95 % CI) | verdict | selection share "
+        "| flagged |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        static, verdict = comparison_cells(row.get("vs_best_static"))
         lines.append(
             f"| {row['size']} | {row['epochs']} | {row['parameters']:,} | {row['arm']} "
             f"| {_fmt(row['bpd_mean'])} ± {_fmt(row['bpd_std'])} | {_fmt(row['bpd_median'])} "
-            f"| {_diff_cell(row)} | {_wins_cell(row)} | {_share_cell(row)} | {row['flags']} |"
+            f"| {_diff_cell(row)} | {_wins_cell(row)} | {static} | {verdict} "
+            f"| {_share_cell(row)} | {row['flags']} |"
         )
     missing = [c["name"] for c in sweep["cells"] if not c.get("finished")]
     if missing:
@@ -396,10 +417,12 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
             points = sorted(
                 (r["reference_parameters"], r["paired_diff_mean"], r["paired_diff_se"])
                 for r in arm_rows
-                if r["epochs"] == epochs
+                if r["epochs"] == epochs and finite(r["paired_diff_mean"])
             )
+            if not points:
+                continue
             x, y, se = zip(*points)
-            se = [0.0 if e is None or not math.isfinite(e) else e for e in se]
+            se = [e if finite(e) else 0.0 for e in se]
             axis.errorbar(x, y, yerr=se, marker="o", capsize=3, label=f"{epochs} epochs")
         axis.axhline(0.0, color="black", linewidth=0.8)
         axis.set_xscale("log")

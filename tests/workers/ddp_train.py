@@ -2,7 +2,8 @@
 
 Run as ``torchrun --standalone --nproc_per_node N tests/workers/ddp_train.py OUT [--hflip]``.
 Trains in float64 (so all-reduce rounding stays near 1e-16) with a global batch of 32 on 128
-digits, and rank 0 saves the final parameters and the training curve to ``OUT``.
+digits, every part of the training recipe active (warm-up, cosine schedule, clipping, EMA), and
+rank 0 saves the final (EMA) parameters and the training curve to ``OUT``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def main(out: str, hflip: bool) -> None:
     transform = build_multiscale_transform(factory, SHAPE, 2, "checkerboard")
     flow = build_flow(transform, SHAPE).double()
     data = load_digits_dataset()
-    config = TrainConfig(epochs=2, batch_size=32, progress=False, hflip=hflip, seed=3)
+    config = TrainConfig(
+        epochs=2, batch_size=32, progress=False, hflip=hflip, seed=3,
+        warmup_steps=2, lr_schedule="cosine", grad_clip=0.7, ema_decay=0.8,
+    )  # fmt: skip
     result = train_flow(flow, data.train[:128], LogitPreprocessing(17), config)
     if world().is_main:
         state = {k: v.detach().clone() for k, v in flow.named_parameters()}
