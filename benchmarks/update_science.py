@@ -8,12 +8,19 @@ replaced by one section per sweep folder, in the order given: its ``sweep.md`` a
 ``--marker NAME`` replaces the ``<!-- NAME:start -->`` block instead (the GPU figures have
 their own block, ``gpu``).
 
+``--recipe BEFORE AFTER [--search DIR]`` fills the ``<!-- recipe:start -->`` block with the
+before/after table of two ``lcma-ext run`` folders of the same arms, seeds and data trained with
+two training recipes (:func:`recipe_section`), and the candidate table that
+``benchmarks/recipe_search.py --out DIR`` wrote (``DIR/recipe_search.md``).
+
 Usage::
 
     lcma-ext sweep --dataset digits --out runs/sweep-digits-realnvp
     lcma-ext sweep --dataset patches --out runs/sweep-patches-realnvp
     python benchmarks/update_science.py runs/sweep-digits-realnvp runs/sweep-patches-realnvp
     python benchmarks/update_science.py runs/gpu-patches-realnvp runs/gpu-patches-glow --marker gpu
+    python benchmarks/update_science.py --recipe runs/patches-legacy runs/patches-default \
+        --search runs/recipe-search
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 from update_readme import splice
 
@@ -83,6 +92,90 @@ def cost_section(run_dirs: list[Path]) -> str:
     return "\n".join([f"From {folders}:", "", *header, *rows])
 
 
+def _recipe_name(config: dict[str, Any]) -> str:
+    from lcma_ext.experiments.config import recipe_options, stored_recipe
+
+    return f"`{recipe_options(stored_recipe(config))}`"
+
+
+def recipe_section(before: Path, after: Path, search: Path | None = None) -> str:
+    """The seed spread and mean of every arm of two run folders that differ in the recipe only.
+
+    Per arm of both folders (``results.json``): mean ± std of the test bits/dim over the seeds,
+    the std ratio after / before, the change of the mean, and the verdict of each run against
+    its best static split. Raises ``ValueError`` when the folders differ in anything but the
+    recipe fields (dataset, model, size, levels, epochs, seeds, batch size).
+    """
+    from lcma_ext.experiments.stats import finite_values
+    from lcma_ext.training import RECIPE_FIELDS
+
+    runs = [json.loads((d / "results.json").read_text()) for d in (before, after)]
+    keys = ("dataset", "model", "size", "levels", "epochs", "nms_epochs", "seeds", "batch_size")
+    for key in keys:
+        values = [r["config"].get(key) for r in runs]
+        if values[0] != values[1]:
+            raise ValueError(
+                f"expected {before} and {after} to differ in the recipe only; got {key} "
+                f"{values[0]!r} and {values[1]!r}"
+            )
+    config = runs[1]["config"]
+    lines = [
+        f"{config['model']} ({config['size']}) on {config['dataset']}, {config['epochs']} epochs, "
+        f"seeds {', '.join(map(str, config['seeds']))}; before: `{before.as_posix()}` "
+        f"({_recipe_name(runs[0]['config'])}), after: `{after.as_posix()}` "
+        f"({_recipe_name(runs[1]['config'])}; recipe fields "
+        + ", ".join(f"{k} {stored_recipe_value(config, k)}" for k in RECIPE_FIELDS)
+        + ").",
+        "",
+        "| arm | before: bpd mean ± std | after: bpd mean ± std | std after / before "
+        "| Δ mean (after − before) | before: vs best static (Δ, 95 % CI, verdict) "
+        "| after: vs best static |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm, entry in runs[1]["arms"].items():
+        old = runs[0]["arms"].get(arm)
+        if old is None:
+            continue
+        stats = []
+        for values in (finite_values(old["bpd_per_seed"]), finite_values(entry["bpd_per_seed"])):
+            mean = statistics.fmean(values)
+            stats.append((mean, statistics.stdev(values) if len(values) > 1 else None))
+        (m0, s0), (m1, s1) = stats
+        ratio = "—" if not s0 or s1 is None else f"{s1 / s0:.2f}"
+        verdicts = [_versus_best_static(e) for e in (old, entry)]
+        lines.append(
+            f"| {arm} | {m0:.4f} ± {_std(s0)} | {m1:.4f} ± {_std(s1)} | {ratio} "
+            f"| {m1 - m0:+.4f} | {verdicts[0]} | {verdicts[1]} |"
+        )
+    if search is not None:
+        table = (search / "recipe_search.md").read_text().splitlines()
+        lines += ["", f"Candidates (`benchmarks/recipe_search.py --out {search.as_posix()}`):", ""]
+        lines += ["####" + t[1:] if t.startswith("# ") else t for t in table]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _versus_best_static(entry: dict[str, Any]) -> str:
+    if "vs_best_static" not in entry:
+        return "— (results of an earlier version)"
+    versus = entry["vs_best_static"]
+    if versus is None:
+        return "is the best static split"
+    ci = versus["ci95"]
+    interval = "—" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+    return f"{versus['mean']:+.4f} vs {versus['reference']}, {interval}, **{versus['verdict']}**"
+
+
+def stored_recipe_value(config: dict[str, Any], key: str) -> str:
+    from lcma_ext.experiments.config import stored_recipe
+
+    value = getattr(stored_recipe(config), key)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _std(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -96,10 +189,30 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="fill the cost block with the selection cost of lcma-ext run folders",
     )
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="fill the recipe block from two lcma-ext run folders: BEFORE AFTER",
+    )
+    parser.add_argument(
+        "--search", type=Path, default=None, help="with --recipe: a recipe_search.py --out folder"
+    )
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "science.md")
     parser.add_argument("--images", type=Path, default=None, help="(default: <doc>/../images)")
     parser.add_argument("--marker", default="sweep", help="block to replace (default: sweep)")
     args = parser.parse_args(argv)
+    if args.recipe:
+        if len(args.sweeps) != 2:
+            parser.error(f"expected two run folders with --recipe; got {len(args.sweeps)}")
+        try:
+            block = recipe_section(*args.sweeps, args.search)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"update_science: {error}", file=sys.stderr)
+            return 2
+        marker = "recipe" if args.marker == "sweep" else args.marker
+        args.doc.write_text(splice(args.doc.read_text(), block, marker, name=args.doc.name))
+        print(f"updated the {marker} block of {args.doc}")
+        return 0
     if args.cost:
         missing = [d for d in args.sweeps if not (d / "results.json").is_file()]
         if missing:

@@ -196,8 +196,8 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     add(
         "--lr",
         type=_positive_float,
-        default=default.lr,
-        help="Adam's (peak) learning rate (default: %(default)s)",
+        default=None,
+        help="Adam's (peak) learning rate (default: the recipe's)",
     )
     _add_recipe(parser)
     add(
@@ -285,7 +285,8 @@ def _unit_interval(text: str) -> float:
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
     """``--recipe`` and the four options that override one of its fields."""
     recipes = "; ".join(
-        f"{name}: warm-up {r.warmup_steps} steps, {r.lr_schedule} lr, clip {r.grad_clip:g}, "
+        f"{name}: lr {r.lr:g}, warm-up {r.warmup_steps} steps, {r.lr_schedule} lr, "
+        f"clip {r.grad_clip:g}, "
         f"EMA {r.ema_decay:g}"
         for name, r in RECIPES.items()
     )

@@ -211,7 +211,11 @@ def test_help_shows_every_default_quick_and_resuming():
     for option in options:
         entry = next(line for line in help_lines if line.startswith(option[1:]))
         assert "default" in entry, option
-    assert "(default: 0.001)" in text and "digits 30" in text and "--quick 3" in text
+    assert (
+        "learning rate (default: the recipe's)" in text
+        and "digits 30" in text
+        and "--quick 3" in text
+    )
     assert "--quick is a smoke run" in text and "Rerun the same command with the same --out" in text
 
 

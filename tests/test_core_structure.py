@@ -164,8 +164,7 @@ def test_init_files_only_re_export():
                 isinstance(node, ast.Try)
                 and all(isinstance(n, ast.Import | ast.ImportFrom) for n in node.body)
                 and all(
-                    all(isinstance(n, ast.Raise) for n in handler.body)
-                    for handler in node.handlers
+                    all(isinstance(n, ast.Raise) for n in handler.body) for handler in node.handlers
                 )
             )
             allowed = allowed or (set(names) <= {"__all__", "__version__"} and bool(names))

@@ -133,9 +133,13 @@ def test_record_is_the_stored_config_and_round_trips():
 
 def test_the_recipe_is_one_switch_and_its_fields_override_it():
     assert ExperimentConfig().training_recipe == RECIPES[DEFAULT_RECIPE]
-    assert ExperimentConfig(recipe="legacy").training_recipe == Recipe(0, "constant", 100.0, 0.0)
+    assert ExperimentConfig(recipe="legacy").training_recipe == Recipe(
+        warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.0
+    )
     mixed = ExperimentConfig(recipe="legacy", ema_decay=0.9, warmup_steps=5)
-    assert mixed.training_recipe == Recipe(5, "constant", 100.0, 0.9)
+    assert mixed.training_recipe == Recipe(
+        warmup_steps=5, lr_schedule="constant", grad_clip=100.0, ema_decay=0.9
+    )
     assert recipe_options(mixed.training_recipe) == (
         "--recipe legacy --warmup-steps 5 --ema-decay 0.9"
     )

@@ -60,10 +60,18 @@ def test_lr_factor_against_the_formulas():
 
 
 def test_recipes_and_validation():
-    assert LEGACY_RECIPE == Recipe(0, "constant", 100.0, 0.0) == RECIPES["legacy"]
+    assert (
+        LEGACY_RECIPE
+        == Recipe(warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.0)
+        == RECIPES["legacy"]
+    )
     assert TrainConfig().recipe == RECIPES[DEFAULT_RECIPE]
     legacy = TrainConfig.from_recipe("legacy", epochs=3, ema_decay=0.5)
-    assert legacy.recipe == Recipe(0, "constant", 100.0, 0.5) and legacy.epochs == 3
+    assert (
+        legacy.recipe
+        == Recipe(warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.5)
+        and legacy.epochs == 3
+    )
     assert not LEGACY_RECIPE.schedules_lr and Recipe(warmup_steps=1).schedules_lr
     with pytest.raises(ValueError, match="expected recipe in default, legacy; got 'x'"):
         TrainConfig.from_recipe("x")
@@ -166,7 +174,12 @@ def test_ema_is_the_average_of_the_raw_trajectory(digits, tmp_path):
     run's flow; the EMA run's raw checkpoint equals the run without EMA bit for bit."""
     train, test, pre = digits
     decay, epochs = ACTIVE.ema_decay, 4
-    raw_recipe = Recipe(ACTIVE.warmup_steps, ACTIVE.lr_schedule, ACTIVE.grad_clip, 0.0)
+    raw_recipe = Recipe(
+        warmup_steps=ACTIVE.warmup_steps,
+        lr_schedule=ACTIVE.lr_schedule,
+        grad_clip=ACTIVE.grad_clip,
+        ema_decay=0.0,
+    )
     raw_path, trajectory = tmp_path / "raw.pt", []
     for epoch in range(1, epochs + 1):
         config = _config(raw_recipe, epoch, batch_size=192, schedule_epochs=epochs)
@@ -326,10 +339,13 @@ def _recipe_search():
 def test_recipe_search_parses_candidates_and_selects_on_static_arms_only():
     search = _recipe_search()
     name, recipe = search.parse_candidate("w:warmup_steps=50,lr_schedule=cosine,ema_decay=0.9")
-    assert name == "w" and recipe == Recipe(50, "cosine", 100.0, 0.9)  # unset: legacy's
+    assert name == "w" and recipe == Recipe(
+        lr=1e-3, warmup_steps=50, lr_schedule="cosine", grad_clip=100.0, ema_decay=0.9
+    )  # unset: legacy's
+    assert search.parse_candidate("v:lr=3e-3")[1] == Recipe(lr=3e-3, grad_clip=100.0)
     assert search.parse_candidate("legacy") == ("legacy", LEGACY_RECIPE)
     with pytest.raises(ValueError, match="expected fields among"):
-        search.parse_candidate("x:lr=1")
+        search.parse_candidate("x:beta=1")
     rows = [
         {"candidate": "legacy", "arm": "channel", "n": 5, "mean": 5.50, "std": 0.20},
         {"candidate": "legacy", "arm": "lcma", "n": 5, "mean": 5.40, "std": 0.20},
@@ -346,5 +362,9 @@ def test_recipe_search_parses_candidates_and_selects_on_static_arms_only():
     choice = search.select(rows, ["channel"], 0.5)
     verdicts = {name: v["qualifies"] for name, v in choice["candidates"].items()}
     assert verdicts == {"legacy": False, "a": True, "b": False, "c": True}
-    assert choice["chosen"] == "c"
-    assert search.select(rows, ["channel"], 0.1)["chosen"] is None
+    assert choice["chosen"] == "c" and choice["rule"] == "halved"
+    # none halves it at 0.1: the fallback takes the lowest mean among spreads <= 1.5 x legacy
+    fallback = search.select(rows, ["channel"], 0.1)
+    assert fallback["chosen"] == "a" and fallback["rule"] == "fallback"
+    wide = [dict(r, std=0.5) if r["candidate"] != "legacy" else r for r in rows]
+    assert search.select(wide, ["channel"], 0.1)["chosen"] is None

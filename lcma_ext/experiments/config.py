@@ -158,7 +158,7 @@ class ExperimentConfig:
         levels: Levels (split points + 1); ``None``: as many squeezes as fit, at most 4.
         epochs, nms_epochs: Epochs per arm and of the NMS pre-training.
         seeds: Number of seeds (``0 .. seeds - 1``).
-        batch_size, lr: Adam settings (identical for every arm).
+        batch_size: Images per optimizer step (identical for every arm).
         device: A torch device name.
         out: The run folder; ``None``: ``runs/<command>-<dataset>-<model>-<size>[-quick]``.
         data_root, limit, image_size: Data location (torchvision datasets), images per split,
@@ -186,7 +186,7 @@ class ExperimentConfig:
             :data:`lcma_ext.training.RECIPES` (``"default"``; ``"legacy"``: the recipe of
             versions up to 0.2, Adam at a constant lr, the gradient norm clipped at 100, no
             warm-up, no EMA). The resolved recipe is :attr:`training_recipe`.
-        warmup_steps, lr_schedule, grad_clip, ema_decay: Override one field of ``recipe``
+        lr, warmup_steps, lr_schedule, grad_clip, ema_decay: Override one field of ``recipe``
             (``None``: the recipe's value); see :class:`lcma_ext.training.Recipe`.
     """
 
@@ -199,7 +199,7 @@ class ExperimentConfig:
     nms_epochs: int | None = None
     seeds: int | None = None
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None
     device: str = "cpu"
     out: Path | None = None
     data_root: Path | None = None
@@ -374,7 +374,7 @@ class ExperimentConfig:
             raise ValueError(f"expected workers as an integer >= 0; got {self.workers!r}")
         if not _positive_int(self.region_size):
             raise ValueError(f"expected region_size as an integer >= 1; got {self.region_size!r}")
-        for name in ("lr", "outlier_gap"):
+        for name in ("outlier_gap",):
             if not _positive_number(getattr(self, name)):
                 raise ValueError(
                     f"expected {name} as a positive number; got {getattr(self, name)!r}"
@@ -481,7 +481,7 @@ class ExperimentConfig:
             "nms_epochs": self.nms_train_epochs,
             "seeds": self.seed_list,
             "batch_size": self.batch_size,
-            "lr": self.lr,
+            "lr": recipe.lr,
             "l2_scale": TrainConfig().l2_scale,
             "grad_clip": recipe.grad_clip,
             "alpha": alpha,
@@ -531,13 +531,14 @@ class ExperimentConfig:
 
 
 def _recipe_record(recipe: Recipe) -> dict[str, Any]:
-    """The recipe fields ``config.json`` records besides ``grad_clip`` (always recorded): those
+    """The recipe fields ``config.json`` records besides ``lr`` and ``grad_clip`` (always
+    recorded): those
     that differ from the legacy recipe, so run folders of earlier versions still match."""
     legacy = LEGACY_RECIPE.to_dict()
     return {
         key: value
         for key, value in recipe.to_dict().items()
-        if key != "grad_clip" and value != legacy[key]
+        if key not in ("lr", "grad_clip") and value != legacy[key]
     }
 
 

@@ -127,7 +127,6 @@ class _Run:
             self.config.training_recipe,
             epochs=epochs,
             batch_size=self.config.batch_size,
-            lr=self.config.lr,
             seed=seed,
             progress=self.config.progress,
             precision=self.config.precision,
@@ -253,7 +252,8 @@ def _nms_diverged_message(run: _Run, summary: dict[str, Any]) -> str:
         f"NMS pre-training diverged ({reason}; {summary.get('epochs_done', 0)} of "
         f"{run.config.nms_train_epochs} epochs done, test bpd {summary['test_bpd']}), so its "
         "contributions cannot choose the LCMA splits; try a smaller --lr (now "
-        f"{run.config.lr}) with another --out, or rerun with --allow-diverged-nms to go on "
+        f"{run.config.training_recipe.lr:g}) with another --out, or rerun with "
+        "--allow-diverged-nms to go on "
         "(every LCMA arm is then labelled as built on a diverged NMS)"
     )
 
@@ -390,7 +390,7 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
                 raise
             raise NMSDivergedError(
                 f"the diverged NMS flow has no usable contributions ({error}); try a smaller "
-                f"--lr (now {run.config.lr}) with another --out"
+                f"--lr (now {run.config.training_recipe.lr:g}) with another --out"
             ) from error
         _save_maps(maps, path)  # every rank estimated the same maps; rank 0 writes them
         if run.writes:
