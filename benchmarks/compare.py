@@ -141,7 +141,7 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, f
 
 
 def fwd_bwd(module, log_prob, x):
-    def run():
+    def run() -> None:
         module.zero_grad(set_to_none=True)
         (-log_prob(x).mean()).backward()
 
@@ -149,7 +149,7 @@ def fwd_bwd(module, log_prob, x):
 
 
 def sampler(sample, n):
-    def run():
+    def run() -> None:
         with torch.no_grad():
             sample(n)
 
@@ -197,12 +197,12 @@ def main() -> None:
     flow = contenders["lcma_ext ContributionMultiscaleFlow (lcma)"]["module"]
     transform = flow._transform
 
-    def plain():
+    def plain() -> None:
         transform.zero_grad(set_to_none=True)
         outputs, logabsdet = transform(x)
         (outputs.square().mean() - logabsdet.mean()).backward()
 
-    def with_diag():
+    def with_diag() -> None:
         transform.zero_grad(set_to_none=True)
         outputs, logabsdet, _ = transform.forward_with_diag(x)
         (outputs.square().mean() - logabsdet.mean()).backward()

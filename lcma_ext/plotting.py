@@ -11,7 +11,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from torch import Tensor
 from lcma_ext.contributions import ContributionMaps
 from lcma_ext.diagnostics import split_diagnostics
 from lcma_ext.splits import kept_block_positions
+
+if TYPE_CHECKING:
+    from matplotlib.lines import Line2D
 
 __all__ = [
     "CONTRIBUTION_UNITS",
@@ -183,7 +186,9 @@ def _points(curve: Sequence[Any]) -> tuple[list[float], list[float]]:
     return list(range(1, len(curve) + 1)), list(curve)
 
 
-def _zoom(runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None):
+def _zoom(
+    runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None
+) -> tuple[float, float] | None:
     """y-limits of the test panel: the arms' converged part, and the whole NMS curve."""
     finals = [v for arm_runs in runs.values() for r in arm_runs
               for v in _finite_values(r["test_bpd_curve"])]  # fmt: skip
@@ -198,7 +203,9 @@ def _zoom(runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None):
     return low - margin, high + margin
 
 
-def _curve_legend(arms: Sequence[str], colours: Sequence[str], seeds: Sequence[Any], nms: bool):
+def _curve_legend(
+    arms: Sequence[str], colours: Sequence[str], seeds: Sequence[Any], nms: bool
+) -> list[Line2D]:
     """Legend handles: one colour per arm, one line style and marker per seed, the NMS."""
     from matplotlib.lines import Line2D
 

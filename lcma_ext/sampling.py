@@ -95,7 +95,9 @@ def _finish(samples: Tensor, preprocessing: LogitPreprocessing | None) -> Tensor
     return (samples if preprocessing is None else preprocessing.to_unit(samples)).cpu()
 
 
-def _nflows_sample(flow: nn.Module, num: int, temperature: float, generator) -> Tensor:
+def _nflows_sample(
+    flow: nn.Module, num: int, temperature: float, generator: torch.Generator | None
+) -> Tensor:
     dtype, device = flow_dtype_device(flow)
     transform, distribution, _ = flow_parts(flow)
     if hasattr(distribution, "sample_at_temperature"):  # a learned prior (Flow-VAE)
@@ -106,7 +108,9 @@ def _nflows_sample(flow: nn.Module, num: int, temperature: float, generator) -> 
     return transform.inverse(noise.to(device))[0]
 
 
-def _normflows_sample(model: nn.Module, num: int, temperature: float, generator) -> Tensor:
+def _normflows_sample(
+    model: nn.Module, num: int, temperature: float, generator: torch.Generator | None
+) -> Tensor:
     latents = []
     for base in _gaussian_bases(model):
         eps = torch.randn((num, *base.shape), generator=generator, dtype=base.loc.dtype)

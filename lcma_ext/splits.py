@@ -326,7 +326,7 @@ class ChannelSplit(Split):
             raise ValueError(f"placement 'squeeze' expected dim=1; got {dim}")
         self.dim = dim
 
-    def output_shapes(self, input_shape):
+    def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
         shape = _as_shape(input_shape)
         if self.placement == "squeeze" or self.dim == 1:
             return split_shapes(shape, self.placement)
@@ -350,7 +350,7 @@ class ChannelSplit(Split):
             .reshape(b, 4 * c, h // 2, w // 2)
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.placement == "squeeze":
             x = self._squeeze(x)
         if self.dim >= x.dim() or x.shape[self.dim] < 2:
@@ -360,7 +360,7 @@ class ChannelSplit(Split):
         factored, kept = torch.chunk(x, chunks=2, dim=self.dim)
         return factored, kept
 
-    def inverse(self, factored, kept):
+    def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:
         x = torch.cat([factored, kept], dim=self.dim)
         if self.placement == "squeeze":
             b, c4, h, w = x.shape
@@ -406,10 +406,10 @@ class IndexSplit(Split):
         if input_shape is not None:
             self.bind(input_shape)
 
-    def output_shapes(self, input_shape):
+    def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
         return split_shapes(input_shape, self.placement, blocks=self._needs_blocks)
 
-    def bind(self, input_shape):
+    def bind(self, input_shape: Sequence[int]) -> Split:
         shape = _as_shape(input_shape)
         if self.input_shape is not None:
             if shape != self.input_shape:
@@ -449,7 +449,7 @@ class IndexSplit(Split):
                 f"{tuple(tensor.shape[1:])} (full shape {tuple(tensor.shape)})"
             )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._require_bound()
         self._check_event(x, self.input_shape, "inputs")
         batch = x.shape[0]
@@ -459,7 +459,7 @@ class IndexSplit(Split):
             batch, *self.kept_shape
         )
 
-    def inverse(self, factored, kept):
+    def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:
         self._require_bound()
         self._check_event(factored, self.factored_shape, "factored")
         self._check_event(kept, self.kept_shape, "kept")
@@ -467,7 +467,9 @@ class IndexSplit(Split):
         flat = torch.cat([factored.flatten(1), kept.flatten(1)], dim=1)
         return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args, **kwargs
+    ) -> None:
         # A split bound to a different shape than the stored one cannot load it.
         stored = state_dict.get(prefix + "index")
         name = type(self).__name__
@@ -555,7 +557,9 @@ def _is_permutation(index: Tensor, numel: int) -> bool:
     )
 
 
-def _block_index(kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int):
+def _block_index(
+    kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int
+) -> tuple[Tensor, Tensor]:
     """Flat indices into a ``(4G, h, w)`` event for per-block positions ``(G, 2, h, w)``."""
     groups = channels4 // 4
     device = kept_pos.device
@@ -609,7 +613,7 @@ class CheckerboardSplit(IndexSplit):
         x: ``(B, *input_shape)``; outputs as :class:`ChannelSplit`'s.
     """
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         if len(shape) == 1:
             d = shape[0]
             return torch.arange(0, d, 2), torch.arange(1, d, 2)
@@ -646,7 +650,7 @@ class RandomSplit(IndexSplit):
         self.seed = int(seed)
         super().__init__(input_shape, placement)
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         numel = _numel(shape)
         generator = torch.Generator().manual_seed(self.seed)
         permutation = torch.randperm(numel, generator=generator)
@@ -899,7 +903,7 @@ class LCMASplit(IndexSplit):
         )
         return kept.to(self.index.device), factored.to(self.index.device)
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         kept, factored = self._positions()
         if len(shape) == 1:
             return factored, kept

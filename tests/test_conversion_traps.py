@@ -65,7 +65,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 # --- 8: the factory is never ignored ----------------------------------------------------------
 
 
-def test_the_builder_uses_the_factory_it_is_given():
+def test_the_builder_uses_the_factory_it_is_given() -> None:
     small = make_level_factory("glow", "tiny")
     maps = _maps(small)  # the maps hold the tiny levels in memory
     large = make_level_factory("glow", "tiny", hidden=48)
@@ -79,7 +79,7 @@ def test_the_builder_uses_the_factory_it_is_given():
     assert math.isfinite(float(Flow(flow, StandardNormal([64])).log_prob(_data(4)).sum().detach()))
 
 
-def test_the_lcma_flow_follows_the_seed_like_channel():
+def test_the_lcma_flow_follows_the_seed_like_channel() -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory)
     weights = {}
@@ -110,7 +110,7 @@ def _normflows_level_wide(index, shape):
     return [nf.flows.GlowBlock(c, 24, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
 
-def test_the_normflows_builder_uses_the_factory_it_is_given():
+def test_the_normflows_builder_uses_the_factory_it_is_given() -> None:
     torch.manual_seed(0)
     x = _data()
     nms = lnf.build_nms_model(_normflows_level, SHAPE, 3)
@@ -140,7 +140,7 @@ def _assemble(levels, maps_per_split) -> ContributionMultiscaleFlow:
     return flow
 
 
-def test_add_transform_refuses_maps_of_other_levels():
+def test_add_transform_refuses_maps_of_other_levels() -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory)
     torch.manual_seed(5)
@@ -155,7 +155,7 @@ def test_add_transform_refuses_maps_of_other_levels():
     assert len(_assemble(maps.levels, maps.maps).splits) == 2
 
 
-def test_add_transform_refuses_a_later_map_after_other_splits():
+def test_add_transform_refuses_a_later_map_after_other_splits() -> None:
     factory = make_level_factory("realnvp", "tiny")  # no random permutation: same layout
     maps = _maps(factory)
     levels = maps.levels
@@ -173,7 +173,7 @@ def _class_base(shape):
     return nf.distributions.ClassCondDiagGaussian(shape, 3)
 
 
-def test_class_conditional_normflows_model_against_brute_force():
+def test_class_conditional_normflows_model_against_brute_force() -> None:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -217,7 +217,7 @@ def test_class_conditional_normflows_model_against_brute_force():
         torch.set_default_dtype(previous)
 
 
-def test_labels_are_refused_by_a_model_without_class_conditioning():
+def test_labels_are_refused_by_a_model_without_class_conditioning() -> None:
     torch.manual_seed(0)
     model = lnf.build_multiscale_model(_normflows_level, SHAPE, 2, "checkerboard")
     x, y = _data(4), torch.tensor([0, 1, 2, 1])
@@ -237,7 +237,7 @@ def test_labels_are_refused_by_a_model_without_class_conditioning():
 # --- 11: integer images -----------------------------------------------------------------------
 
 
-def test_integer_images_are_refused_with_advice_that_works():
+def test_integer_images_are_refused_with_advice_that_works() -> None:
     factory = make_level_factory("realnvp", "tiny")
     torch.manual_seed(0)
     nms = build_nms_transform(factory, SHAPE, 3)
@@ -260,7 +260,7 @@ def test_integer_images_are_refused_with_advice_that_works():
 
 @pytest.mark.parametrize("prior", ["standard", "conditional"])
 @pytest.mark.parametrize("split", ["lcma", "channel", "checkerboard", "random", "lcma-region"])
-def test_empty_batches_on_nflows_flows(split, prior):
+def test_empty_batches_on_nflows_flows(split: str, prior: str) -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory) if split.startswith("lcma") else None
     transform = build_multiscale_transform(factory, SHAPE, 3, split, maps, prior=prior)
@@ -272,7 +272,7 @@ def test_empty_batches_on_nflows_flows(split, prior):
     assert [t.shape for t in transform.forward_with_diag(empty)] == [(0, 64), (0,), (0, 64)]
 
 
-def test_an_empty_batch_initialises_nothing():
+def test_an_empty_batch_initialises_nothing() -> None:
     factory = make_level_factory("glow", "tiny")
     torch.manual_seed(0)
     nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)

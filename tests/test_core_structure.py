@@ -38,7 +38,7 @@ def _maps():
     return C.estimate_contributions(nms, data, factory, SHAPE, progress=False)
 
 
-def _counting(monkeypatch) -> list[int]:
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = C.track_splits
 
@@ -50,7 +50,7 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
-def test_the_tracker_runs_once_per_maps(monkeypatch, tmp_path):
+def test_the_tracker_runs_once_per_maps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = _counting(monkeypatch)
     maps = _maps()
     assert len(calls) == 1  # the estimate itself, kept for the derived properties
@@ -65,7 +65,7 @@ def test_the_tracker_runs_once_per_maps(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_the_kept_result_follows_its_fields():
+def test_the_kept_result_follows_its_fields() -> None:
     maps = _maps()
     first = maps.kept_positions
     maps.factor_out = "high"  # another rule: derived again
@@ -78,7 +78,7 @@ def test_the_kept_result_follows_its_fields():
     assert torch.equal(reversed_, high[0].flatten().sort().values)
 
 
-def test_splits_are_new_modules_and_maps_know_their_layout():
+def test_splits_are_new_modules_and_maps_know_their_layout() -> None:
     maps = _maps()
     first, second = maps.splits(), maps.splits()
     assert all(a is not b and torch.equal(a.index, b.index) for a, b in zip(first, second))
@@ -99,7 +99,7 @@ def test_splits_are_new_modules_and_maps_know_their_layout():
 # --- modes and parts ---------------------------------------------------------------------------
 
 
-def test_eval_mode_restores_every_submodule_also_after_an_error():
+def test_eval_mode_restores_every_submodule_also_after_an_error() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.Linear(2, 2)))
     model.train()
     model[1][0].eval()  # a frozen submodule inside a training model
@@ -110,7 +110,7 @@ def test_eval_mode_restores_every_submodule_also_after_an_error():
     assert [m.training for m in model.modules()] == before
 
 
-def test_flow_parts():
+def test_flow_parts() -> None:
     factory = make_level_factory("realnvp", "tiny")
     transform = build_nms_transform(factory, SHAPE, 2)
     flow = build_flow(transform, SHAPE)
@@ -129,7 +129,7 @@ def _glow_level(index, shape):
     return [nf.flows.GlowBlock(c, 8, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
 
-def test_the_old_normflows_names_warn_and_still_work():
+def test_the_old_normflows_names_warn_and_still_work() -> None:
     assert "LCMASplit" not in lnf.__all__ and "estimate_contributions" not in lnf.__all__
     contributions = torch.randn(8, 2, 2, generator=torch.Generator().manual_seed(0))
     with pytest.warns(DeprecationWarning, match="use lcma_ext.normflows.LCMAMerge"):
@@ -148,7 +148,7 @@ def test_the_old_normflows_names_warn_and_still_work():
     assert lcma_ext.estimate_contributions is C.estimate_contributions  # the core name is its own
 
 
-def test_init_files_only_re_export():
+def test_init_files_only_re_export() -> None:
     for path in PACKAGE.rglob("__init__.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:
@@ -175,7 +175,7 @@ def _reference_max_levels(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 6, 8), (2, 12, 4), (1, 1, 1)])
-def test_level_shapes_and_max_num_levels(shape):
+def test_level_shapes_and_max_num_levels(shape: tuple[int, ...]) -> None:
     assert max_num_levels(shape) == _reference_max_levels(shape)
     levels = max_num_levels(shape)
     if levels == 0:
@@ -204,7 +204,7 @@ def test_level_shapes_and_max_num_levels(shape):
 
 
 @pytest.mark.parametrize(("shape", "levels"), [((1, 8, 8), 3), ((3, 64, 64), 4), ((1, 24, 48), 3)])
-def test_region_tile_at_every_split_point(shape, levels):
+def test_region_tile_at_every_split_point(shape: tuple[int, ...], levels: int) -> None:
     """The check a run does before training: the capped tile divides each split's grid."""
     for region_size, step in itertools.product((1, 2, 3, 4, 5), level_shapes(shape, levels)):
         if not step.is_split_point:

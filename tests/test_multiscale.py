@@ -85,7 +85,7 @@ def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prio
 IMAGE_CASES = [((1, 4, 4), 2), ((1, 8, 8), 3)]
 
 
-def test_batched_jacobian_matches_autograd_functional():
+def test_batched_jacobian_matches_autograd_functional() -> None:
     transform = build("lcma", "post_squeeze", (1, 4, 4), 2)
     x = torch.randn(1, 4, 4)
     expected = torch.autograd.functional.jacobian(
@@ -99,7 +99,9 @@ def test_batched_jacobian_matches_autograd_functional():
 @pytest.mark.parametrize("name", SPLITS)
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize(("shape", "num_levels"), IMAGE_CASES)
-def test_log_prob_equals_brute_force_change_of_variables(name, placement, shape, num_levels):
+def test_log_prob_equals_brute_force_change_of_variables(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int
+) -> None:
     transform = build(name, placement, shape, num_levels)
     dimension = math.prod(shape)
     flow = Flow(transform, StandardNormal([dimension]))
@@ -126,7 +128,7 @@ def test_log_prob_equals_brute_force_change_of_variables(name, placement, shape,
 
 
 @pytest.mark.parametrize("name", SPLITS)
-def test_vector_data(name):
+def test_vector_data(name: str) -> None:
     torch.manual_seed(0)
     features = 6
 
@@ -150,7 +152,7 @@ def test_vector_data(name):
     torch.testing.assert_close(transform.inverse(transform(x)[0])[0], x, rtol=1e-10, atol=1e-10)
 
 
-def test_carry_matches_forward_on_rearrangements():
+def test_carry_matches_forward_on_rearrangements() -> None:
     def factory(index, shape):
         squeezed = 4 * shape[0]
         return T.CompositeTransform([T.SqueezeTransform(), T.RandomPermutation(squeezed, dim=1)])
@@ -169,7 +171,7 @@ def test_carry_matches_forward_on_rearrangements():
 
 
 @pytest.mark.parametrize(("shape", "num_levels"), IMAGE_CASES)
-def test_channel_split_equals_nflows_multiscale(shape, num_levels):
+def test_channel_split_equals_nflows_multiscale(shape: tuple[int, ...], num_levels: int) -> None:
     ours = build("channel", "post_squeeze", shape, num_levels)
     theirs = MultiscaleCompositeTransform(num_levels)
     current = shape
@@ -190,7 +192,7 @@ def test_channel_split_equals_nflows_multiscale(shape, num_levels):
     assert torch.equal(x_ours, x_theirs) and torch.equal(inverse_ours, inverse_theirs)
 
 
-def test_channel_split_equals_nflows_with_split_dim_and_float32():
+def test_channel_split_equals_nflows_with_split_dim_and_float32() -> None:
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     levels = [T.ActNorm(6), T.ActNorm(3)]
@@ -209,7 +211,7 @@ def test_channel_split_equals_nflows_with_split_dim_and_float32():
 
 
 @pytest.mark.parametrize("name", ["lcma", "random", "checkerboard"])
-def test_state_dict_round_trip(name):
+def test_state_dict_round_trip(name: str) -> None:
     first = build(name, "post_squeeze", (1, 8, 8), 3, seed=0)
     second = build(name, "post_squeeze", (1, 8, 8), 3, seed=1)  # other weights and maps
     x = torch.randn(3, 1, 8, 8)
@@ -220,7 +222,7 @@ def test_state_dict_round_trip(name):
         assert torch.equal(a.index, b.index)
 
 
-def test_add_transform_errors():
+def test_add_transform_errors() -> None:
     flow = ContributionMultiscaleFlow(2)
     level = T.ActNorm(8)
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import normflows as nf
 import pytest
@@ -135,7 +136,7 @@ def _standard_normal(shape: tuple[int, ...]) -> nf.distributions.DiagGaussian:
 
 @pytest.mark.parametrize("attribution", ["svd-energy", "svd-index"])
 @pytest.mark.parametrize("conv", ["permute-then-conv", "identity-permutation"])
-def test_same_maps_splits_and_likelihood_as_the_nflows_path(conv, attribution):
+def test_same_maps_splits_and_likelihood_as_the_nflows_path(conv: str, attribution: str) -> None:
     torch.manual_seed(0)
     permute = conv == "permute-then-conv"
     factory = _nflows_level(attribution, identity_permutation=not permute)
@@ -248,7 +249,7 @@ def _check_exact(model: lnf.MultiscaleFlow, x: torch.Tensor, round_trip_tol: flo
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_lcma_model_log_likelihood_equals_brute_force(placement):
+def test_lcma_model_log_likelihood_equals_brute_force(placement: str) -> None:
     torch.manual_seed(0)
     level = _glow_level if placement == "post_squeeze" else _squeeze_placement_level
     x = _data()
@@ -270,7 +271,7 @@ def test_lcma_model_log_likelihood_equals_brute_force(placement):
     _check_exact(model, x[:3], round_trip_tol=1e-9)
 
 
-def test_whole_model_log_dets_sum_to_the_brute_force_log_det():
+def test_whole_model_log_dets_sum_to_the_brute_force_log_det() -> None:
     torch.manual_seed(1)
     model = lnf.build_multiscale_model(_glow_level, SHAPE, LEVELS, "checkerboard")
     x = _data(3)
@@ -293,7 +294,7 @@ def test_whole_model_log_dets_sum_to_the_brute_force_log_det():
 
 
 @pytest.mark.parametrize("merge", ["normflows-channel", "normflows-checkerboard", "lcma"])
-def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
+def test_whole_model_diag_follows_each_dimension_through_the_merges(merge: str) -> None:
     """Levels of ActNorm, Permute and Squeeze: J is a permutation times a diagonal, so each
     latent's contribution is log|J| at the one non-zero entry of its row."""
     torch.manual_seed(2)
@@ -328,7 +329,7 @@ def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
     torch.testing.assert_close(flat_diag.sum(1), log_det, rtol=0, atol=TOL)
 
 
-def test_residual_blocks_through_the_pipeline():
+def test_residual_blocks_through_the_pipeline() -> None:
     """normflows residual wrappers (exact mode) in every level: NMS, contributions, LCMA model."""
     shape = (1, 4, 4)
 
@@ -367,7 +368,7 @@ def test_residual_blocks_through_the_pipeline():
     _check_exact(model, x[:2], round_trip_tol=1e-9)
 
 
-def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path):
+def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path: Path) -> None:
     torch.manual_seed(4)
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)
     x = _data()
@@ -388,7 +389,7 @@ def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path):
         assert torch.equal(merge.split.index, split.index)
 
 
-def test_split_per_point_levels_reuse_and_remap():
+def test_split_per_point_levels_reuse_and_remap() -> None:
     torch.manual_seed(5)
 
     def level(index, shape):  # a random channel shuffle: new levels rearrange differently
@@ -421,7 +422,7 @@ def test_split_per_point_levels_reuse_and_remap():
 # --- clear errors ---------------------------------------------------------------------------------
 
 
-def test_errors_name_the_class_and_what_to_do():
+def test_errors_name_the_class_and_what_to_do() -> None:
     torch.manual_seed(6)
     x = _data(8)
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def _reference_factored(levels, data_maps, placement):
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
-def test_three_line_workflow(placement, tmp_path):
+def test_three_line_workflow(placement: str, tmp_path: Path) -> None:
     factory = make_factory(placement)
     data = _data()
     torch.manual_seed(0)
@@ -149,7 +150,7 @@ def test_three_line_workflow(placement, tmp_path):
     assert (tmp_path / "maps.png").stat().st_size > 0
 
 
-def test_lcma_from_nms_and_ablation_splits():
+def test_lcma_from_nms_and_ablation_splits() -> None:
     factory = make_factory()
     data = _data()
     torch.manual_seed(0)
@@ -181,7 +182,7 @@ def test_lcma_from_nms_and_ablation_splits():
         build_multiscale_transform(factory, SHAPE, LEVELS, "lcma", maps, placement="squeeze")
 
 
-def test_loaded_maps_with_freshly_built_levels(tmp_path):
+def test_loaded_maps_with_freshly_built_levels(tmp_path: Path) -> None:
     factory = make_factory()
     data = _data(16)
     nms = build_nms_transform(factory, SHAPE, LEVELS)

@@ -133,7 +133,7 @@ def _replicated_draws(block, x, calls, replicas, with_diag=False):
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape):
+def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape: tuple[int, ...]) -> None:
     block = _block(cls, shape, exact=True)
     x = _inputs(shape)
     outputs, logdet, diag = block.forward_with_diag(x)
@@ -149,7 +149,7 @@ def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape):
 # --- truncated series ---------------------------------------------------------------------------
 
 
-def test_truncated_series_converges_to_exact_value():
+def test_truncated_series_converges_to_exact_value() -> None:
     """With all 2^D Rademacher sign vectors, the probe average is exactly the truncated series."""
     block = _block(T.InvertibleResNetBlock, (3,), coeff=0.9)
     x = _inputs((3,), batch=1)
@@ -171,7 +171,7 @@ def test_truncated_series_converges_to_exact_value():
     np.testing.assert_allclose(diag.numpy(), expected_diag, atol=1e-8)
 
 
-def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval():
+def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval() -> None:
     block = _block(T.InvertibleResNetBlock, (3,), n_terms=3, eval_n_terms=7)
     assert block._plan().coefficients == (1.0,) * 3
     block.eval()
@@ -189,7 +189,7 @@ def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval():
 @pytest.mark.parametrize(
     ("dist", "mode"), [("geometric", "train"), ("poisson", "train"), ("geometric", "eval")]
 )
-def test_roulette_mean_equals_exact_logdet(kind, dist, mode):
+def test_roulette_mean_equals_exact_logdet(kind: str, dist: str, mode: str) -> None:
     block = _stochastic_block(kind, dist=dist)
     block.train(mode == "train")
     x = _inputs((3,))
@@ -198,7 +198,7 @@ def test_roulette_mean_equals_exact_logdet(kind, dist, mode):
     _within_standard_errors(draws, expected)
 
 
-def test_roulette_coefficients_are_inverse_survival_probabilities():
+def test_roulette_coefficients_are_inverse_survival_probabilities() -> None:
     block = T.ResidualFlowBlock(3, n_exact_terms=2, geom_p=0.25)
     assert block.roulette_coefficients(2, 3) == pytest.approx(
         (1, 1, 1 / 0.75, 1 / 0.75**2, 1 / 0.75**3)
@@ -212,7 +212,7 @@ def test_roulette_coefficients_are_inverse_survival_probabilities():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("low_variance", [False, True])
-def test_diag_mean_equals_exact_matrix_log_diagonal(kind, low_variance):
+def test_diag_mean_equals_exact_matrix_log_diagonal(kind: str, low_variance: bool) -> None:
     block = _stochastic_block(kind)
     x = _inputs((3,))
     _, expected = _exact_reference(block, x)
@@ -224,7 +224,7 @@ def test_diag_mean_equals_exact_matrix_log_diagonal(kind, low_variance):
     _within_standard_errors(draws, expected)
 
 
-def test_low_variance_mode_has_lower_variance_than_training_roulette():
+def test_low_variance_mode_has_lower_variance_than_training_roulette() -> None:
     block = _block(T.ResidualFlowBlock, (3,), n_exact_terms=1)
     x = _inputs((3,), batch=1)
     roulette = _replicated_draws(block, x, calls=60, replicas=1)
@@ -251,7 +251,9 @@ def _gradients(block, x, weights):
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_neumann_gradient_matches_exact_gradient_in_expectation(kind, memory_efficient):
+def test_neumann_gradient_matches_exact_gradient_in_expectation(
+    kind: str, memory_efficient: bool
+) -> None:
     block = _stochastic_block(kind, memory_efficient=memory_efficient)
     x = _inputs((3,))
     replicas = 64
@@ -266,7 +268,7 @@ def test_neumann_gradient_matches_exact_gradient_in_expectation(kind, memory_eff
     _within_standard_errors(draws, expected, atol=1e-12)
 
 
-def test_memory_efficient_backward_matches_plain_for_per_sample_weights():
+def test_memory_efficient_backward_matches_plain_for_per_sample_weights() -> None:
     block = _block(T.ResidualFlowBlock, (2, 2, 2))
     x = _inputs((2, 2, 2), batch=4)
     weights = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
@@ -294,8 +296,8 @@ def test_memory_efficient_backward_matches_plain_for_per_sample_weights():
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
-    memory_efficient, monkeypatch
-):
+    memory_efficient: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Deterministic: with all 2^D Rademacher probes (``mean v v^T = I`` exactly) and fixed
     coefficients, the Neumann surrogate's gradient is exactly the gradient of the series.
 
@@ -329,7 +331,7 @@ def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
 
 
 @pytest.mark.parametrize(("dist", "ours_exact"), [("geometric", 3), ("poisson", 2)])
-def test_roulette_is_the_normflows_estimator(dist, ours_exact):
+def test_roulette_is_the_normflows_estimator(dist: str, ours_exact: int) -> None:
     """normflows' (and the reference code's) ``n_exact_terms=2``, term for term.
 
     Their geometric draw starts at 1, so it always adds at least one term: it is our
@@ -349,7 +351,7 @@ def test_roulette_is_the_normflows_estimator(dist, ours_exact):
         assert ours == pytest.approx(theirs, rel=1e-12)
 
 
-def test_iresnet_backpropagates_through_the_truncated_series():
+def test_iresnet_backpropagates_through_the_truncated_series() -> None:
     block = _block(T.InvertibleResNetBlock, (3,), n_terms=4)
     x = _inputs((3,))
     torch.manual_seed(3)
@@ -377,7 +379,9 @@ def test_iresnet_backpropagates_through_the_truncated_series():
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["train", "eval", "low_variance", "exact"])
-def test_forward_with_diag_matches_forward_and_sums_exactly(cls, shape, mode):
+def test_forward_with_diag_matches_forward_and_sums_exactly(
+    cls, shape: tuple[int, ...], mode: str
+) -> None:
     block = _block(cls, shape, exact=mode == "exact")
     block.train(mode == "train")
     x = _inputs(shape)
@@ -401,7 +405,7 @@ def test_forward_with_diag_matches_forward_and_sums_exactly(cls, shape, mode):
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_inverse_of_forward_within_tolerance(cls, shape):
+def test_inverse_of_forward_within_tolerance(cls, shape: tuple[int, ...]) -> None:
     block = _block(cls, shape, exact=True, atol=1e-11, rtol=0.0)
     block.eval()
     x = _inputs(shape, batch=3)
@@ -414,7 +418,7 @@ def test_inverse_of_forward_within_tolerance(cls, shape):
     torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-8, atol=1e-8)
 
 
-def test_nonconvergence_raises_or_warns_when_asked():
+def test_nonconvergence_raises_or_warns_when_asked() -> None:
     block = _block(T.ResidualFlowBlock, (3,), atol=1e-15, rtol=0.0, max_iter=2)
     z = _inputs((3,))
     with pytest.raises(RuntimeError, match="expected the fixed-point iteration to converge"):
@@ -424,7 +428,7 @@ def test_nonconvergence_raises_or_warns_when_asked():
         block.inverse(z)
 
 
-def test_non_contractive_net_raises_instead_of_returning_garbage():
+def test_non_contractive_net_raises_instead_of_returning_garbage() -> None:
     net = torch.nn.Linear(3, 3).double()
     with torch.no_grad():
         net.weight.copy_(3.0 * torch.eye(3, dtype=torch.float64))
@@ -434,7 +438,7 @@ def test_non_contractive_net_raises_instead_of_returning_garbage():
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_state_dict_round_trip_and_float32(cls):
+def test_state_dict_round_trip_and_float32(cls) -> None:
     block = _block(cls, (2, 2, 2), seed=0, exact=True)
     clone = _block(cls, (2, 2, 2), seed=1, exact=True)
     clone.load_state_dict(block.state_dict())
@@ -450,7 +454,7 @@ def test_state_dict_round_trip_and_float32(cls):
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_default_constructors_and_bad_inputs(cls):
+def test_default_constructors_and_bad_inputs(cls) -> None:
     vector, image = cls(4), cls((2, 4, 4), hidden_channels=16)
     assert vector(torch.randn(3, 4))[1].shape == (3,)
     assert image(torch.randn(3, 2, 4, 4))[0].shape == (3, 2, 4, 4)
@@ -470,7 +474,7 @@ def test_default_constructors_and_bad_inputs(cls):
         cls(4, probe="uniform")
 
 
-def test_residual_flow_rejects_bad_roulette_settings():
+def test_residual_flow_rejects_bad_roulette_settings() -> None:
     with pytest.raises(ValueError, match="expected dist in"):
         T.ResidualFlowBlock(3, dist="binomial")
     with pytest.raises(ValueError, match="expected 0 < geom_p < 1"):
@@ -480,7 +484,7 @@ def test_residual_flow_rejects_bad_roulette_settings():
 # --- composites, contributions, multi-scale use (issue part 6) --------------------------------
 
 
-def test_composite_with_actnorm_matches_brute_force():
+def test_composite_with_actnorm_matches_brute_force() -> None:
     torch.manual_seed(0)
     block = _block(T.ResidualFlowBlock, (2, 2, 2), exact=True)
     composite = T.CompositeTransform([T.ActNorm(2), block, T.SqueezeTransform()]).double()
@@ -507,7 +511,7 @@ def digits():
 
 
 @pytest.mark.parametrize("model", ["resflow", "iresnet"])
-def test_multiscale_residual_flow_trains_on_digits(model, digits):
+def test_multiscale_residual_flow_trains_on_digits(model: str, digits: torch.Tensor) -> None:
     from lcma_ext.models import make_level_factory
     from lcma_ext.pipeline import build_multiscale_transform
 
@@ -532,7 +536,7 @@ def test_multiscale_residual_flow_trains_on_digits(model, digits):
     assert log_prob.shape == (16,) and torch.isfinite(log_prob).all()
 
 
-def test_estimate_contributions_on_residual_nms_flow(digits):
+def test_estimate_contributions_on_residual_nms_flow(digits: torch.Tensor) -> None:
     from lcma_ext import estimate_contributions
     from lcma_ext.models import make_level_factory
     from lcma_ext.pipeline import build_multiscale_transform, build_nms_transform
@@ -573,7 +577,9 @@ def _outputs_only(module):
 
 
 @pytest.mark.parametrize("model", ["resflow", "iresnet"])
-def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(model, digits):
+def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(
+    model: str, digits: torch.Tensor
+) -> None:
     """After NMS level ``l`` the data map sums to the example mean of ``sum_{k<=l} log|det J_k|``.
 
     Exact mode is deterministic, so the reference is the brute-force log-det of every level
@@ -615,7 +621,7 @@ def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(
 
 @pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_normflows_wrapper_matches_brute_force(name, shape):
+def test_normflows_wrapper_matches_brute_force(name: str, shape: tuple[int, ...]) -> None:
     """Data to noise (normflows' ``inverse``): log-det by autograd + slogdet, per-dimension map
     by scipy's ``diag(logm(J))``, in exact mode; normflows' ``forward`` inverts it."""
     from lcma_ext import normflows as lnf
@@ -658,7 +664,7 @@ def test_normflows_wrapper_matches_brute_force(name, shape):
 
 
 @pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
-def test_normflows_wrapper_log_prob_and_sampling(name):
+def test_normflows_wrapper_log_prob_and_sampling(name: str) -> None:
     import normflows as nf
 
     from lcma_ext import normflows as lnf
@@ -683,7 +689,7 @@ def test_normflows_wrapper_log_prob_and_sampling(name):
     torch.testing.assert_close(model.log_prob(samples), log_q, rtol=1e-6, atol=1e-6)
 
 
-def test_bpd_kind_labels_residual_estimates():
+def test_bpd_kind_labels_residual_estimates() -> None:
     from nflows.transforms import CompositeTransform
 
     from lcma_ext.distributions import bpd_kind
@@ -697,7 +703,7 @@ def test_bpd_kind_labels_residual_estimates():
     assert bpd_kind(flow(resflow, iresnet)) == "truncated series"
 
 
-def test_normflows_wrappers_inside_data_to_noise_with_diag():
+def test_normflows_wrappers_inside_data_to_noise_with_diag() -> None:
     from lcma_ext import normflows as lnf
 
     torch.manual_seed(0)

@@ -130,7 +130,9 @@ class DenseFlowBlock(DiagMixin, Transform):
         outputs, logabsdet, _ = self._run(inputs, context, None)
         return outputs, logabsdet
 
-    def _run(self, inputs, context, diag):
+    def _run(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         with_diag = diag is not None
         if with_diag:
             hidden, total, diag = self.squeeze.forward_with_diag(inputs, context, diag)
@@ -167,7 +169,9 @@ class DenseFlowBlock(DiagMixin, Transform):
         hidden, logabsdet = self.squeeze.inverse(hidden, context)
         return hidden, total + logabsdet
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return self._run(inputs, context, check_diag(inputs, diag))
 
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:

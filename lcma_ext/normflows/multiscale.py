@@ -108,7 +108,9 @@ class NormflowsLevel(DiagMixin, nflows_base.Transform):
             log_det = log_det + per_sample_log_det(step, inputs)
         return inputs, log_det
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         _check_context(context, type(self).__name__)
         return data_to_noise_with_diag(self.flows, inputs, diag)
 

@@ -221,7 +221,9 @@ class CrossUnitCoupling(DiagMixin, Transform):
         noise_diag = log_sigma + self._neg_log_base(noise)
         return outputs, noise_diag.flatten(1).sum(1), torch.cat([diag, noise_diag], dim=1)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return self.forward_with_diag(inputs, context, diag)
 
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:

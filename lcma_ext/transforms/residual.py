@@ -71,6 +71,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from nflows.transforms.base import Transform
@@ -237,7 +238,9 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, block, x, plan, *params):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, block: _ResidualBlock, x: Tensor, plan: _Plan, *params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             x_leaf = x.detach().requires_grad_(True)
             g = block.net(x_leaf)
@@ -255,7 +258,9 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
         return g.detach(), logdet.detach()
 
     @staticmethod
-    def backward(ctx, grad_g, grad_logdet):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_g: Tensor, grad_logdet: Tensor
+    ) -> tuple[Tensor | None, ...]:
         g, x_leaf, params = ctx.g, ctx.x_leaf, ctx.params
         weights = grad_logdet.view(-1, *([1] * (x_leaf.dim() - 1))) / len(ctx.probes)
         with torch.enable_grad():
@@ -473,7 +478,9 @@ class _ResidualBlock(DiagMixin, Transform):
         g, logdet, _ = self._logdet(inputs, want_diag=False)
         return inputs + g, logdet
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check_inputs(inputs, context)
         g, logdet, own = self._logdet(inputs, want_diag=True)
         return inputs + g, logdet, diag + own
