@@ -198,12 +198,14 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         index, inverse_index = ctx.saved_tensors
-        return _Permute.apply(grad, inverse_index, index), None, None
+        # torch leaves Function.apply unannotated
+        return _Permute.apply(grad, inverse_index, index), None, None  # type: ignore[no-untyped-call]
 
 
 def _permute(inputs: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
     if inputs.is_floating_point() and torch.is_grad_enabled() and inputs.requires_grad:
-        return _Permute.apply(inputs, index, inverse_index)
+        # torch leaves Function.apply unannotated
+        return _Permute.apply(inputs, index, inverse_index)  # type: ignore[no-untyped-call]
     return inputs.index_select(1, index)
 
 
@@ -391,6 +393,9 @@ class IndexSplit(Split):
         placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
     """
 
+    index: Tensor
+    inverse_index: Tensor
+
     #: Whether the split needs the local-block structure (``C % 4 == 0`` for post_squeeze).
     _needs_blocks = True
 
@@ -435,12 +440,14 @@ class IndexSplit(Split):
     def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def _require_bound(self) -> None:
-        if self.input_shape is None:
+    def _require_bound(self) -> tuple[Shape, Shape, Shape]:
+        """The bound ``(input_shape, factored_shape, kept_shape)``; ``bind`` sets all three."""
+        if self.input_shape is None or self.factored_shape is None or self.kept_shape is None:
             raise RuntimeError(
                 f"{type(self).__name__}: expected a bound split (pass input_shape or call "
                 "bind(input_shape) first); got an unbound one"
             )
+        return self.input_shape, self.factored_shape, self.kept_shape
 
     def _check_event(self, tensor: Tensor, shape: Shape, name: str) -> None:
         if tuple(tensor.shape[1:]) != shape:
@@ -450,25 +457,23 @@ class IndexSplit(Split):
             )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._require_bound()
-        self._check_event(x, self.input_shape, "inputs")
+        input_shape, factored_shape, kept_shape = self._require_bound()
+        self._check_event(x, input_shape, "inputs")
         batch = x.shape[0]
         out = _permute(x.flatten(1), self.index, self.inverse_index)
-        split = _numel(self.factored_shape)
-        return out[:, :split].view(batch, *self.factored_shape), out[:, split:].view(
-            batch, *self.kept_shape
-        )
+        split = _numel(factored_shape)
+        return out[:, :split].view(batch, *factored_shape), out[:, split:].view(batch, *kept_shape)
 
     def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:
-        self._require_bound()
-        self._check_event(factored, self.factored_shape, "factored")
-        self._check_event(kept, self.kept_shape, "kept")
+        input_shape, factored_shape, kept_shape = self._require_bound()
+        self._check_event(factored, factored_shape, "factored")
+        self._check_event(kept, kept_shape, "kept")
         batch = factored.shape[0]
         flat = torch.cat([factored.flatten(1), kept.flatten(1)], dim=1)
-        return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
+        return _permute(flat, self.inverse_index, self.index).view(batch, *input_shape)
 
     def _load_from_state_dict(
-        self, state_dict: dict[str, Any], prefix: str, *args, **kwargs
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
     ) -> None:
         # A split bound to a different shape than the stored one cannot load it.
         stored = state_dict.get(prefix + "index")
@@ -869,6 +874,8 @@ class LCMASplit(IndexSplit):
         S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture
         for Generative Flows, Sec. 3.3, Fig. 1.
     """
+
+    contributions: Tensor
 
     def __init__(
         self,
