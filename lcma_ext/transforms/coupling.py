@@ -37,6 +37,13 @@ class _CouplingDiagMixin(DiagMixin):
     transformed half and its elementwise log|derivative| (not summed).
     """
 
+    # set by the nflows CouplingTransform this mixin is combined with
+    features: int
+    identity_features: Tensor
+    transform_features: Tensor
+    transform_net: nn.Module
+    unconditional_transform: nn.Module | None
+
     def _elementwise_forward(
         self, inputs: Tensor, transform_params: Tensor
     ) -> tuple[Tensor, Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from nflows.transforms import permutations as nflows_permutations
 from torch import Tensor
@@ -12,6 +14,11 @@ __all__ = ["Permutation", "RandomPermutation", "ReversePermutation"]
 
 
 class _PermutationDiagMixin(DiagMixin):
+    # set by the nflows Permutation this mixin is combined with
+    _dim: int
+    _permutation: Tensor
+    forward: Callable[..., tuple[Tensor, Tensor]]
+
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         if self._dim >= tensor.dim() or tensor.shape[self._dim] != len(self._permutation):
             raise ValueError(
