@@ -22,7 +22,7 @@ HIDDEN, STEPS, BATCH = 32, 4, 64
 
 
 @pytest.fixture(scope="module")
-def contenders():
+def contenders() -> tuple[dict[str, dict[str, Any]], torch.Tensor]:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     data = torch.randn(512, *SHAPE)
@@ -63,7 +63,7 @@ def test_sample(
     benchmark.group = "sample"
     flows, _ = contenders
 
-    def run():
+    def run() -> torch.Tensor:
         with torch.no_grad():
             return flows[name]["sample"](BATCH)
 

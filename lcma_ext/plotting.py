@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,7 +36,7 @@ CONTRIBUTION_UNITS = "mean contribution to log|det J| (nats)"
 #: Mask colours of the heatmaps: factored out earlier, factored out here, kept.
 MASK_COLOURS = ("#bdbdbd", "#ff9933", "#33aa33")
 #: Line styles and markers that tell the seeds of an arm apart in the learning curves.
-SEED_STYLES = ("-", "--", ":", "-.")
+SEED_STYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -99,7 +99,9 @@ def plot_contributions(
                 f"expected split indices in [0, {len(maps.data_maps) - 1}]; got {index}"
             )
     shape = maps.input_shape
-    images = (lambda t: t.view(1, 1, -1)) if len(shape) == 1 else (lambda t: t)
+    images: Callable[[Tensor], Tensor] = (
+        (lambda t: t.view(1, 1, -1)) if len(shape) == 1 else (lambda t: t)
+    )
     channels = min(max_channels, 1 if len(shape) == 1 else shape[0])
     columns = 2 * channels + (len(shape) == 3)
     fig, axes = plt.subplots(

@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import normflows as nf
 import torch
@@ -350,7 +351,7 @@ class GlowBlock(_NormflowsDiagMixin, nf.flows.GlowBlock):
         attribution: How its 1x1 convolution shares ``log|det W|`` among channels.
     """
 
-    def __init__(self, *args, attribution: str = DEFAULT_ATTRIBUTION, **kwargs) -> None:
+    def __init__(self, *args: Any, attribution: str = DEFAULT_ATTRIBUTION, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.attribution = check_attribution(attribution)
 
