@@ -22,7 +22,7 @@ QUICK = ["run", "--quick", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory):
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("quick")
     assert main([*QUICK, "--out", str(out)]) == 0
     return out
@@ -235,7 +235,7 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"lcma-ext {lcma_ext.__version__}"
 
 
-def _one_line_error(capsys: pytest.CaptureFixture[str], command="run"):
+def _one_line_error(capsys: pytest.CaptureFixture[str], command: str = "run") -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"lcma-ext {command}: error:"), err
     return err

@@ -27,7 +27,7 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def latent_run(tmp_path_factory: pytest.TempPathFactory):
+def latent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("latent")
     arms = "channel,flow-vae,denseflow,haar"
     assert main([*TINY, "--out", str(out), "--arms", arms]) == 0

@@ -15,7 +15,7 @@ ARMS = "channel,checkerboard,lcma,channel+cond,checkerboard+cond,lcma+cond"
 
 
 @pytest.fixture(scope="module")
-def both_priors(tmp_path_factory: pytest.TempPathFactory):
+def both_priors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("both")
     assert main(["run", "--quick", "--no-progress", "--arms", ARMS, "--out", str(out)]) == 0
     return out

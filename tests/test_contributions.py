@@ -9,6 +9,7 @@ through the levels' ``forward`` (not ``carry``) and a loop-based LCMA rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -78,7 +79,7 @@ def ms_factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
     return T.CompositeTransform([*layers, FixedScale(torch.zeros(shape, dtype=torch.float64))])
 
 
-def hand_built_nms(num_levels: int, seed: int):
+def hand_built_nms(num_levels: int, seed: int) -> tuple[T.CompositeTransform, list[torch.Tensor]]:
     """NMS levels with fixed scales ``g_l`` given per data dimension; returns (nms, g)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -96,7 +97,9 @@ def hand_built_nms(num_levels: int, seed: int):
     return T.CompositeTransform(levels), scales
 
 
-def reference_maps(levels, cumulative, factor_out):
+def reference_maps(
+    levels: Sequence[Transform], cumulative: Sequence[torch.Tensor], factor_out: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Expected maps per split point, and kept data indices, without lcma_ext's tracking."""
     positions = torch.arange(64, dtype=torch.float64).view(1, *SHAPE)
     maps, kept_all = [], []
@@ -161,7 +164,7 @@ def test_tracking_matches_closed_form(num_levels: int, factor_out: str) -> None:
 
 
 def test_averages_over_data_tensor_and_dataloader() -> None:
-    def level(shape):
+    def level(shape: tuple[int, ...]) -> T.CompositeTransform:
         return T.CompositeTransform([T.SqueezeTransform(), SoftTanh()])
 
     nms = T.CompositeTransform([level(SHAPE), level((4, 4, 4))])

@@ -85,7 +85,7 @@ def _in_layout(per_data_dimension: torch.Tensor, level: int) -> torch.Tensor:
     return tensor
 
 
-def _nms(seed: int = 0):
+def _nms(seed: int = 0) -> tuple[T.CompositeTransform, list[torch.Tensor]]:
     """NMS flow of ``[ModeDependentScale, squeeze]`` levels; returns it and the eval log-scales
     per data dimension (one ``SHAPE`` tensor per level)."""
     generator = torch.Generator().manual_seed(seed)
@@ -113,7 +113,7 @@ def _data(seed: int = 1) -> torch.Tensor:
     return torch.randn(NUM_EXAMPLES, *SHAPE, generator=generator, dtype=torch.float64)
 
 
-def _scales(nms) -> list[ModeDependentScale]:
+def _scales(nms: torch.nn.Module) -> list[ModeDependentScale]:
     return [m for m in nms.modules() if isinstance(m, ModeDependentScale)]
 
 

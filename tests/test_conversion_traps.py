@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import normflows as nf
 import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
+from nflows.transforms import Transform
 from torch.utils.data import DataLoader, TensorDataset
 
 from lcma_ext import (
@@ -30,9 +32,10 @@ from lcma_ext import (
 )
 from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.data import LogitPreprocessing
 from lcma_ext.models import build_flow, count_parameters, make_level_factory
-from lcma_ext.multiscale import build_levels, level_output_shape
+from lcma_ext.multiscale import LevelFactory, build_levels, level_output_shape
 
 from brute_force import jacobian, slogdet
 
@@ -48,7 +51,7 @@ def _data(n: int = 32) -> torch.Tensor:
     return LogitPreprocessing(17)(_images(n), generator=torch.Generator().manual_seed(1))[0]
 
 
-def _maps(factory):
+def _maps(factory: LevelFactory) -> ContributionMaps:
     torch.manual_seed(0)
     nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)
     return estimate_contributions(nms, _data(), factory, SHAPE, progress=False)
@@ -98,14 +101,14 @@ def test_the_lcma_flow_follows_the_seed_like_channel() -> None:
     assert all(a is not b for a, b in zip(copies.parameters(), maps.levels[0].parameters()))
 
 
-def _normflows_level(index, shape):
+def _normflows_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 8, split_mode="channel", scale=True) for _ in range(2)] + [
         nf.flows.Squeeze()
     ]
 
 
-def _normflows_level_wide(index, shape):
+def _normflows_level_wide(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 24, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
@@ -129,7 +132,9 @@ def test_the_normflows_builder_uses_the_factory_it_is_given() -> None:
 # --- 9: hand-assembled flows check their maps -------------------------------------------------
 
 
-def _assemble(levels, maps_per_split) -> ContributionMultiscaleFlow:
+def _assemble(
+    levels: Sequence[Transform], maps_per_split: Sequence[torch.Tensor]
+) -> ContributionMultiscaleFlow:
     """README's hand-assembly route: add_transform level by level with LCMASplit(map)."""
     flow = ContributionMultiscaleFlow(len(levels))
     shape = SHAPE
@@ -169,7 +174,7 @@ def test_add_transform_refuses_a_later_map_after_other_splits() -> None:
 # --- 10: class labels on the normflows path ---------------------------------------------------
 
 
-def _class_base(shape):
+def _class_base(shape: tuple[int, ...]) -> nf.distributions.ClassCondDiagGaussian:
     return nf.distributions.ClassCondDiagGaussian(shape, 3)
 
 
@@ -192,7 +197,7 @@ def test_class_conditional_normflows_model_against_brute_force() -> None:
                 base.log_scale.normal_(0, 0.3)
         log_prob = model.log_prob(x, y)
 
-        def latents(batch):
+        def latents(batch: torch.Tensor) -> torch.Tensor:
             return torch.cat([z.flatten(1) for z in model.inverse_and_log_det(batch)[0]], 1)
 
         for b in range(4):

@@ -21,6 +21,7 @@ import lcma_ext
 from lcma_ext import contributions as C
 from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.flows import build_flow, eval_mode, flow_parts
 from lcma_ext.models import level_shapes, make_level_factory, max_num_levels
 from lcma_ext.multiscale import walk_levels
@@ -30,7 +31,7 @@ SHAPE = (1, 8, 8)
 PACKAGE = Path(lcma_ext.__file__).parent
 
 
-def _maps():
+def _maps() -> ContributionMaps:
     factory = make_level_factory("glow", "tiny")
     torch.manual_seed(0)
     nms = build_nms_transform(factory, SHAPE, 3)
@@ -42,7 +43,7 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = C.track_splits
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs) -> C.TrackedSplits:
         calls.append(1)
         return original(*args, **kwargs)
 
@@ -124,7 +125,7 @@ def test_flow_parts() -> None:
 # --- names -------------------------------------------------------------------------------------
 
 
-def _glow_level(index, shape):
+def _glow_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 8, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
@@ -166,7 +167,7 @@ def test_init_files_only_re_export() -> None:
 # --- the shapes of the model families ----------------------------------------------------------
 
 
-def _reference_max_levels(shape):
+def _reference_max_levels(shape: tuple[int, ...]) -> int:
     _, h, w = shape
     levels = 0
     while h % 2 == 0 and w % 2 == 0:

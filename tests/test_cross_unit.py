@@ -40,7 +40,7 @@ def test_deterministic_part_jacobian_at_fixed_noise(previous_channels: int) -> N
     for b in range(2):
         nz = z[b].numel()
 
-        def joint(zb, eb, b=b):
+        def joint(zb: torch.Tensor, eb: torch.Tensor, b: int = b) -> torch.Tensor:
             return coupling.augment(zb, eb, [p[b : b + 1] for p in previous])[0]
 
         jac = joint_jacobian(joint, [z[b], e[b]])

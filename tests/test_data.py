@@ -7,7 +7,9 @@ import re
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -36,6 +38,9 @@ from lcma_ext.data import (
 )
 
 from brute_force import jacobian
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ALPHA = 0.05
 
@@ -155,33 +160,35 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 def _fake_torchvision(calls: list) -> types.ModuleType:
     from PIL import Image
 
-    def no_download(name, download) -> None:
+    def no_download(name: str, download: bool) -> None:
         calls.append((name, download))
         if download:
             raise AssertionError("a dataset was asked to download")
 
     class MNIST:
-        def __init__(self, root, train=True, download=False) -> None:
+        def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
             no_download("MNIST", download)
             self.data = torch.from_numpy(np.load(Path(root) / f"mnist_{int(train)}.npy"))
 
     class CIFAR10:
-        def __init__(self, root, train=True, download=False) -> None:
+        def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
             no_download("CIFAR10", download)
             self.data = np.load(Path(root) / f"cifar_{int(train)}.npy")
 
     class ImageFolder:
-        def __init__(self, root) -> None:
+        def __init__(self, root: str | Path) -> None:
             self.files = sorted(Path(root).glob("*/*.png"))
 
         def __len__(self) -> int:
             return len(self.files)
 
-        def __getitem__(self, index):
+        def __getitem__(self, index: int) -> tuple[Image.Image, int]:
             return Image.open(self.files[index]), 0
 
     class CelebA(ImageFolder):
-        def __init__(self, root, split="train", download=False, **kwargs) -> None:
+        def __init__(
+            self, root: str | Path, split: str = "train", download: bool = False, **kwargs
+        ) -> None:
             no_download("CelebA", download)
             super().__init__(Path(root) / "celeba" / split)
 
@@ -290,7 +297,7 @@ def _npz(path: Path, **arrays: object) -> Path:
     ],
 )
 def test_npz_layouts_round_trip_exact_values(
-    tmp_path: Path, shape: tuple[int, ...], to_nchw
+    tmp_path: Path, shape: tuple[int, ...], to_nchw: Callable[[np.ndarray], np.ndarray]
 ) -> None:
     rng = np.random.default_rng(3)
     train = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -469,7 +476,7 @@ def test_bad_image_folders_are_named(tmp_path: Path) -> None:
 # --- input is never silently reinterpreted: channels, alpha, options, tiny sets ---------------
 
 
-def _save(path: Path, image) -> Path:
+def _save(path: Path, image: Image.Image) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext.contributions import ContributionMaps
 from lcma_ext.experiments import (
@@ -40,7 +41,7 @@ def test_builders_give_a_flow_of_the_data_shape(arm: str, maps: ContributionMaps
 
 
 def test_every_arm_of_a_seed_starts_from_the_same_weights(maps: ContributionMaps) -> None:
-    def weights(arm, seed):
+    def weights(arm: str, seed: int) -> list[torch.Tensor]:
         return [p.detach().clone() for p in build_arm(CONFIG, arm, maps, seed).parameters()]
 
     lcma, channel, again = weights("lcma", 3), weights("channel", 3), weights("lcma", 3)
@@ -50,7 +51,7 @@ def test_every_arm_of_a_seed_starts_from_the_same_weights(maps: ContributionMaps
 
 
 def test_ablation_all_low_is_lcma_and_all_high_is_high(maps: ContributionMaps) -> None:
-    def indices(flow):
+    def indices(flow: Flow) -> list[torch.Tensor]:
         return [split.index for split in flow._transform.splits]
 
     low_low, low_high = (

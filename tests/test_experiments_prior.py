@@ -134,7 +134,7 @@ def test_the_report_names_the_conditional_arms() -> None:
 
 
 @pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory: pytest.TempPathFactory):
+def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("conditional")
     config = ExperimentConfig(out=out, arms="lcma,channel", prior="conditional", **TINY)
     return out, run_comparison(config)
@@ -164,7 +164,7 @@ def test_the_sample_grids_are_titled(
     (out / "samples_lcma_T0.7.png").unlink()
     titles = []
 
-    def grid(images, path, nrow=8, title=None) -> None:
+    def grid(images: torch.Tensor, path: Path, nrow: int = 8, title: str | None = None) -> None:
         titles.append(title)
         path.write_bytes(b"png")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ from lcma_ext.experiments.report import (
 from lcma_ext.experiments.stats import aggregate
 
 
-def _run(seed, bpd, reason=""):
+def _run(seed: int, bpd: float, reason: str = "") -> dict[str, Any]:
     return {
         "seed": seed,
         "test_bpd": bpd,
@@ -30,7 +32,12 @@ def _run(seed, bpd, reason=""):
     }
 
 
-def _results(arms, quick=False, nms=None, **config):
+def _results(
+    arms: dict[str, dict[str, Any]],
+    quick: bool = False,
+    nms: dict[str, Any] | None = None,
+    **config,
+) -> dict[str, Any]:
     return {
         "config": {
             "command": "run",
@@ -184,7 +191,7 @@ def test_update_readme_renders_the_current_report(tmp_path: Path) -> None:
     assert "old" not in text and "stale" not in text and text.endswith("<!-- table:end -->\nrest\n")
 
 
-def _update_readme():
+def _update_readme() -> ModuleType:
     import importlib.util
     from pathlib import Path
 

@@ -10,7 +10,9 @@ from typing import Any, NoReturn
 
 import pytest
 import torch
+from nflows.flows import Flow
 
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.experiments import (
     ExperimentConfig,
     ExperimentError,
@@ -25,17 +27,17 @@ from lcma_ext.training import evaluate_bpd
 TINY = {"quick": True, "limit": 64, "epochs": 1, "nms_epochs": 1, "seeds": 2, "progress": False}
 
 
-def _config(out, **changes):
+def _config(out: Path, **changes) -> ExperimentConfig:
     return ExperimentConfig(out=out, **{**TINY, "arms": "lcma,channel", **changes})
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory):
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("tiny")
     return out, run_comparison(_config(out))
 
 
-def _copy(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path):
+def _copy(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> Path:
     out = tmp_path / "copy"
     shutil.copytree(tiny_run[0], out)
     return out
@@ -169,7 +171,7 @@ def test_an_nms_far_above_the_uniform_baseline_has_diverged(tmp_path: Path) -> N
     assert "NMS pre-trained 1 epochs (diverged:" in text and "built on a diverged NMS" in text
 
 
-def _refuse(token) -> NoReturn:
+def _refuse(token: str) -> NoReturn:
     raise ValueError(f"non-strict JSON token {token}")
 
 
@@ -184,7 +186,7 @@ def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path: Path) -> None:
     name = "test-nan-channel"
     channel = split_arm("channel")
 
-    def diverging(config, maps, seed):
+    def diverging(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
         flow = channel(config, maps, seed)
         with torch.no_grad():
             next(flow.parameters()).fill_(float("nan"))

@@ -11,15 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext.contributions import ContributionMaps
+from lcma_ext.data import ImageDataset
 from lcma_ext.experiments import ExperimentConfig, load_arm, load_run_data, run_comparison
 from lcma_ext.experiments import self_estimation as phased
 from lcma_ext.experiments.arms import arm_spec, build_arm
 from lcma_ext.experiments.runner import CONTRIBUTION_EXAMPLES, CONTRIBUTION_NOISE_SEED
 from lcma_ext.multiscale import ContributionMultiscaleFlow, level_output_shape
 from lcma_ext.splits import ChannelSplit, LCMASplit, make_split
-from lcma_ext.training import evaluate_bpd, evaluation_state_dict, load_checkpoint
+from lcma_ext.training import TrainResult, evaluate_bpd, evaluation_state_dict, load_checkpoint
 
 from brute_force import jacobian, slogdet
 
@@ -42,17 +44,17 @@ TINY = {
 SELF = "channel,lcma-self,lcma-reestimate"
 
 
-def _config(out, **changes):
+def _config(out: Path, **changes) -> ExperimentConfig:
     return ExperimentConfig(out=out, **{**TINY, "arms": SELF, **changes})
 
 
 @pytest.fixture(scope="module")
-def self_run(tmp_path_factory: pytest.TempPathFactory):
+def self_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("self")
     return out, run_comparison(_config(out))
 
 
-def _summary(out, arm, seed=0):
+def _summary(out: Path, arm: str, seed: int = 0) -> dict[str, Any]:
     return json.loads((out / "runs" / f"{arm}_seed{seed}.json").read_text())
 
 
@@ -83,7 +85,7 @@ def test_an_explicit_phase_length_is_part_of_the_stored_configuration(
     assert "reestimate_every" not in ExperimentConfig().record(*_record_args(out))
 
 
-def _record_args(out):
+def _record_args(out: Path) -> tuple[ImageDataset, float, int]:
     data, preprocessing = load_run_data(out)
     return data, preprocessing.alpha, 3
 
@@ -116,13 +118,13 @@ def test_phase_zero_is_the_channel_arm(self_run: tuple[Path, dict[str, Any]], ar
     assert mine["test_bpd_curve"][-1] != channel["test_bpd_curve"][-1]  # the split did change
 
 
-def _contribution_data(out):
+def _contribution_data(out: Path) -> torch.Tensor:
     data, preprocessing = load_run_data(out)
     generator = torch.Generator().manual_seed(CONTRIBUTION_NOISE_SEED)
     return preprocessing(data.train[:CONTRIBUTION_EXAMPLES], generator=generator)[0]
 
 
-def _independent_maps(flow, data, shape):
+def _independent_maps(flow: Flow, data: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Split point k's map from a truncated multi-scale flow (levels 0..k, the last unsplit)."""
     levels, splits, maps = flow._transform.levels, [], []
     flow.eval()
@@ -258,7 +260,7 @@ def test_a_switch_continues_from_the_raw_weights(self_run: tuple[Path, dict[str,
 def _interrupt_at_last_phase(monkeypatch: pytest.MonkeyPatch) -> None:
     real = phased.train_flow
 
-    def train_flow(flow, *args, **kwargs):
+    def train_flow(flow: Flow, *args, **kwargs) -> TrainResult:
         if args[2].epochs == EPOCHS and "phase2" in str(kwargs["checkpoint_path"]):
             raise KeyboardInterrupt
         return real(flow, *args, **kwargs)

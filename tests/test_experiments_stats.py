@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 from scipy.stats import t as scipy_t
@@ -26,7 +27,7 @@ from lcma_ext.experiments.stats import (
 from lcma_ext.experiments.store import write_json
 
 
-def _run(seed, bpd, diverged=False):
+def _run(seed: int, bpd: float, diverged: bool = False) -> dict[str, Any]:
     return {
         "seed": seed,
         "test_bpd": bpd,
@@ -121,7 +122,7 @@ def test_seeds_needed_is_the_smallest_n_whose_half_width_is_below_the_effect() -
     assert seeds_needed(0.02, 0.0) is None
 
 
-def _entry(seeds_bpd, prior="standard"):
+def _entry(seeds_bpd: Iterable[float], prior: str = "standard") -> dict[str, Any]:
     bpd = list(seeds_bpd)
     finite = [b for b in bpd if math.isfinite(b)]
     return {
@@ -210,7 +211,7 @@ def test_aggregated_results_are_strict_json(tmp_path: Path) -> None:
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
 
-    def refuse(token) -> NoReturn:
+    def refuse(token: str) -> NoReturn:
         raise ValueError(f"non-strict JSON token {token}")
 
     stored = json.loads(text, parse_constant=refuse)["arms"]

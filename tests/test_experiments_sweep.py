@@ -9,6 +9,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import pytest
@@ -23,14 +24,14 @@ CELLS = ("tiny-2ep", "tiny-3ep")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _base(**changes):
+def _base(**changes) -> ExperimentConfig:
     return ExperimentConfig(
         **{"quick": True, "limit": 64, "progress": False, "arms": ARMS, **changes}
     )
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory):
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("sweep")
     return out, run_sweep(SweepConfig(_base(), out=out))
 
@@ -113,7 +114,7 @@ def test_a_rerun_skips_every_finished_cell(
 ) -> None:
     out, sweep = swept
 
-    def refuse(config) -> NoReturn:
+    def refuse(config: ExperimentConfig) -> NoReturn:
         raise AssertionError(f"cell {config.out.name} was run again")
 
     before = {p: p.stat().st_mtime_ns for cell in CELLS for p in (out / cell).rglob("*")}
@@ -177,7 +178,7 @@ def test_a_bad_grid_is_refused_before_any_training(
     assert not (tmp_path / "bad").exists()
 
 
-def _update_science():
+def _update_science() -> ModuleType:
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec = importlib.util.spec_from_file_location(

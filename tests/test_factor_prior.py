@@ -26,11 +26,13 @@ from brute_force import transform_log_prob
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _build(name, placement, shape, num_levels, prior="conditional"):
+def _build(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int, prior: str = "conditional"
+) -> ContributionMultiscaleFlow:
     return build(name, placement, shape, num_levels, prior=prior)
 
 
-def _randomise(flow, seed=1, scale=0.3) -> None:
+def _randomise(flow: ContributionMultiscaleFlow, seed: int = 1, scale: float = 0.3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for prior in filter(None, flow.priors):
@@ -105,7 +107,7 @@ def test_sampling_draws_the_factored_half_from_its_conditional() -> None:
 def test_vector_data() -> None:
     torch.manual_seed(0)
 
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         mask = torch.tensor([1 if i % 2 else -1 for i in range(shape[0])])
         return T.CompositeTransform(
             [T.LULinear(shape[0], identity_init=False), T.AffineCouplingTransform(mask, _Linear)]

@@ -13,11 +13,11 @@ from lcma_ext import log_prob_with_contributions
 from lcma_ext import transforms as T
 
 
-def _net(i, o):
+def _net(i: int, o: int) -> ConvResidualNet:
     return ConvResidualNet(i, o, hidden_channels=8, num_blocks=1)
 
 
-def _glow_flow(shape=(1, 4, 4)) -> Flow:
+def _glow_flow(shape: tuple[int, ...] = (1, 4, 4)) -> Flow:
     torch.manual_seed(0)
     c = shape[0] * 4
     transform = T.CompositeTransform(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,9 @@ def _flat_index(placement: str, group: int, k: int, i: int, j: int, h: int, w: i
     return (group * 2 * h + 2 * i + dy) * 2 * w + 2 * j + dx
 
 
-def _expected_index(placement: str, kept_sets, h: int = 2, w: int = 4) -> torch.Tensor:
+def _expected_index(
+    placement: str, kept_sets: Sequence[Sequence[Sequence[tuple[int, ...]]]], h: int = 2, w: int = 4
+) -> torch.Tensor:
     """Flat input indices of the kept half ``(2G, h, w)``: channel ``2g + r`` holds the ``r``-th
     kept position (increasing) of group ``g``'s block."""
     out = torch.zeros(2 * len(kept_sets), h, w, dtype=torch.long)
@@ -83,13 +86,15 @@ def _expected_index(placement: str, kept_sets, h: int = 2, w: int = 4) -> torch.
     return out
 
 
-def _complement(kept_sets):
+def _complement(
+    kept_sets: Sequence[Sequence[Sequence[tuple[int, ...]]]],
+) -> list[list[list[tuple[int, ...]]]]:
     return [
         [[tuple(k for k in range(4) if k not in p) for p in row] for row in g] for g in kept_sets
     ]
 
 
-def _carry(split: S.Split, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _carry(split: S.Split, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     factored, kept = split.carry(torch.arange(math.prod(shape)).view(1, *shape))
     return factored[0], kept[0]
 
@@ -168,7 +173,9 @@ def test_vector_data_accepts_only_site() -> None:
 # --- brute force ---------------------------------------------------------------------------
 
 
-def _build(name: str, placement: str, shape, num_levels: int, region_size: int = 2):
+def _build(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int, region_size: int = 2
+) -> ContributionMultiscaleFlow:
     torch.manual_seed(0)
     levels = build_levels(glow_factory(placement), shape, num_levels, placement)
     generator = torch.Generator().manual_seed(5)
@@ -210,7 +217,7 @@ def test_log_prob_equals_brute_force_change_of_variables(name: str, placement: s
 
 
 @pytest.fixture(scope="module")
-def maps():
+def maps() -> ContributionMaps:
     torch.manual_seed(0)
     factory = glow_factory("post_squeeze")
     nms = build_nms_transform(factory, (1, 8, 8), 3)
@@ -256,7 +263,7 @@ def test_plot_has_the_kept_position_panel(maps: ContributionMaps, tmp_path: Path
 # --- diagnostics ---------------------------------------------------------------------------
 
 
-def _entropy(counts) -> float:
+def _entropy(counts: Sequence[int]) -> float:
     total = sum(counts)
     return -sum(c / total * math.log2(c / total) for c in counts if c)
 

@@ -35,7 +35,7 @@ def _perturb(net: torch.nn.Module, scale: float = 2.0, seed: int = 3) -> None:
             layer.weight.add_(scale * noise)
 
 
-def _nets():
+def _nets() -> list[torch.nn.Module]:
     torch.manual_seed(0)
     return [
         LipschitzMLP(4, 16, activation="elu").double(),

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from nflows.transforms import Transform
 
 from lcma_ext import transforms as T
 from lcma_ext.models import (
@@ -38,7 +39,7 @@ def _randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> No
             parameter.add_(scale * noise)
 
 
-def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _brute_force(transform: Transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: ``slogdet`` of the full Jacobian and the log|diagonal| of the Jacobian."""
     logdets, diagonals = [], []
     for example in x:
@@ -48,7 +49,7 @@ def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(logdets), torch.stack(diagonals)
 
 
-def _check_diag_protocol(transform, x: torch.Tensor) -> torch.Tensor:
+def _check_diag_protocol(transform: Transform, x: torch.Tensor) -> torch.Tensor:
     outputs, logabsdet = transform(x)
     diag_in = torch.randn_like(x)
     outputs_d, logabsdet_d, diag_out = transform.forward_with_diag(x, diag=diag_in)
@@ -114,7 +115,7 @@ def test_realnvp_channel_coupling_matches_brute_force_and_can_expand() -> None:
     torch.testing.assert_close(coupling.inverse(coupling(x)[0])[0], x)
 
 
-def _levels(model: str):
+def _levels(model: str) -> list[tuple[int, tuple[int, ...]]]:
     return [(0, (1, 4, 4)), (1, (2, 2, 2))] if model in ("realnvp", "glow") else [(0, (1, 4, 4))]
 
 

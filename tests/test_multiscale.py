@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -33,12 +34,12 @@ class _ConvNet(nn.Module):
             nn.Conv2d(in_channels, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, out_channels, 1)
         )
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
 
 
 class _Linear(nn.Linear):
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -51,7 +52,7 @@ def _actnorm(channels: int) -> T.ActNorm:
     return actnorm
 
 
-def glow_factory(placement: str):
+def glow_factory(placement: str) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     """Small Glow-like levels: [squeeze], ActNorm, 1x1 conv, affine coupling (random weights)."""
 
     def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
@@ -70,7 +71,14 @@ def glow_factory(placement: str):
     return factory
 
 
-def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prior="standard"):
+def build(
+    name: str,
+    placement: str,
+    shape: tuple[int, ...],
+    num_levels: int,
+    seed: int = 0,
+    prior: str = "standard",
+) -> ContributionMultiscaleFlow:
     torch.manual_seed(seed)
     levels = build_levels(glow_factory(placement), shape, num_levels, placement)
     generator = torch.Generator().manual_seed(seed)
@@ -132,7 +140,7 @@ def test_vector_data(name: str) -> None:
     torch.manual_seed(0)
     features = 6
 
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         mask = torch.tensor([1 if i % 2 else -1 for i in range(shape[0])])
         return T.CompositeTransform(
             [
@@ -153,7 +161,7 @@ def test_vector_data(name: str) -> None:
 
 
 def test_carry_matches_forward_on_rearrangements() -> None:
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         squeezed = 4 * shape[0]
         return T.CompositeTransform([T.SqueezeTransform(), T.RandomPermutation(squeezed, dim=1)])
 

@@ -59,7 +59,7 @@ REGISTRY: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], tuple[
 NAMES = sorted(REGISTRY)
 
 
-def _make(name: str, seed: int = 0):
+def _make(name: str, seed: int = 0) -> tuple[nf.flows.Flow, torch.Tensor]:
     build, shape, _ = REGISTRY[name]
     torch.manual_seed(seed)
     flow = build().double()

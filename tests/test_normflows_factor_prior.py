@@ -53,14 +53,20 @@ def _data(n: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(n, *shape, generator=generator) * (0.3 + ramp.abs()) + ramp
 
 
-def _maps(shape: tuple[int, ...], num_levels: int):
+def _maps(shape: tuple[int, ...], num_levels: int) -> ContributionMaps:
     """Contributions of an untrained NMS model (enough for the LCMA split logic)."""
     torch.manual_seed(5)
     nms = lnf.build_nms_model(_glow_level, shape, num_levels)
     return lnf.estimate_model_contributions(nms, _data(16, shape), _glow_level, progress=False)
 
 
-def _model(split: str, shape, num_levels, prior: str = "conditional", maps=None):
+def _model(
+    split: str,
+    shape: tuple[int, ...],
+    num_levels: int,
+    prior: str = "conditional",
+    maps: ContributionMaps | None = None,
+) -> lnf.MultiscaleFlow:
     torch.manual_seed(0)
     model = lnf.build_multiscale_model(
         _glow_level, shape, num_levels, split, maps, seed=3, base=_standard_normal, prior=prior
@@ -82,7 +88,7 @@ def _latents(model: nf.MultiscaleFlow, batch: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def maps_by_shape():
+def maps_by_shape() -> dict[tuple[int, ...], ContributionMaps]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:

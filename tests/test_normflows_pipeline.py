@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import normflows as nf
@@ -59,12 +60,14 @@ class _ExpCoupling(T.AffineCouplingTransform):
     nflows computes ``z2 * scale + shift``, so ``scale = exp(-s)`` and ``shift = -t * exp(-s)``.
     """
 
-    def _scale_and_shift(self, transform_params):
+    def _scale_and_shift(self, transform_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.exp(-transform_params[:, 1::2])
         return scale, -transform_params[:, 0::2] * scale
 
 
-def _nflows_level(attribution: str, identity_permutation: bool):
+def _nflows_level(
+    attribution: str, identity_permutation: bool
+) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     def level(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         c = 4 * shape[0]
         steps: list[nn.Module] = [T.SqueezeTransform()]
@@ -209,7 +212,9 @@ def _hand_set_gaussian(shape: tuple[int, ...]) -> nf.distributions.DiagGaussian:
     return gaussian
 
 
-def _gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor):
+def _gaussian_log_density(
+    z: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
     """log N(z; loc, exp(log_scale)^2), summed per example, written out."""
     standardized = (z - loc) * torch.exp(-log_scale)
     return (-0.5 * math.log(2 * math.pi) - log_scale - 0.5 * standardized**2).flatten(1).sum(1)
@@ -218,7 +223,7 @@ def _gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, log_scale: torch.T
 def _brute_force_log_likelihood(model: nf.MultiscaleFlow, x: torch.Tensor) -> torch.Tensor:
     """Change of variables: every latent, Jacobian of the whole data-to-noise map, slogdet."""
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([z.flatten(1) for z in model.inverse_and_log_det(batch)[0]], 1)
 
     out = []
@@ -284,7 +289,7 @@ def test_whole_model_log_dets_sum_to_the_brute_force_log_det() -> None:
     assert torch.equal(log_det, expected_log_det)
     total = sum(diag.flatten(1).sum(1) for diag in diags)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([zi.flatten(1) for zi in model.inverse_and_log_det(batch)[0]], 1)
 
     for b in range(len(x)):
@@ -318,7 +323,7 @@ def test_whole_model_diag_follows_each_dimension_through_the_merges(merge: str) 
                 module.s.normal_()
         _, log_det, diags = lnf.inverse_and_log_det_with_diag(model, x)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([zi.flatten(1) for zi in model.inverse_and_log_det(batch)[0]], 1)
 
     flat_diag = torch.cat([d.flatten(1) for d in diags], 1)
@@ -392,7 +397,9 @@ def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path: Path)
 def test_split_per_point_levels_reuse_and_remap() -> None:
     torch.manual_seed(5)
 
-    def level(index, shape):  # a random channel shuffle: new levels rearrange differently
+    def level(
+        index: int, shape: tuple[int, ...]
+    ) -> list[nf.flows.Flow]:  # a random channel shuffle: new levels rearrange differently
         return [*_glow_level(index, shape)[:1], nf.flows.Permute(4 * shape[0]), nf.flows.Squeeze()]
 
     x = _data()
@@ -455,7 +462,7 @@ def test_errors_name_the_class_and_what_to_do() -> None:
         lnf.estimate_model_contributions(nms, x, _glow_level, placement="squeeze", progress=False)
 
     # a normflows flow without a per-dimension adapter
-    def unsupported(index, shape):
+    def unsupported(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
         return [nf.flows.AffineConstFlow((4 * shape[0], 1, 1)), nf.flows.Squeeze()]
 
     message = r"normflows\.flows\.affine\.coupling\.AffineConstFlow.*subclass it and add"

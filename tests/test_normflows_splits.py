@@ -31,7 +31,7 @@ def _model(merge: nf.flows.Flow) -> nf.MultiscaleFlow:
     return model
 
 
-def _merges():
+def _merges() -> dict[str, SplitMerge]:
     generator = torch.Generator().manual_seed(1)
     contributions = torch.randn(4, 2, 2, generator=generator)
     return {
@@ -47,7 +47,7 @@ def test_log_prob_sampling_and_exactness(name: str) -> None:
     x = torch.randn(3, 1, 4, 4)
     log_prob = model.log_prob(x, None)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         z, _ = model.inverse_and_log_det(batch)
         return torch.cat([zi.reshape(-1) for zi in z])
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
+from nflows.transforms import Transform
 from torch import nn
 
 from lcma_ext import (
@@ -36,11 +38,13 @@ class _ConvNet(nn.Module):
             nn.Conv2d(8, out_channels, 3, padding=1),
         )
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
 
 
-def make_factory(placement: str = "post_squeeze"):
+def make_factory(
+    placement: str = "post_squeeze",
+) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         layers: list[nn.Module] = []
         if placement == "post_squeeze":
@@ -75,7 +79,9 @@ def _train(flow: Flow, data: torch.Tensor, steps: int) -> None:
         optimizer.step()
 
 
-def _reference_factored(levels, data_maps, placement):
+def _reference_factored(
+    levels: Sequence[Transform], data_maps: Sequence[torch.Tensor], placement: str
+) -> list[torch.Tensor]:
     """Data indices factored out at each split point, by a plain loop over the local blocks.
 
     ``level.carry`` (tested against the levels' Jacobians elsewhere) gives each level's

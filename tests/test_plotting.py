@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -22,8 +23,11 @@ from lcma_ext.plotting import (
     save_image_grid,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _legend_texts(figure) -> list[str]:
+
+def _legend_texts(figure: Figure) -> list[str]:
     return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
 
 
@@ -47,8 +51,8 @@ def test_sample_title_names_a_bound_and_a_non_finite_figure() -> None:
     assert "non-finite" in sample_title("lcma", 1.0, math.nan)
 
 
-def _runs():
-    def run(seed, offset):
+def _runs() -> dict[str, list[dict[str, Any]]]:
+    def run(seed: int, offset: float) -> dict[str, Any]:
         test = [[epoch, 2.5 + offset - 0.1 * epoch] for epoch in (1, 2, 3)]
         return {"seed": seed, "train_bpd_curve": [2.6, 2.5, 2.4], "test_bpd_curve": test}
 

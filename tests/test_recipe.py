@@ -5,10 +5,13 @@ recipe reproducing the figures of version 0.2."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext.data import LogitPreprocessing, load_digits_dataset
 from lcma_ext.models import build_flow, make_level_factory
@@ -33,12 +36,12 @@ ACTIVE = Recipe(warmup_steps=2, lr_schedule="cosine", grad_clip=0.625, ema_decay
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]:
     data = load_digits_dataset()
     return data.train[:192], data.test[:64], LogitPreprocessing(data.levels)
 
 
-def _flow(seed: int = 0):
+def _flow(seed: int = 0) -> Flow:
     torch.manual_seed(seed)
     return build_flow(make_level_factory("glow", "tiny", hidden=8, steps=1)(0, SHAPE), SHAPE)
 
@@ -123,12 +126,14 @@ def test_clipped_steps_are_counted(
     norms, scaled = [], []
     total_norm, scale = torch.nn.utils.get_total_norm, torch.nn.utils.clip_grads_with_norm_
 
-    def norm_spy(*args, **kwargs):
+    def norm_spy(*args, **kwargs) -> torch.Tensor:
         norm = total_norm(*args, **kwargs)
         norms.append(float(norm))
         return norm
 
-    def scale_spy(parameters, max_norm, norm, *args, **kwargs):
+    def scale_spy(
+        parameters: Iterable[torch.Tensor], max_norm: float, norm: torch.Tensor, *args, **kwargs
+    ) -> None:
         scaled.append(float(norm))
         return scale(parameters, max_norm, norm, *args, **kwargs)
 
@@ -329,7 +334,7 @@ def test_the_documented_recipes_are_the_code_s() -> None:
         assert float(ema.split()[0]) == recipe.ema_decay, name
 
 
-def _recipe_search():
+def _recipe_search() -> ModuleType:
     import importlib.util
     from pathlib import Path
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,7 +34,14 @@ SHAPES = [(3,), (2, 2, 2)]
 SE_FACTOR = 4.0
 
 
-def _block(cls, shape, seed=0, coeff=0.8, scale=3.0, **kwargs):
+def _block(
+    cls: type[R._ResidualBlock],
+    shape: tuple[int, ...],
+    seed: int = 0,
+    coeff: float = 0.8,
+    scale: float = 3.0,
+    **kwargs,
+) -> R._ResidualBlock:
     """A block whose layers sit at their spectral-norm target (non-trivial Jacobians)."""
     torch.manual_seed(seed)
     arg = shape[0] if len(shape) == 1 else shape
@@ -47,7 +55,7 @@ def _block(cls, shape, seed=0, coeff=0.8, scale=3.0, **kwargs):
     return block
 
 
-def _linear_block(cls=T.ResidualFlowBlock, **kwargs):
+def _linear_block(cls: type[R._ResidualBlock] = T.ResidualFlowBlock, **kwargs) -> R._ResidualBlock:
     """A block with a linear ``g(x) = W x``: symmetric W with eigenvalues 0.7, -0.6, 0.5.
 
     Its large, constant Jacobian makes the estimator tests sensitive (a wrong roulette weight or
@@ -66,24 +74,24 @@ def _linear_block(cls=T.ResidualFlowBlock, **kwargs):
     return cls(3, net=net, **kwargs)
 
 
-def _stochastic_block(kind, **kwargs):
+def _stochastic_block(kind: str, **kwargs) -> R._ResidualBlock:
     if kind == "linear":
         return _linear_block(**kwargs)
     return _block(T.ResidualFlowBlock, (3,), n_exact_terms=1, **kwargs)
 
 
-def _inputs(shape, batch=2, seed=1):
+def _inputs(shape: tuple[int, ...], batch: int = 2, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return 1.5 * torch.randn(batch, *shape, generator=generator, dtype=torch.float64)
 
 
-def _jacobian_g(block, example):
+def _jacobian_g(block: R._ResidualBlock, example: torch.Tensor) -> torch.Tensor:
     """Brute-force Jacobian of g at one example, ``(D, D)``."""
     with frozen_lipschitz(block):
         return jacobian(block.net, example)
 
 
-def _exact_reference(block, x):
+def _exact_reference(block: R._ResidualBlock, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per example: brute-force ``slogdet(I + J_g)`` and scipy's ``diag(logm(I + J_g))``."""
     logdets, diagonals = [], []
     for example in x:
@@ -100,7 +108,9 @@ def _all_sign_vectors(dim: int) -> torch.Tensor:
     return torch.tensor(list(itertools.product([-1.0, 1.0], repeat=dim)), dtype=torch.float64)
 
 
-def _within_standard_errors(draws: np.ndarray, expected: np.ndarray, atol: float = 0.0):
+def _within_standard_errors(
+    draws: np.ndarray, expected: np.ndarray, atol: float = 0.0
+) -> np.ndarray:
     """Assert the mean of ``draws`` (first axis) equals ``expected`` within 4 standard errors."""
     mean = draws.mean(0)
     se = draws.std(0, ddof=1) / math.sqrt(draws.shape[0])
@@ -111,7 +121,9 @@ def _within_standard_errors(draws: np.ndarray, expected: np.ndarray, atol: float
     return se
 
 
-def _replicated_draws(block, x, calls, replicas, with_diag=False):
+def _replicated_draws(
+    block: R._ResidualBlock, x: torch.Tensor, calls: int, replicas: int, with_diag: bool = False
+) -> np.ndarray:
     """Per call, the mean over ``replicas`` copies of each example (independent probes)."""
     batch = x.shape[0]
     big = x.repeat_interleave(replicas, 0)
@@ -133,7 +145,9 @@ def _replicated_draws(block, x, calls, replicas, with_diag=False):
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape: tuple[int, ...]) -> None:
+def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(
+    cls: type[R._ResidualBlock], shape: tuple[int, ...]
+) -> None:
     block = _block(cls, shape, exact=True)
     x = _inputs(shape)
     outputs, logdet, diag = block.forward_with_diag(x)
@@ -236,7 +250,7 @@ def test_low_variance_mode_has_lower_variance_than_training_roulette() -> None:
 # --- gradients ----------------------------------------------------------------------------------
 
 
-def _gradients(block, x, weights):
+def _gradients(block: R._ResidualBlock, x: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
     x = x.clone().requires_grad_(True)
     params = [p for p in block.parameters() if p.requires_grad]
     _, logdet = block(x)
@@ -274,7 +288,9 @@ def test_memory_efficient_backward_matches_plain_for_per_sample_weights() -> Non
     weights = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
     mix = torch.randn_like(x)
 
-    def grads(memory_efficient, sample_weights):
+    def grads(
+        memory_efficient: bool, sample_weights: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         block.memory_efficient = memory_efficient
         torch.manual_seed(5)
         x_in = x.clone().requires_grad_(True)
@@ -380,7 +396,7 @@ def test_iresnet_backpropagates_through_the_truncated_series() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["train", "eval", "low_variance", "exact"])
 def test_forward_with_diag_matches_forward_and_sums_exactly(
-    cls, shape: tuple[int, ...], mode: str
+    cls: type[R._ResidualBlock], shape: tuple[int, ...], mode: str
 ) -> None:
     block = _block(cls, shape, exact=mode == "exact")
     block.train(mode == "train")
@@ -405,7 +421,9 @@ def test_forward_with_diag_matches_forward_and_sums_exactly(
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_inverse_of_forward_within_tolerance(cls, shape: tuple[int, ...]) -> None:
+def test_inverse_of_forward_within_tolerance(
+    cls: type[R._ResidualBlock], shape: tuple[int, ...]
+) -> None:
     block = _block(cls, shape, exact=True, atol=1e-11, rtol=0.0)
     block.eval()
     x = _inputs(shape, batch=3)
@@ -438,7 +456,7 @@ def test_non_contractive_net_raises_instead_of_returning_garbage() -> None:
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_state_dict_round_trip_and_float32(cls) -> None:
+def test_state_dict_round_trip_and_float32(cls: type[R._ResidualBlock]) -> None:
     block = _block(cls, (2, 2, 2), seed=0, exact=True)
     clone = _block(cls, (2, 2, 2), seed=1, exact=True)
     clone.load_state_dict(block.state_dict())
@@ -454,7 +472,7 @@ def test_state_dict_round_trip_and_float32(cls) -> None:
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_default_constructors_and_bad_inputs(cls) -> None:
+def test_default_constructors_and_bad_inputs(cls: type[R._ResidualBlock]) -> None:
     vector, image = cls(4), cls((2, 4, 4), hidden_channels=16)
     assert vector(torch.randn(3, 4))[1].shape == (3,)
     assert image(torch.randn(3, 2, 4, 4))[0].shape == (3, 2, 4, 4)
@@ -500,7 +518,7 @@ def test_composite_with_actnorm_matches_brute_force() -> None:
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> torch.Tensor:
     from lcma_ext.data import load_digits_dataset
     from lcma_ext.data.preprocess import LogitPreprocessing
 
@@ -560,7 +578,7 @@ def test_estimate_contributions_on_residual_nms_flow(digits: torch.Tensor) -> No
 
 
 @contextlib.contextmanager
-def _outputs_only(module):
+def _outputs_only(module: torch.nn.Module) -> Iterator[None]:
     """Residual blocks compute only a 1-term, 1-probe log-det estimate (their outputs
     ``x + g(x)`` do not depend on the estimator): cheap to differentiate for a brute-force
     Jacobian, which then never sees the blocks' own exact log-det."""
@@ -694,7 +712,7 @@ def test_bpd_kind_labels_residual_estimates() -> None:
 
     from lcma_ext.distributions import bpd_kind
 
-    def flow(*blocks):
+    def flow(*blocks) -> Flow:
         return Flow(CompositeTransform(list(blocks)), StandardNormal([3]))
 
     resflow, iresnet = T.ResidualFlowBlock(3), T.InvertibleResNetBlock(3)

@@ -7,6 +7,7 @@ prior weights, so the conditionals are real ones) and a normflows LCMA model, in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import normflows as nf
 import pytest
@@ -26,7 +27,7 @@ D = math.prod(SHAPE)
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _randomise(modules, scale: float = 0.1) -> None:
+def _randomise(modules: Iterable[torch.nn.Module | None], scale: float = 0.1) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for prior in filter(None, modules):
@@ -41,7 +42,7 @@ def _flow(prior: str = "conditional") -> Flow:
 
 
 def _normflows_model() -> lnf.MultiscaleFlow:
-    def level(index, shape):
+    def level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
         c = 4 * shape[0]
         return [nf.flows.GlowBlock(c, 8, init_zeros=False), nf.flows.Squeeze()]
 
@@ -152,7 +153,7 @@ def test_seeds_and_the_global_random_state() -> None:
 # --- interpolation -------------------------------------------------------------------------------
 
 
-def _pair(flow, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(flow: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(6, D, generator=generator)
     x = decode(flow, z)
@@ -219,7 +220,9 @@ def test_interpolation_of_a_normflows_model_ends_at_its_data() -> None:
         (lambda f, x: interpolate(f, x, x, 3, "cubic"), "expected mode in linear, spherical"),
     ],
 )
-def test_bad_input_says_what_was_expected(call, message: str) -> None:
+def test_bad_input_says_what_was_expected(
+    call: Callable[[torch.nn.Module, torch.Tensor], object], message: str
+) -> None:
     flow = _flow()
     x = torch.randn(3, *SHAPE)
     with pytest.raises(ValueError, match=message) as info:

@@ -11,6 +11,7 @@ numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import normflows as nf
@@ -35,7 +36,7 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(autouse=True)
-def _float64():
+def _float64() -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -131,7 +132,7 @@ def test_nflows_and_normflows_take_the_same_step() -> None:
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 def test_walk_shapes_are_the_shapes_that_run(placement: str) -> None:
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         layers = [T.SqueezeTransform()] if placement == "post_squeeze" else []
         channels = 4 * shape[0] if placement == "post_squeeze" else shape[0]
         return T.CompositeTransform([*layers, T.ActNorm(channels)])
@@ -177,7 +178,7 @@ def test_walk_counts_and_endless_factory() -> None:
         list(walk_levels(build_levels(factory, (1, 8, 8), 3), (1, 8, 8), 2))
     calls = []
 
-    def counting(index, shape):
+    def counting(index: int, shape: tuple[int, ...]) -> T.SqueezeTransform:
         calls.append((index, shape))
         return T.SqueezeTransform()
 
@@ -199,12 +200,12 @@ def test_from_levels_walks_splits_of_other_shapes() -> None:
 # --- states saved before the split points were modules ----------------------------------------
 
 
-def _nflows_level(index, shape):
+def _nflows_level(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
     c = 4 * shape[0]
     return T.CompositeTransform([T.SqueezeTransform(), T.ActNorm(c), T.OneByOneConvolution(c)])
 
 
-def _normflows_level(index, shape):
+def _normflows_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.ActNorm((c, 1, 1)), nf.flows.Invertible1x1Conv(c), nf.flows.Squeeze()]
 

@@ -35,7 +35,7 @@ def test_registry_covers_every_split_name() -> None:
     assert set(SPLITS) == set(S.SPLIT_NAMES)
 
 
-def _index_split(split: S.Split, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _index_split(split: S.Split, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     numel = torch.Size(shape).numel()
     return split.carry(torch.arange(numel).view(1, *shape))
 

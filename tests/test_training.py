@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext import transforms as T
 from lcma_ext.data import LogitPreprocessing, bits_per_dim, load_digits_dataset
@@ -23,12 +24,12 @@ SHAPE = (1, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]:
     data = load_digits_dataset()
     return data.train[:192], data.test[:64], LogitPreprocessing(data.levels)
 
 
-def _flow(seed: int = 0):
+def _flow(seed: int = 0) -> Flow:
     torch.manual_seed(seed)
     return build_flow(make_level_factory("glow", "tiny", hidden=8, steps=1)(0, SHAPE), SHAPE)
 
@@ -133,7 +134,7 @@ def test_train_config_validation() -> None:
 # scale-out: iterable input, mixed precision, torch.compile, flips
 
 
-def _multiscale(model: str, seed: int = 0):
+def _multiscale(model: str, seed: int = 0) -> Flow:
     from lcma_ext.pipeline import build_multiscale_transform
 
     torch.manual_seed(seed)

@@ -20,9 +20,10 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import nflows.transforms.base as nflows_base
 import normflows as nf
@@ -46,7 +47,7 @@ from lcma_ext.models.levels import (
     realnvp_level_factory,
     resflow_level_factory,
 )
-from lcma_ext.multiscale import ContributionMultiscaleFlow, build_levels
+from lcma_ext.multiscale import ContributionMultiscaleFlow, LevelFactory, build_levels
 from lcma_ext.nets import update_lipschitz
 from lcma_ext.normflows.multiscale import NormflowsLevel
 from lcma_ext.splits import LCMASplit
@@ -142,7 +143,9 @@ def _natural(shape: tuple[int, ...]) -> Callable[[], list[int]]:
     return lambda: list(range(int(np.prod(shape))))
 
 
-def _rq(mask, net, shape, **kwargs):
+def _rq(
+    mask: torch.Tensor, net: Callable[[int, int], torch.nn.Module], shape: tuple[int, ...], **kwargs
+) -> T.PiecewiseRationalQuadraticCouplingTransform:
     return T.PiecewiseRationalQuadraticCouplingTransform(
         mask, net, num_bins=4, tails="linear", tail_bound=3.0, **kwargs
     )
@@ -153,7 +156,9 @@ def _rq(mask, net, shape, **kwargs):
 _RESIDUAL = {"coeff": 0.8, "atol": 1e-13, "rtol": 0.0, "max_iter": 1000}
 
 
-def _residual(cls, shape):
+def _residual(
+    cls: type[T.InvertibleResNetBlock | T.ResidualFlowBlock], shape: tuple[int, ...]
+) -> T.InvertibleResNetBlock | T.ResidualFlowBlock:
     arg = shape[0] if len(shape) == 1 else shape
     extra = {"num_layers": 2} if len(shape) == 1 else {}
     return cls(arg, hidden_channels=6, exact=True, activation="elu", **extra, **_RESIDUAL)
@@ -178,7 +183,7 @@ def _elementwise_level(index: int, shape: tuple[int, ...]) -> T.CompositeTransfo
 
 
 def _multiscale(
-    split: str, prior: str = "standard", level=_glow_level
+    split: str, prior: str = "standard", level: LevelFactory = _glow_level
 ) -> ContributionMultiscaleFlow:
     levels = build_levels(level, (1, 4, 4), 2)
     splits = [None]
@@ -420,7 +425,7 @@ REGISTRY: dict[str, Case] = {
 NAMES = sorted(REGISTRY)
 
 
-def _params(names, *marks_for: tuple[str, pytest.MarkDecorator]):
+def _params(names: Sequence[str], *marks_for: tuple[str, pytest.MarkDecorator]) -> list[Any]:
     """``names`` as pytest params, with ``marks`` attached to the named entries."""
     marks = dict(marks_for)
     return [pytest.param(n, marks=marks[n]) if n in marks else n for n in names]
@@ -455,7 +460,11 @@ def _noise_shapes(transform: torch.nn.Module, x: torch.Tensor) -> list[tuple[int
     shapes: dict[int, tuple[int, ...]] = {}
     for coupling in couplings:
 
-        def record(inputs, given, coupling=coupling):
+        def record(
+            inputs: torch.Tensor,
+            given: torch.Tensor | None,
+            coupling: T.CrossUnitCoupling = coupling,
+        ) -> torch.Tensor:
             shapes[id(coupling)] = coupling.noise_shape(inputs)
             return inputs.new_zeros(coupling.noise_shape(inputs))
 
@@ -470,7 +479,7 @@ def _noise_shapes(transform: torch.nn.Module, x: torch.Tensor) -> list[tuple[int
 
 
 def _make(
-    name: str, seed: int = 0, dtype=torch.float64
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
     """A transform with non-trivial parameters, initialized (ActNorm) and in eval mode, inputs,
     and the fixed noise ``e`` of each cross-unit coupling inside it (empty for bijections)."""
@@ -502,7 +511,7 @@ def _example(noises: list[torch.Tensor], b: int) -> list[torch.Tensor]:
     return [noise[b] for noise in noises]
 
 
-def _with_noise(transform: torch.nn.Module):
+def _with_noise(transform: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """The joint map ``(x, e_1, e_2, ...) -> outputs``: the transform with each cross-unit
     coupling's noise given (no noise for bijections), for ``brute_force.joint_jacobian``."""
 

@@ -276,7 +276,9 @@ def _row(context: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return None if context is None else context[b : b + 1]
 
 
-def _jacobian(lazy: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None, b: int):
+def _jacobian(
+    lazy: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None, b: int
+) -> torch.Tensor:
     """Jacobian ``(D_out, D_in)`` of ``f(. | c_b)`` at example ``b``, by autograd."""
     transform = lazy(_row(context, b))
     return jacobian(lambda batch: transform(batch), x[b], vectorize=True)
@@ -428,7 +430,9 @@ def test_diag_of_wrong_shape_raises(name: str) -> None:
     ],
     ids=["ffjord", "torch_compose", "torch_abs", "inverse_rotation"],
 )
-def test_transform_without_adapter_raises_type_error_naming_its_class(build) -> None:
+def test_transform_without_adapter_raises_type_error_naming_its_class(
+    build: Callable[[], td.Transform],
+) -> None:
     transform = build()
     with pytest.raises(TypeError, match=type(transform).__qualname__):
         call_and_ladj_with_diag(transform, torch.randn(2, 3))
@@ -491,7 +495,9 @@ LEVELS: dict[str, tuple[Callable[[], ZukoLevel], tuple[int, ...], int]] = {
 LEVEL_NAMES = sorted(LEVELS)
 
 
-def _make_level(name: str, seed: int = 0):
+def _make_level(
+    name: str, seed: int = 0
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
     build, shape, features = LEVELS[name]
     torch.manual_seed(seed)
     level = build().double()

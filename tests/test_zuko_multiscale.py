@@ -12,11 +12,14 @@ subclasses. Skipped when zuko is not installed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from zuko.lazy import LazyTransform
 
 zuko = pytest.importorskip("zuko")
 
@@ -41,10 +44,10 @@ from brute_force import jacobian, slogdet  # noqa: E402
 SPLINE = {"univariate": zuko.transforms.MonotonicRQSTransform, "shapes": [(8,), (8,), (7,)]}
 
 
-def _vector_level(context: int):
+def _vector_level(context: int) -> Callable[[int, tuple[int, ...]], Any]:
     """Three kinds of zuko levels: NSF (autoregressive splines), spline couplings, MAF."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> Any:
         features = shape[0]
         if index == 0:
             return zuko.flows.NSF(features, context, transforms=2, hidden_features=(8,)).transform
@@ -243,7 +246,7 @@ def test_clear_errors() -> None:
 def _zuko_style_flows() -> dict[str, zuko.lazy.Flow]:
     """``F(3, 5)`` as zuko's test_flows builds its flows: 3 features, 5 context features."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> LazyTransform:
         return zuko.flows.MAF(shape[0], 5, transforms=2).transform
 
     return {

@@ -8,6 +8,8 @@ installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -35,10 +37,10 @@ SHAPE = (6,)
 LEVELS = 3
 
 
-def _level(context: int):
+def _level(context: int) -> Callable[[int, tuple[int, ...]], MaskedAutoregressiveTransform]:
     """One autoregressive transform per level: a triangular Jacobian, nothing moved."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> MaskedAutoregressiveTransform:
         return MaskedAutoregressiveTransform(shape[0], context, hidden_features=(8,))
 
     return level
