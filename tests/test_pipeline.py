@@ -81,7 +81,7 @@ def _train(flow: Flow, data: torch.Tensor, steps: int) -> None:
 
 def _reference_factored(
     levels: Sequence[Transform], data_maps: Sequence[torch.Tensor], placement: str
-) -> list[torch.Tensor]:
+) -> list[list[int]]:
     """Data indices factored out at each split point, by a plain loop over the local blocks.
 
     ``level.carry`` (tested against the levels' Jacobians elsewhere) gives each level's
