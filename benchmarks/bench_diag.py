@@ -14,6 +14,7 @@ import argparse
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from nflows.nn.nets import ConvResidualNet
@@ -35,10 +36,12 @@ def glow_step(channels: int, hidden: int, attribution: str) -> T.CompositeTransf
     )
 
 
-def time_pair(step, x, repeats: int, grad: bool) -> tuple[float, float]:
+def time_pair(
+    step: T.CompositeTransform, x: torch.Tensor, repeats: int, grad: bool
+) -> tuple[float, float]:
     """Median seconds of ``forward`` and ``forward_with_diag``, interleaved."""
 
-    def run(fn):
+    def run(fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> float:
         start = time.perf_counter()
         if grad:
             outputs, logabsdet, *_ = fn(x)

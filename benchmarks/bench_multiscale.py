@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from nflows.distributions import StandardNormal
@@ -30,7 +31,7 @@ from lcma_ext.multiscale import build_levels, level_output_shape
 from lcma_ext.splits import ChannelSplit
 
 
-def glow_factory(steps: int, hidden: int):
+def glow_factory(steps: int, hidden: int) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         channels = 4 * shape[0]
         layers = [T.SqueezeTransform()]
@@ -49,7 +50,9 @@ def glow_factory(steps: int, hidden: int):
     return factory
 
 
-def build_arms(shape, num_levels, steps, hidden, device):
+def build_arms(
+    shape: tuple[int, ...], num_levels: int, steps: int, hidden: int, device: torch.device
+) -> dict[str, Flow]:
     torch.manual_seed(0)
     levels = build_levels(glow_factory(steps, hidden), shape, num_levels)
     generator = torch.Generator().manual_seed(0)

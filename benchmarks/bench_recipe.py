@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from lcma_ext.data import LogitPreprocessing, load_dataset
+from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
 from lcma_ext.models import build_flow, count_parameters, make_level_factory
 from lcma_ext.pipeline import build_multiscale_transform
 from lcma_ext.training import (
@@ -58,7 +58,9 @@ def flow_of(model: str, size: str, shape: tuple[int, ...], levels: int) -> torch
     return build_flow(build_multiscale_transform(factory, shape, levels, "channel"), shape)
 
 
-def step_time(model: str, size: str, recipe: Recipe, data, pre, levels: int) -> float:
+def step_time(
+    model: str, size: str, recipe: Recipe, data: ImageDataset, pre: LogitPreprocessing, levels: int
+) -> float:
     """Seconds per step of one epoch of a fresh flow under ``recipe``."""
     flow = flow_of(model, size, tuple(data.shape), levels)
     config = TrainConfig.from_recipe(recipe, epochs=1, progress=False)
@@ -66,7 +68,9 @@ def step_time(model: str, size: str, recipe: Recipe, data, pre, levels: int) -> 
     return result.train_time_s / result.steps
 
 
-def per_step(model: str, args: argparse.Namespace, data, pre) -> None:
+def per_step(
+    model: str, args: argparse.Namespace, data: ImageDataset, pre: LogitPreprocessing
+) -> None:
     """Median step time and median per-step ratio of the recipe's extra work to the step."""
     recipe = RECIPES[DEFAULT_RECIPE]
     flow = flow_of(model, args.size, tuple(data.shape), args.levels).train()

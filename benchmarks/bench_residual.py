@@ -45,6 +45,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 import normflows as nf
 import numpy as np
@@ -74,7 +75,7 @@ class _NumpyDrawWrapper(lnf.ResidualFlowBlock):
 
 def build(
     arm: str, shape: tuple[int, ...], hidden: int, depth: int, device: str, matched: bool = True
-):
+) -> tuple[nf.NormalizingFlow, Callable[[], object]]:
     """``(model, after_step)`` for an arm; ``after_step`` is normflows' explicit update.
 
     ``matched``: our blocks draw ``N`` from numpy like normflows (time and memory arms).
@@ -124,7 +125,12 @@ def build(
     return nf.NormalizingFlow(base, flows).to(device), lambda: None
 
 
-def train_step(model, optimizer, after_step, x) -> None:
+def train_step(
+    model: nf.NormalizingFlow,
+    optimizer: torch.optim.Optimizer,
+    after_step: Callable[[], object],
+    x: torch.Tensor,
+) -> None:
     loss = -model.log_prob(x).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -137,7 +143,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_arms(arms, args, x):
+def time_arms(arms: Sequence[str], args: argparse.Namespace, x: torch.Tensor) -> dict[str, float]:
     models = {arm: build(arm, args.shape, args.hidden, args.depth, args.device) for arm in arms}
     optimizers = {arm: torch.optim.Adam(m.parameters(), lr=1e-4) for arm, (m, _) in models.items()}
     times = {arm: [] for arm in arms}
@@ -155,7 +161,7 @@ def time_arms(arms, args, x):
     return {arm: statistics.median(t) for arm, t in times.items()}
 
 
-def _cpu_peak_allocated(step) -> float:
+def _cpu_peak_allocated(step: Callable[[], object]) -> float:
     """Bytes: peak of PyTorch's CPU allocator during ``step()`` above its start."""
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
@@ -177,7 +183,7 @@ def _cpu_peak_allocated(step) -> float:
     return float(max(totals, default=0))
 
 
-def peak_memory_mib(arm, args, x) -> float:
+def peak_memory_mib(arm: str, args: argparse.Namespace, x: torch.Tensor) -> float:
     """Mean over ``args.memory_steps`` train steps (after one warm-up) of the step's peak."""
     model, after = build(arm, args.shape, args.hidden, args.depth, args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -201,7 +207,7 @@ def peak_memory_mib(arm, args, x) -> float:
 
 
 @torch.no_grad()
-def _copy_weights(ours, theirs) -> None:
+def _copy_weights(ours: nf.NormalizingFlow, theirs: nf.NormalizingFlow) -> None:
     """Copy our raw weights, biases and LipSwish betas into normflows' nets; converge norms."""
     for block, flow in zip(ours.flows, theirs.flows):
         our_params = [p for p in block.block.net.parameters()]
@@ -214,7 +220,9 @@ def _copy_weights(ours, theirs) -> None:
 
 
 @torch.no_grad()
-def logdet_variance(args, x, train: bool, low_variance: bool = False) -> tuple[float, ...]:
+def logdet_variance(
+    args: argparse.Namespace, x: torch.Tensor, train: bool, low_variance: bool = False
+) -> tuple[float, ...]:
     ours, _ = build("ours-mem-eff", args.shape, args.hidden, args.depth, args.device, False)
     theirs, _ = build("normflows-mem-eff", args.shape, args.hidden, args.depth, args.device)
     _copy_weights(ours, theirs)
@@ -233,7 +241,13 @@ def logdet_variance(args, x, train: bool, low_variance: bool = False) -> tuple[f
     return float(ours_d.var(0).mean()), float(theirs_d.var(0).mean()), gap
 
 
-def _one_draw(ours, theirs, x, draw, draws) -> None:
+def _one_draw(
+    ours: nf.NormalizingFlow,
+    theirs: nf.NormalizingFlow,
+    x: torch.Tensor,
+    draw: int,
+    draws: dict[str, list[torch.Tensor]],
+) -> None:
     """One log-det estimate of the whole flow per model, same seeds for both."""
     torch.manual_seed(1000 + draw)
     np.random.seed(1000 + draw)  # noqa: NPY002

@@ -78,7 +78,7 @@ def nflows_glow(size: str, shape: tuple[int, ...], levels: int) -> Flow:
 class Step:
     """One train step of a flow: log-density (optionally compiled or autocast), backward, Adam."""
 
-    def __init__(self, flow: Flow, compile: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, flow: Flow, compile: bool = False, dtype: torch.dtype | None = None) -> None:
         self.flow = flow
         density = _LogDensity(flow, dtype)
         self.density = torch.compile(density) if compile else density

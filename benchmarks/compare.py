@@ -23,29 +23,31 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import normflows as nf
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
-from nflows.transforms.base import MultiscaleCompositeTransform
+from nflows.transforms.base import MultiscaleCompositeTransform, Transform
 
 from lcma_ext.contributions import estimate_contributions
 from lcma_ext.models import count_parameters, make_level_factory
-from lcma_ext.multiscale import ContributionMultiscaleFlow, level_output_shape
+from lcma_ext.multiscale import ContributionMultiscaleFlow, LevelFactory, level_output_shape
 from lcma_ext.pipeline import build_levels, build_multiscale_transform, build_nms_transform
 
 SHAPE = (1, 8, 8)
 LEVELS = 3
 
 
-def glow_factory(hidden: int, steps: int):
+def glow_factory(hidden: int, steps: int) -> LevelFactory:
     # blocks=0: conv3x3 -> relu -> conv3x3 nets, close to normflows' GlowBlock conv net.
     return make_level_factory("glow", "tiny", hidden=hidden, blocks=0, steps=steps)
 
 
-def nflows_multiscale(levels, shape) -> MultiscaleCompositeTransform:
+def nflows_multiscale(
+    levels: Sequence[Transform], shape: tuple[int, ...]
+) -> MultiscaleCompositeTransform:
     """nflows' own multi-scale composite around the very same level modules."""
     transform = MultiscaleCompositeTransform(len(levels))
     for level in levels:
@@ -54,7 +56,9 @@ def nflows_multiscale(levels, shape) -> MultiscaleCompositeTransform:
     return transform
 
 
-def normflows_glow(shape, hidden: int, steps: int, levels: int) -> nf.MultiscaleFlow:
+def normflows_glow(
+    shape: tuple[int, ...], hidden: int, steps: int, levels: int
+) -> nf.MultiscaleFlow:
     """normflows' documented multi-scale Glow with the same levels, widths and depth."""
     channels, height, _ = shape
     q0, flows, merges = [], [], []
@@ -140,16 +144,18 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, f
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def fwd_bwd(module, log_prob, x):
-    def run():
+def fwd_bwd(
+    module: torch.nn.Module, log_prob: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> Callable[[], None]:
+    def run() -> None:
         module.zero_grad(set_to_none=True)
         (-log_prob(x).mean()).backward()
 
     return run
 
 
-def sampler(sample, n):
-    def run():
+def sampler(sample: Callable[[int], object], n: int) -> Callable[[], None]:
+    def run() -> None:
         with torch.no_grad():
             sample(n)
 
@@ -197,12 +203,12 @@ def main() -> None:
     flow = contenders["lcma_ext ContributionMultiscaleFlow (lcma)"]["module"]
     transform = flow._transform
 
-    def plain():
+    def plain() -> None:
         transform.zero_grad(set_to_none=True)
         outputs, logabsdet = transform(x)
         (outputs.square().mean() - logabsdet.mean()).backward()
 
-    def with_diag():
+    def with_diag() -> None:
         transform.zero_grad(set_to_none=True)
         outputs, logabsdet, _ = transform.forward_with_diag(x)
         (outputs.square().mean() - logabsdet.mean()).backward()

@@ -8,9 +8,12 @@ For ratios from one interleaved run, use ``python benchmarks/compare.py``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from compare import LEVELS, SHAPE, build_contenders, glow_factory
+from pytest_benchmark.fixture import BenchmarkFixture
 
 from lcma_ext.contributions import estimate_contributions
 from lcma_ext.pipeline import build_levels, build_nms_transform
@@ -19,7 +22,7 @@ HIDDEN, STEPS, BATCH = 32, 4, 64
 
 
 @pytest.fixture(scope="module")
-def contenders():
+def contenders() -> tuple[dict[str, dict[str, Any]], torch.Tensor]:
     torch.manual_seed(0)
     torch.set_num_threads(2)
     data = torch.randn(512, *SHAPE)
@@ -35,12 +38,16 @@ NAMES = [
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_log_prob_forward_backward(benchmark, contenders, name):
+def test_log_prob_forward_backward(
+    benchmark: BenchmarkFixture,
+    contenders: tuple[dict[str, dict[str, Any]], torch.Tensor],
+    name: str,
+) -> None:
     benchmark.group = "log_prob fwd+bwd"
     flows, x = contenders
     contender = flows[name]
 
-    def run():
+    def run() -> None:
         contender["module"].zero_grad(set_to_none=True)
         (-contender["log_prob"](x).mean()).backward()
 
@@ -48,11 +55,15 @@ def test_log_prob_forward_backward(benchmark, contenders, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_sample(benchmark, contenders, name):
+def test_sample(
+    benchmark: BenchmarkFixture,
+    contenders: tuple[dict[str, dict[str, Any]], torch.Tensor],
+    name: str,
+) -> None:
     benchmark.group = "sample"
     flows, _ = contenders
 
-    def run():
+    def run() -> torch.Tensor:
         with torch.no_grad():
             return flows[name]["sample"](BATCH)
 
@@ -60,13 +71,17 @@ def test_sample(benchmark, contenders, name):
 
 
 @pytest.mark.parametrize("method", ["forward", "forward_with_diag"])
-def test_forward_with_diag_overhead(benchmark, contenders, method):
+def test_forward_with_diag_overhead(
+    benchmark: BenchmarkFixture,
+    contenders: tuple[dict[str, dict[str, Any]], torch.Tensor],
+    method: str,
+) -> None:
     benchmark.group = "forward_with_diag overhead"
     flows, x = contenders
     transform = flows["lcma_ext ContributionMultiscaleFlow (lcma)"]["module"]._transform
     call = getattr(transform, method)
 
-    def run():
+    def run() -> None:
         transform.zero_grad(set_to_none=True)
         outputs, logabsdet = call(x)[:2]
         (outputs.square().mean() - logabsdet.mean()).backward()
@@ -74,7 +89,7 @@ def test_forward_with_diag_overhead(benchmark, contenders, method):
     benchmark(run)
 
 
-def test_estimate_contributions_throughput(benchmark):
+def test_estimate_contributions_throughput(benchmark: BenchmarkFixture) -> None:
     benchmark.group = "estimate_contributions (2048 examples)"
     torch.manual_seed(0)
     factory = glow_factory(HIDDEN, STEPS)

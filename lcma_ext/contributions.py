@@ -36,7 +36,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from nflows.flows import Flow
@@ -111,16 +111,17 @@ def track_splits(
     Raises:
         ValueError: for counts that do not match, or a spec that needs a map and has none.
     """
-    levels, specs = list(levels), [SplitSpec.parse(spec) for spec in specs]
-    if len(specs) != len(levels) - 1:
+    levels = list(levels)
+    parsed = [SplitSpec.parse(spec) for spec in specs]
+    if len(parsed) != len(levels) - 1:
         raise ValueError(
-            f"expected {len(levels) - 1} split specs for {len(levels)} levels; got {len(specs)}"
+            f"expected {len(levels) - 1} split specs for {len(levels)} levels; got {len(parsed)}"
         )
     if data_maps is not None and layout_maps is not None:
         raise ValueError("expected data_maps or layout_maps; got both")
     given = data_maps if data_maps is not None else layout_maps
-    if given is not None and len(given) != len(specs):
-        raise ValueError(f"expected {len(specs)} maps for {len(levels)} levels; got {len(given)}")
+    if given is not None and len(given) != len(parsed):
+        raise ValueError(f"expected {len(parsed)} maps for {len(levels)} levels; got {len(given)}")
     shape = tuple(int(size) for size in input_shape)
     positions = torch.arange(math.prod(shape)).view(shape)  # data index at each position
     out = TrackedSplits([], [], [], [], [])
@@ -136,7 +137,7 @@ def track_splits(
             contribution = with_layout(gathered, MapLayout(shape, carried))
         elif layout_maps is not None:
             contribution = layout_maps[index]
-        spec = specs[index]
+        spec = parsed[index]
         split = spec.build(
             step.output_shape,
             contribution if spec.needs_contributions else None,
@@ -258,9 +259,11 @@ class ContributionMaps:
         (the maps, the rearrangements, the shape, the placement or the rule) drops it. The
         maps are not copied: change a derived tensor in place and every later read sees it.
         """
-        if self._tracked is None:
-            object.__setattr__(self, "_tracked", self.track())
-        return self._tracked
+        tracked = self._tracked
+        if tracked is None:
+            tracked = self.track()
+            object.__setattr__(self, "_tracked", tracked)
+        return tracked
 
     @property
     def maps(self) -> list[Tensor]:
@@ -269,7 +272,8 @@ class ContributionMaps:
         Each map records its layout (:class:`lcma_ext.splits.MapLayout`), so an
         ``LCMASplit(maps.maps[l])`` added to a flow of other levels is refused.
         """
-        return list(self.tracked().maps)
+        # tracked with this object's maps, so there is one at every split point
+        return cast("list[Tensor]", list(self.tracked().maps))
 
     @property
     def factored_positions(self) -> list[Tensor]:
@@ -491,7 +495,7 @@ def estimate_contributions(
                 else:
                     sums[index] += total_diag
             count += x.shape[0]
-    if count == 0 or sums is None:
+    if count == 0 or sums is None or event_shape is None:
         raise ValueError("expected at least one example in data; got none")
 
     positions = torch.arange(math.prod(event_shape)).view(1, *event_shape)
@@ -507,7 +511,7 @@ def estimate_contributions(
 
     if callable(levels) and not isinstance(levels, nn.Module):
         levels = build_levels(levels, event_shape, len(nms_levels), placement)
-    levels = list(levels)
+    levels = list(cast("Iterable[nflows_base.Transform]", levels))  # a sequence or a ModuleList
     if len(levels) != len(nms_levels):
         raise ValueError(
             f"expected {len(nms_levels)} multi-scale levels (as many as the NMS flow has); got "

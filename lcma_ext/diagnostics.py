@@ -81,11 +81,11 @@ def split_diagnostics(
         channel_kept = torch.arange(d) >= d - d // 2
         checker_kept = torch.arange(d) % 2 == 1
         tie = bool(a == b)
-        near = tie or bool((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
+        near_tie = tie or bool((a - b).abs() < rtol * torch.maximum(a.abs(), b.abs()))
         return {
             "blocks": 1,
             "ties": int(tie),
-            "near_ties": int(near),
+            "near_ties": int(near_tie),
             "differs_from_channel": float(not torch.equal(kept, channel_kept)),
             "differs_from_checkerboard": float(not torch.equal(kept, checker_kept)),
             "differs_from_modal": 0.0,

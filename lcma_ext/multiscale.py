@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from nflows.transforms import base as nflows_base
@@ -455,17 +455,17 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
     @property
     def points(self) -> list[SplitPoint]:
         """The split points, data side first (``num_transforms - 1``)."""
-        return list(self._points)
+        return cast("list[SplitPoint]", list(self._points))  # add_transform appends only these
 
     @property
     def splits(self) -> list[Split]:
         """The split objects, one per split point (``num_transforms - 1``)."""
-        return [point.split for point in self._points]
+        return [point.split for point in self.points]
 
     @property
     def priors(self) -> list[ConditionalGaussianPrior | None]:
         """Per split point, its conditional prior, or ``None`` for the standard normal."""
-        return [point.prior for point in self._points]
+        return [point.prior for point in self.points]
 
     @property
     def output_shapes(self) -> list[Shape]:
@@ -541,7 +541,7 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         index = len(self._points)
         positions = torch.arange(math.prod(layout.data_shape)).view(1, *layout.data_shape)
         try:
-            for level, earlier in zip(self._transforms, self._points, strict=True):
+            for level, earlier in zip(self._transforms, self.points, strict=True):
                 positions = earlier.carry(require_diag_aware(level).carry(positions))[1]
             positions = require_diag_aware(transform).carry(positions)[0]
             same = torch.equal(positions.cpu(), layout.positions)
@@ -605,7 +605,7 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
         hiddens, logabsdet = self._transforms[-1].inverse(chunks[-1], context)
         total_logabsdet += logabsdet
         for index in range(len(self._points) - 1, -1, -1):
-            joined, logabsdet = self._points[index].inverse(chunks[index], hiddens)
+            joined, logabsdet = self.points[index].inverse(chunks[index], hiddens)
             total_logabsdet += logabsdet
             hiddens, logabsdet = self._transforms[index].inverse(joined, context)
             total_logabsdet += logabsdet
@@ -623,7 +623,7 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
             outputs, logabsdet, diag = level.forward_with_diag(hiddens, context, diag)
             total_logabsdet += logabsdet
             if index < len(self._points):
-                step = self._points[index].forward_with_diag(outputs, diag)
+                step = self.points[index].forward_with_diag(outputs, diag)
                 outputs, hiddens, diag = step.factored, step.kept, step.kept_diag
                 total_logabsdet += step.logabsdet
                 factored_diag = step.factored_diag
@@ -641,7 +641,7 @@ class ContributionMultiscaleFlow(DiagMixin, nflows_base.MultiscaleCompositeTrans
             level = require_diag_aware(transform, f"ContributionMultiscaleFlow level {index}")
             tensor = level.carry(tensor, context)
             if index < len(self._points):
-                factored, tensor = self._points[index].carry(tensor)
+                factored, tensor = self.points[index].carry(tensor)
             else:
                 factored = tensor
             pieces.append(factored.flatten(1))

@@ -171,7 +171,8 @@ def build_multiscale_transform(
     needing = [spec.name for spec in specs if spec.needs_contributions]
     if needing and maps is None:
         raise ValueError(f"split {needing[0]!r} expected contributions; got None")
-    in_memory = isinstance(maps, ContributionMaps) and maps.levels is not None
+    measured = maps.levels if isinstance(maps, ContributionMaps) else None
+    in_memory = measured is not None
     if levels is not None:
         levels = list(levels)
         if len(levels) != num_levels:
@@ -179,8 +180,8 @@ def build_multiscale_transform(
     elif level_factory is not None:
         levels = build_levels(level_factory, shape, num_levels, placement)
         remap = remap or in_memory  # new levels instead of the measured ones, as asked
-    elif in_memory:
-        levels = [copy.deepcopy(level) for level in maps.levels]
+    elif measured is not None:  # in_memory
+        levels = [copy.deepcopy(level) for level in measured]
     else:
         raise ValueError("expected a level_factory (no levels given); got None")
     if isinstance(maps, ContributionMaps):

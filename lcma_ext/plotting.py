@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from torch import Tensor
 from lcma_ext.contributions import ContributionMaps
 from lcma_ext.diagnostics import split_diagnostics
 from lcma_ext.splits import kept_block_positions
+
+if TYPE_CHECKING:
+    from matplotlib.lines import Line2D
 
 __all__ = [
     "CONTRIBUTION_UNITS",
@@ -33,7 +36,7 @@ CONTRIBUTION_UNITS = "mean contribution to log|det J| (nats)"
 #: Mask colours of the heatmaps: factored out earlier, factored out here, kept.
 MASK_COLOURS = ("#bdbdbd", "#ff9933", "#33aa33")
 #: Line styles and markers that tell the seeds of an arm apart in the learning curves.
-SEED_STYLES = ("-", "--", ":", "-.")
+SEED_STYLES: tuple[Literal["-", "--", ":", "-."], ...] = ("-", "--", ":", "-.")
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
@@ -96,7 +99,9 @@ def plot_contributions(
                 f"expected split indices in [0, {len(maps.data_maps) - 1}]; got {index}"
             )
     shape = maps.input_shape
-    images = (lambda t: t.view(1, 1, -1)) if len(shape) == 1 else (lambda t: t)
+    images: Callable[[Tensor], Tensor] = (
+        (lambda t: t.view(1, 1, -1)) if len(shape) == 1 else (lambda t: t)
+    )
     channels = min(max_channels, 1 if len(shape) == 1 else shape[0])
     columns = 2 * channels + (len(shape) == 3)
     fig, axes = plt.subplots(
@@ -183,7 +188,9 @@ def _points(curve: Sequence[Any]) -> tuple[list[float], list[float]]:
     return list(range(1, len(curve) + 1)), list(curve)
 
 
-def _zoom(runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None):
+def _zoom(
+    runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None
+) -> tuple[float, float] | None:
     """y-limits of the test panel: the arms' converged part, and the whole NMS curve."""
     finals = [v for arm_runs in runs.values() for r in arm_runs
               for v in _finite_values(r["test_bpd_curve"])]  # fmt: skip
@@ -198,7 +205,9 @@ def _zoom(runs: dict[str, list[dict[str, Any]]], nms: dict[str, Any] | None):
     return low - margin, high + margin
 
 
-def _curve_legend(arms: Sequence[str], colours: Sequence[str], seeds: Sequence[Any], nms: bool):
+def _curve_legend(
+    arms: Sequence[str], colours: Sequence[str], seeds: Sequence[Any], nms: bool
+) -> list[Line2D]:
     """Legend handles: one colour per arm, one line style and marker per seed, the NMS."""
     from matplotlib.lines import Line2D
 

@@ -42,13 +42,16 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
 from lcma_ext.data.preprocess import LogitPreprocessing
 from lcma_ext.flows import eval_mode, flow_dtype_device, flow_parts
+
+if TYPE_CHECKING:
+    import normflows as nf
 
 __all__ = ["MODES", "decode", "encode", "interpolate", "sample", "sample_images"]
 
@@ -71,13 +74,13 @@ def _check_count(value: Any, name: str, minimum: int) -> int:
     return value
 
 
-def _is_normflows(flow: nn.Module) -> bool:
+def _is_normflows(flow: nn.Module) -> TypeGuard[nf.MultiscaleFlow]:
     import normflows as nf
 
     return isinstance(flow, nf.MultiscaleFlow)
 
 
-def _gaussian_bases(model: nn.Module) -> list[nn.Module]:
+def _gaussian_bases(model: nf.MultiscaleFlow) -> list[nf.distributions.DiagGaussian]:
     """The normflows model's bases, each a ``DiagGaussian`` (``loc``, ``log_scale``)."""
     import normflows as nf
 
@@ -95,7 +98,9 @@ def _finish(samples: Tensor, preprocessing: LogitPreprocessing | None) -> Tensor
     return (samples if preprocessing is None else preprocessing.to_unit(samples)).cpu()
 
 
-def _nflows_sample(flow: nn.Module, num: int, temperature: float, generator) -> Tensor:
+def _nflows_sample(
+    flow: nn.Module, num: int, temperature: float, generator: torch.Generator | None
+) -> Tensor:
     dtype, device = flow_dtype_device(flow)
     transform, distribution, _ = flow_parts(flow)
     if hasattr(distribution, "sample_at_temperature"):  # a learned prior (Flow-VAE)
@@ -106,7 +111,9 @@ def _nflows_sample(flow: nn.Module, num: int, temperature: float, generator) -> 
     return transform.inverse(noise.to(device))[0]
 
 
-def _normflows_sample(model: nn.Module, num: int, temperature: float, generator) -> Tensor:
+def _normflows_sample(
+    model: nf.MultiscaleFlow, num: int, temperature: float, generator: torch.Generator | None
+) -> Tensor:
     latents = []
     for base in _gaussian_bases(model):
         eps = torch.randn((num, *base.shape), generator=generator, dtype=base.loc.dtype)

@@ -198,12 +198,14 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         index, inverse_index = ctx.saved_tensors
-        return _Permute.apply(grad, inverse_index, index), None, None
+        # torch leaves Function.apply unannotated
+        return _Permute.apply(grad, inverse_index, index), None, None  # type: ignore[no-untyped-call]
 
 
 def _permute(inputs: Tensor, index: Tensor, inverse_index: Tensor) -> Tensor:
     if inputs.is_floating_point() and torch.is_grad_enabled() and inputs.requires_grad:
-        return _Permute.apply(inputs, index, inverse_index)
+        # torch leaves Function.apply unannotated
+        return _Permute.apply(inputs, index, inverse_index)  # type: ignore[no-untyped-call]
     return inputs.index_select(1, index)
 
 
@@ -326,7 +328,7 @@ class ChannelSplit(Split):
             raise ValueError(f"placement 'squeeze' expected dim=1; got {dim}")
         self.dim = dim
 
-    def output_shapes(self, input_shape):
+    def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
         shape = _as_shape(input_shape)
         if self.placement == "squeeze" or self.dim == 1:
             return split_shapes(shape, self.placement)
@@ -350,7 +352,7 @@ class ChannelSplit(Split):
             .reshape(b, 4 * c, h // 2, w // 2)
         )
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.placement == "squeeze":
             x = self._squeeze(x)
         if self.dim >= x.dim() or x.shape[self.dim] < 2:
@@ -360,7 +362,7 @@ class ChannelSplit(Split):
         factored, kept = torch.chunk(x, chunks=2, dim=self.dim)
         return factored, kept
 
-    def inverse(self, factored, kept):
+    def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:
         x = torch.cat([factored, kept], dim=self.dim)
         if self.placement == "squeeze":
             b, c4, h, w = x.shape
@@ -391,6 +393,9 @@ class IndexSplit(Split):
         placement: ``"post_squeeze"`` (default) or ``"squeeze"``.
     """
 
+    index: Tensor
+    inverse_index: Tensor
+
     #: Whether the split needs the local-block structure (``C % 4 == 0`` for post_squeeze).
     _needs_blocks = True
 
@@ -406,10 +411,10 @@ class IndexSplit(Split):
         if input_shape is not None:
             self.bind(input_shape)
 
-    def output_shapes(self, input_shape):
+    def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
         return split_shapes(input_shape, self.placement, blocks=self._needs_blocks)
 
-    def bind(self, input_shape):
+    def bind(self, input_shape: Sequence[int]) -> Split:
         shape = _as_shape(input_shape)
         if self.input_shape is not None:
             if shape != self.input_shape:
@@ -435,12 +440,14 @@ class IndexSplit(Split):
     def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def _require_bound(self) -> None:
-        if self.input_shape is None:
+    def _require_bound(self) -> tuple[Shape, Shape, Shape]:
+        """The bound ``(input_shape, factored_shape, kept_shape)``; ``bind`` sets all three."""
+        if self.input_shape is None or self.factored_shape is None or self.kept_shape is None:
             raise RuntimeError(
                 f"{type(self).__name__}: expected a bound split (pass input_shape or call "
                 "bind(input_shape) first); got an unbound one"
             )
+        return self.input_shape, self.factored_shape, self.kept_shape
 
     def _check_event(self, tensor: Tensor, shape: Shape, name: str) -> None:
         if tuple(tensor.shape[1:]) != shape:
@@ -449,25 +456,25 @@ class IndexSplit(Split):
                 f"{tuple(tensor.shape[1:])} (full shape {tuple(tensor.shape)})"
             )
 
-    def forward(self, x):
-        self._require_bound()
-        self._check_event(x, self.input_shape, "inputs")
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        input_shape, factored_shape, kept_shape = self._require_bound()
+        self._check_event(x, input_shape, "inputs")
         batch = x.shape[0]
         out = _permute(x.flatten(1), self.index, self.inverse_index)
-        split = _numel(self.factored_shape)
-        return out[:, :split].view(batch, *self.factored_shape), out[:, split:].view(
-            batch, *self.kept_shape
-        )
+        split = _numel(factored_shape)
+        return out[:, :split].view(batch, *factored_shape), out[:, split:].view(batch, *kept_shape)
 
-    def inverse(self, factored, kept):
-        self._require_bound()
-        self._check_event(factored, self.factored_shape, "factored")
-        self._check_event(kept, self.kept_shape, "kept")
+    def inverse(self, factored: Tensor, kept: Tensor) -> Tensor:
+        input_shape, factored_shape, kept_shape = self._require_bound()
+        self._check_event(factored, factored_shape, "factored")
+        self._check_event(kept, kept_shape, "kept")
         batch = factored.shape[0]
         flat = torch.cat([factored.flatten(1), kept.flatten(1)], dim=1)
-        return _permute(flat, self.inverse_index, self.index).view(batch, *self.input_shape)
+        return _permute(flat, self.inverse_index, self.index).view(batch, *input_shape)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         # A split bound to a different shape than the stored one cannot load it.
         stored = state_dict.get(prefix + "index")
         name = type(self).__name__
@@ -555,7 +562,9 @@ def _is_permutation(index: Tensor, numel: int) -> bool:
     )
 
 
-def _block_index(kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int):
+def _block_index(
+    kept_pos: Tensor, factored_pos: Tensor, channels4: int, h: int, w: int
+) -> tuple[Tensor, Tensor]:
     """Flat indices into a ``(4G, h, w)`` event for per-block positions ``(G, 2, h, w)``."""
     groups = channels4 // 4
     device = kept_pos.device
@@ -609,7 +618,7 @@ class CheckerboardSplit(IndexSplit):
         x: ``(B, *input_shape)``; outputs as :class:`ChannelSplit`'s.
     """
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         if len(shape) == 1:
             d = shape[0]
             return torch.arange(0, d, 2), torch.arange(1, d, 2)
@@ -646,7 +655,7 @@ class RandomSplit(IndexSplit):
         self.seed = int(seed)
         super().__init__(input_shape, placement)
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         numel = _numel(shape)
         generator = torch.Generator().manual_seed(self.seed)
         permutation = torch.randperm(numel, generator=generator)
@@ -866,6 +875,8 @@ class LCMASplit(IndexSplit):
         for Generative Flows, Sec. 3.3, Fig. 1.
     """
 
+    contributions: Tensor
+
     def __init__(
         self,
         contributions: Tensor,
@@ -899,7 +910,7 @@ class LCMASplit(IndexSplit):
         )
         return kept.to(self.index.device), factored.to(self.index.device)
 
-    def _build_index(self, shape):
+    def _build_index(self, shape: Shape) -> tuple[Tensor, Tensor]:
         kept, factored = self._positions()
         if len(shape) == 1:
             return factored, kept

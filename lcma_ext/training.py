@@ -76,11 +76,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from nflows.flows import Flow
@@ -260,7 +260,7 @@ class ParameterEMA:
         self.module = module
         self.decay = float(decay)
         self.names = [name for name, _ in named]
-        self.live = [p for _, p in named]
+        self.live: list[Tensor] = [p for _, p in named]
         self.average = [p.detach().clone() for p in self.live]
         self.updates = 0
         self._update = get_ema_multi_avg_fn(self.decay)
@@ -449,7 +449,7 @@ class TrainResult:
     steps: int = 0
     clipped_steps: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -512,7 +512,10 @@ def _preprocess(
 
 
 def _batch_bpd(
-    log_density: nn.Module, y: Tensor, logit_logdet: Tensor, preprocessing: LogitPreprocessing
+    log_density: Callable[[Tensor], Tensor],
+    y: Tensor,
+    logit_logdet: Tensor,
+    preprocessing: LogitPreprocessing,
 ) -> Tensor:
     return preprocessing.bits_per_dim(log_density(y), logit_logdet, y[0].numel())
 
@@ -575,12 +578,12 @@ def _eval_batches(data: ImageBatchesLike, batch_size: int) -> Iterator[Tensor]:
             yield _images(batch)
 
 
-def save_checkpoint(path: str | Path, **state) -> None:
+def save_checkpoint(path: str | Path, **state: Any) -> None:
     """``torch.save(state, path)`` atomically (write to a temporary file, then rename)."""
     atomic_save(state, path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
@@ -605,7 +608,7 @@ def _rank_random_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def _random_state(generator: torch.Generator, loader: Any, device: torch.device) -> dict:
+def _random_state(generator: torch.Generator, loader: Any, device: torch.device) -> dict[str, Any]:
     """Every random state of the run: shared generators once, torch's generators per rank."""
     loader_generator = getattr(loader, "generator", None)
     return {
@@ -616,7 +619,11 @@ def _random_state(generator: torch.Generator, loader: Any, device: torch.device)
 
 
 def _restore_random_state(
-    state: dict, generator: torch.Generator, loader: Any, device: torch.device, path: Path
+    state: dict[str, Any],
+    generator: torch.Generator,
+    loader: Any,
+    device: torch.device,
+    path: Path,
 ) -> None:
     generator.set_state(state["generator"])
     random_state = state.get("random_state")
@@ -833,7 +840,8 @@ def train_flow(
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         result = TrainResult(**state["result"])
-        result.test_bpd = [tuple(p) for p in result.test_bpd]
+        # (epoch, bpd) pairs, stored as lists
+        result.test_bpd = cast("list[tuple[int, float]]", [tuple(p) for p in result.test_bpd])
     else:
         if where.distributed and where.rank:
             torch.manual_seed(RANK_SEED_STRIDE * where.rank + config.seed)

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,13 +22,13 @@ QUICK = ["run", "--quick", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("quick")
     assert main([*QUICK, "--out", str(out)]) == 0
     return out
 
 
-def test_quick_run_writes_every_output(quick_run):
+def test_quick_run_writes_every_output(quick_run: Path) -> None:
     out = quick_run
     for name in ("results.json", "results.md", "learning_curves.png", "config.json"):
         assert (out / name).is_file(), name
@@ -69,7 +70,9 @@ def test_quick_run_writes_every_output(quick_run):
         assert cells[-1] == f"{entry['kept_position_entropy']:.3f}"
 
 
-def test_rerun_resumes_without_retraining(quick_run, capsys):
+def test_rerun_resumes_without_retraining(
+    quick_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in (quick_run / "runs").iterdir()}
     first = json.loads((quick_run / "results.json").read_text())
     assert main([*QUICK, "--out", str(quick_run)]) == 0
@@ -84,7 +87,7 @@ def test_rerun_resumes_without_retraining(quick_run, capsys):
     assert "epochs" in message and "\n" not in message
 
 
-def test_interrupted_arm_resumes_from_its_checkpoint(quick_run, tmp_path):
+def test_interrupted_arm_resumes_from_its_checkpoint(quick_run: Path, tmp_path: Path) -> None:
     # Copy the finished run minus one arm's summary: that arm reloads its last checkpoint.
     import shutil
 
@@ -99,7 +102,9 @@ def test_interrupted_arm_resumes_from_its_checkpoint(quick_run, tmp_path):
     assert new["train_bpd_curve"] == old["train_bpd_curve"]
 
 
-def test_granularity_arms_run_beside_the_defaults(quick_run, tmp_path, capsys):
+def test_granularity_arms_run_beside_the_defaults(
+    quick_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     out = tmp_path / "granularity"
@@ -119,7 +124,7 @@ def test_granularity_arms_run_beside_the_defaults(quick_run, tmp_path, capsys):
     assert "region_size" in capsys.readouterr().err
 
 
-def test_contributions_command(quick_run, tmp_path):
+def test_contributions_command(quick_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "maps"
     checkpoint = quick_run / "checkpoints" / "nms.pt"
     assert main(["contributions", str(checkpoint), "--out", str(out), "--no-progress"]) == 0
@@ -132,7 +137,7 @@ def test_contributions_command(quick_run, tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_ablate_levels_quick(tmp_path):
+def test_ablate_levels_quick(tmp_path: Path) -> None:
     out = tmp_path / "ablate"
     args = ["ablate-levels", "--quick", "--no-progress", "--seeds", "1", "--epochs", "1"]
     assert main([*args, "--out", str(out)]) == 0
@@ -152,7 +157,9 @@ def test_ablate_levels_quick(tmp_path):
         (["run", "--lr", "-1"], "expected a positive number"),
     ],
 )
-def test_argparse_errors_are_one_line(argv, message, capsys):
+def test_argparse_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -168,7 +175,9 @@ def test_argparse_errors_are_one_line(argv, message, capsys):
         (["run", "--dataset", "mnist"], "expected --data-root"),
     ],
 )
-def test_runtime_errors_are_one_line(argv, message, capsys, tmp_path):
+def test_runtime_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     if "cuda" in argv[-1] and torch.cuda.is_available() and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
     assert main([*argv, "--out", str(tmp_path / "x"), "--no-progress"]) == 2
@@ -176,14 +185,14 @@ def test_runtime_errors_are_one_line(argv, message, capsys, tmp_path):
     assert message in err and "\n" not in err and err.startswith("lcma-ext run: error:")
 
 
-def test_module_entry_point_help():
+def test_module_entry_point_help() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lcma_ext", "run", "--help"], capture_output=True, text=True
     )
     assert done.returncode == 0 and "--nms-epochs" in done.stdout and "--arms" in done.stdout
 
 
-def test_the_api_gives_the_cli_figures(quick_run, tmp_path):
+def test_the_api_gives_the_cli_figures(quick_run: Path, tmp_path: Path) -> None:
     results = run_comparison(ExperimentConfig(quick=True, out=tmp_path / "api", progress=False))
     cli = json.loads((quick_run / "results.json").read_text())
     for arm in ARMS:
@@ -192,13 +201,15 @@ def test_the_api_gives_the_cli_figures(quick_run, tmp_path):
     assert results["config"] == cli["config"]
 
 
-def test_no_progress_still_prints_the_results(quick_run, capsys):
+def test_no_progress_still_prints_the_results(
+    quick_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main([*QUICK, "--out", str(quick_run)]) == 0
     out = capsys.readouterr().out
     assert "| lcma | exact |" in out and "Smoke run" in out
 
 
-def test_help_shows_every_default_quick_and_resuming():
+def test_help_shows_every_default_quick_and_resuming() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "lcma_ext", "run", "--help"], capture_output=True, text=True
     )
@@ -219,7 +230,7 @@ def test_help_shows_every_default_quick_and_resuming():
     assert "--quick is a smoke run" in text and "Rerun the same command with the same --out" in text
 
 
-def test_version(capsys):
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     import lcma_ext
 
     with pytest.raises(SystemExit) as exit_info:
@@ -228,20 +239,22 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"lcma-ext {lcma_ext.__version__}"
 
 
-def _one_line_error(capsys, command="run"):
+def _one_line_error(capsys: pytest.CaptureFixture[str], command: str = "run") -> str:
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"lcma-ext {command}: error:"), err
     return err
 
 
-def test_an_unusable_out_is_one_line(tmp_path, capsys):
+def test_an_unusable_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     file = tmp_path / "file"
     file.write_text("x")
     assert main([*QUICK, "--out", str(file)]) == 2
     assert "expected --out to be a folder" in _one_line_error(capsys)
 
 
-def test_a_corrupt_state_file_is_one_line(quick_run, tmp_path, capsys):
+def test_a_corrupt_state_file_is_one_line(
+    quick_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     out = tmp_path / "copy"
@@ -252,7 +265,7 @@ def test_a_corrupt_state_file_is_one_line(quick_run, tmp_path, capsys):
     assert "lcma_seed0.json' is corrupt or truncated" in err and "delete it and rerun" in err
 
 
-def test_a_diverged_nms_is_one_line(tmp_path, capsys):
+def test_a_diverged_nms_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = [*QUICK, "--limit", "64", "--epochs", "1", "--nms-epochs", "1", "--lr", "1000"]
     assert main([*argv, "--out", str(tmp_path / "d")]) == 2
     err = _one_line_error(capsys)

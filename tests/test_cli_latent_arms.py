@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -26,14 +27,14 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def latent_run(tmp_path_factory):
+def latent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("latent")
     arms = "channel,flow-vae,denseflow,haar"
     assert main([*TINY, "--out", str(out), "--arms", arms]) == 0
     return out
 
 
-def test_latent_arms_are_labelled_and_scored(latent_run):
+def test_latent_arms_are_labelled_and_scored(latent_run: Path) -> None:
     results = json.loads((latent_run / "results.json").read_text())
     assert list(results["arms"]) == ["channel", *VAE_ARMS, "denseflow", "haar"]
     kinds = {arm: entry["bpd_kind"] for arm, entry in results["arms"].items()}
@@ -58,7 +59,9 @@ def test_latent_arms_are_labelled_and_scored(latent_run):
     assert "| channel | exact |" in text and "never exact" in text
 
 
-def test_latent_arms_are_not_default_and_errors_are_clear(tmp_path, capsys):
+def test_latent_arms_are_not_default_and_errors_are_clear(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert not set(LATENT_ARMS) & set(ARMS)
     argv = [*TINY, "--out", str(tmp_path / "x"), "--model", "iresnet", "--arms", "haar"]
     assert main(argv) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -14,13 +15,13 @@ ARMS = "channel,checkerboard,lcma,channel+cond,checkerboard+cond,lcma+cond"
 
 
 @pytest.fixture(scope="module")
-def both_priors(tmp_path_factory):
+def both_priors(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("both")
     assert main(["run", "--quick", "--no-progress", "--arms", ARMS, "--out", str(out)]) == 0
     return out
 
 
-def test_one_quick_run_compares_both_priors(both_priors):
+def test_one_quick_run_compares_both_priors(both_priors: Path) -> None:
     out = both_priors
     results = json.loads((out / "results.json").read_text())
     assert list(results["arms"]) == ARMS.split(",") and results["reference_arm"] == "channel"
@@ -43,21 +44,25 @@ def test_one_quick_run_compares_both_priors(both_priors):
     assert "`channel+cond`, `checkerboard+cond`, `lcma+cond`" in table
 
 
-def test_sample_command(both_priors, capsys):
+def test_sample_command(both_priors: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["sample", str(both_priors), "--arm", "lcma+cond", "--seed", "1"]
     assert main([*argv, "--temperature", "0.7", "--num", "16"]) == 0
     path = both_priors / "samples_lcma+cond_seed1_T0.7.png"
     assert capsys.readouterr().out.strip() == str(path) and path.stat().st_size > 0
 
 
-def test_interpolate_command(both_priors, tmp_path, capsys):
+def test_interpolate_command(
+    both_priors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "lcma.png"
     argv = ["interpolate", str(both_priors), "--arm", "lcma", "--steps", "8", "--pairs", "4"]
     assert main([*argv, "--mode", "spherical", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == str(out) and out.stat().st_size > 0
 
 
-def test_evaluate_command(both_priors, tmp_path, capsys):
+def test_evaluate_command(
+    both_priors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["evaluate", str(both_priors), "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "| arm | seed | bpd kind | recorded bpd | rescored bpd | Δ |" in printed
@@ -81,7 +86,13 @@ def test_evaluate_command(both_priors, tmp_path, capsys):
         (["evaluate", "{missing}"], "(no such folder)"),
     ],
 )
-def test_errors_on_a_run_folder_are_one_line(both_priors, tmp_path, capsys, argv, message):
+def test_errors_on_a_run_folder_are_one_line(
+    both_priors: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
     paths = {"run": str(both_priors), "missing": str(tmp_path / "missing")}
     argv = [item.format(**paths) for item in argv]
     assert main(argv) == 2
@@ -89,7 +100,7 @@ def test_errors_on_a_run_folder_are_one_line(both_priors, tmp_path, capsys, argv
     assert message in err and "\n" not in err and err.startswith(f"lcma-ext {argv[0]}: error:")
 
 
-def test_argparse_checks_the_new_options(capsys):
+def test_argparse_checks_the_new_options(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, message in (
         (["sample", "x", "--arm", "lcma", "--temperature", "-1"], "expected a number >= 0"),
         (["interpolate", "x", "--arm", "lcma", "--steps", "1"], "expected an integer >= 2"),

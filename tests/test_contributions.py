@@ -9,10 +9,13 @@ through the levels' ``forward`` (not ``carry``) and a loop-based LCMA rule.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from nflows.transforms import Transform
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from lcma_ext import ContributionMaps, build_multiscale_transform, estimate_contributions
@@ -31,15 +34,17 @@ class FixedScale(DiagMixin, Transform):
         super().__init__()
         self.register_buffer("log_scale", log_scale)
 
-    def forward(self, inputs, context=None):
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logabsdet = self.log_scale.sum().expand(inputs.shape[0])
         return inputs * torch.exp(self.log_scale), logabsdet
 
-    def inverse(self, inputs, context=None):
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logabsdet = -self.log_scale.sum().expand(inputs.shape[0])
         return inputs * torch.exp(-self.log_scale), logabsdet
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         outputs, logabsdet = self.forward(inputs)
         return outputs, logabsdet, diag + self.log_scale
 
@@ -47,11 +52,13 @@ class FixedScale(DiagMixin, Transform):
 class SoftTanh(DiagMixin, Transform):
     """``y = x + tanh(x) / 2`` elementwise (data-dependent contribution)."""
 
-    def forward(self, inputs, context=None):
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         outputs, _, diag = self._forward_with_diag(inputs, context, torch.zeros_like(inputs))
         return outputs, diag.flatten(1).sum(1)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         derivative = 1 + 0.5 / torch.cosh(inputs) ** 2
         outputs = inputs + 0.5 * torch.tanh(inputs)
         return outputs, torch.log(derivative).flatten(1).sum(1), diag + torch.log(derivative)
@@ -72,7 +79,7 @@ def ms_factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
     return T.CompositeTransform([*layers, FixedScale(torch.zeros(shape, dtype=torch.float64))])
 
 
-def hand_built_nms(num_levels: int, seed: int):
+def hand_built_nms(num_levels: int, seed: int) -> tuple[T.CompositeTransform, list[torch.Tensor]]:
     """NMS levels with fixed scales ``g_l`` given per data dimension; returns (nms, g)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -90,7 +97,9 @@ def hand_built_nms(num_levels: int, seed: int):
     return T.CompositeTransform(levels), scales
 
 
-def reference_maps(levels, cumulative, factor_out):
+def reference_maps(
+    levels: Sequence[Transform], cumulative: Sequence[torch.Tensor], factor_out: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Expected maps per split point, and kept data indices, without lcma_ext's tracking."""
     positions = torch.arange(64, dtype=torch.float64).view(1, *SHAPE)
     maps, kept_all = [], []
@@ -116,7 +125,7 @@ def reference_maps(levels, cumulative, factor_out):
 
 @pytest.mark.parametrize("num_levels", [3, 4])  # two and three split points
 @pytest.mark.parametrize("factor_out", ["low", "high"])
-def test_tracking_matches_closed_form(num_levels, factor_out):
+def test_tracking_matches_closed_form(num_levels: int, factor_out: str) -> None:
     nms, scales = hand_built_nms(num_levels, seed=num_levels)
     cumulative = list(torch.cumsum(torch.stack(scales), 0))
     torch.manual_seed(100)  # the multi-scale permutations differ from the NMS ones
@@ -154,8 +163,8 @@ def test_tracking_matches_closed_form(num_levels, factor_out):
         assert torch.equal(positions[0], expected)
 
 
-def test_averages_over_data_tensor_and_dataloader():
-    def level(shape):
+def test_averages_over_data_tensor_and_dataloader() -> None:
+    def level(shape: tuple[int, ...]) -> T.CompositeTransform:
         return T.CompositeTransform([T.SqueezeTransform(), SoftTanh()])
 
     nms = T.CompositeTransform([level(SHAPE), level((4, 4, 4))])
@@ -173,7 +182,7 @@ def test_averages_over_data_tensor_and_dataloader():
     assert nms.training  # the mode is restored
 
 
-def test_save_load_round_trip(tmp_path):
+def test_save_load_round_trip(tmp_path: Path) -> None:
     nms, _ = hand_built_nms(3, seed=0)
     maps = estimate_contributions(nms, torch.randn(4, *SHAPE), ms_factory, progress=False)
     assert maps.levels is not None and len(maps.levels) == 3
@@ -198,7 +207,7 @@ def test_save_load_round_trip(tmp_path):
         ContributionMaps.load(tmp_path / "other.pt")
 
 
-def test_a_truncated_or_corrupt_file_names_itself(tmp_path):
+def test_a_truncated_or_corrupt_file_names_itself(tmp_path: Path) -> None:
     nms, _ = hand_built_nms(3, seed=0)
     maps = estimate_contributions(nms, torch.randn(4, *SHAPE), ms_factory, progress=False)
     path = tmp_path / "contributions.pt"
@@ -214,7 +223,7 @@ def test_a_truncated_or_corrupt_file_names_itself(tmp_path):
         ContributionMaps.load(tmp_path / "missing.pt")
 
 
-def test_levels_with_another_rearrangement_are_detected():
+def test_levels_with_another_rearrangement_are_detected() -> None:
     nms, _ = hand_built_nms(3, seed=0)
     data = torch.randn(4, *SHAPE, dtype=torch.float64)
     torch.manual_seed(1)
@@ -240,7 +249,7 @@ def test_levels_with_another_rearrangement_are_detected():
         assert torch.equal(a.index, b.index)
 
 
-def test_errors():
+def test_errors() -> None:
     nms, _ = hand_built_nms(3, seed=0)
     data = torch.randn(4, *SHAPE)
     with pytest.raises(ValueError, match="expected finite data"):

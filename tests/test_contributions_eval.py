@@ -15,6 +15,7 @@ import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
 from nflows.transforms import Transform
+from torch import Tensor
 
 from lcma_ext import estimate_contributions
 from lcma_ext import transforms as T
@@ -44,17 +45,19 @@ class ModeDependentScale(DiagMixin, Transform):
     def log_scale(self) -> torch.Tensor:
         return self.train_log_scale if self.training else self.eval_log_scale
 
-    def forward(self, inputs, context=None):
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         s = self.log_scale()
         if inputs.shape[1:] != s.shape:
             raise ValueError(f"expected inputs of shape (B, {tuple(s.shape)}); got {inputs.shape}")
         return inputs * torch.exp(s), s.sum().expand(inputs.shape[0])
 
-    def inverse(self, inputs, context=None):
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         s = self.log_scale()
         return inputs * torch.exp(-s), -s.sum().expand(inputs.shape[0])
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self.calls.append((self.training, torch.is_grad_enabled()))
         outputs, logabsdet = self.forward(inputs, context)
         return outputs, logabsdet, diag + self.log_scale()
@@ -82,7 +85,7 @@ def _in_layout(per_data_dimension: torch.Tensor, level: int) -> torch.Tensor:
     return tensor
 
 
-def _nms(seed: int = 0):
+def _nms(seed: int = 0) -> tuple[T.CompositeTransform, list[torch.Tensor]]:
     """NMS flow of ``[ModeDependentScale, squeeze]`` levels; returns it and the eval log-scales
     per data dimension (one ``SHAPE`` tensor per level)."""
     generator = torch.Generator().manual_seed(seed)
@@ -110,12 +113,12 @@ def _data(seed: int = 1) -> torch.Tensor:
     return torch.randn(NUM_EXAMPLES, *SHAPE, generator=generator, dtype=torch.float64)
 
 
-def _scales(nms) -> list[ModeDependentScale]:
+def _scales(nms: torch.nn.Module) -> list[ModeDependentScale]:
     return [m for m in nms.modules() if isinstance(m, ModeDependentScale)]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_mode_dependent_scale_is_a_protocol_transform(mode):
+def test_mode_dependent_scale_is_a_protocol_transform(mode: str) -> None:
     """The test transform itself against brute force, in both modes."""
     scale = ModeDependentScale(torch.randn(2, 2, 2), torch.randn(2, 2, 2)).double()
     scale.train(mode == "train")
@@ -135,7 +138,7 @@ def test_mode_dependent_scale_is_a_protocol_transform(mode):
         torch.testing.assert_close(scale.inverse(outputs)[0], x, rtol=0, atol=1e-12)
 
 
-def test_loop_squeeze_matches_the_squeeze_transform():
+def test_loop_squeeze_matches_the_squeeze_transform() -> None:
     """Guards the reference layout: the loops agree with SqueezeTransform on data."""
     x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
     outputs, _ = T.SqueezeTransform()(x)
@@ -145,7 +148,9 @@ def test_loop_squeeze_matches_the_squeeze_transform():
 
 @pytest.mark.parametrize("wrapper", ["transform", "flow"])
 @pytest.mark.parametrize("start", ["train", "eval"])
-def test_maps_are_measured_in_eval_mode_without_gradient_and_mode_is_restored(start, wrapper):
+def test_maps_are_measured_in_eval_mode_without_gradient_and_mode_is_restored(
+    start: str, wrapper: str
+) -> None:
     nms, eval_scales = _nms()
     module = nms if wrapper == "transform" else Flow(nms, StandardNormal([64]))
     module.train(start == "train")
@@ -171,7 +176,7 @@ def test_maps_are_measured_in_eval_mode_without_gradient_and_mode_is_restored(st
 
 
 @pytest.mark.parametrize("start", ["train", "eval"])
-def test_mode_is_restored_when_the_measurement_fails(start):
+def test_mode_is_restored_when_the_measurement_fails(start: str) -> None:
     nms, _ = _nms()
     nms.train(start == "train")
     data = _data()

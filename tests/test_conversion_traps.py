@@ -13,12 +13,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import normflows as nf
 import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
+from nflows.transforms import Transform
 from torch.utils.data import DataLoader, TensorDataset
 
 from lcma_ext import (
@@ -30,9 +32,10 @@ from lcma_ext import (
 )
 from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.data import LogitPreprocessing
 from lcma_ext.models import build_flow, count_parameters, make_level_factory
-from lcma_ext.multiscale import build_levels, level_output_shape
+from lcma_ext.multiscale import LevelFactory, build_levels, level_output_shape
 
 from brute_force import jacobian, slogdet
 
@@ -48,7 +51,7 @@ def _data(n: int = 32) -> torch.Tensor:
     return LogitPreprocessing(17)(_images(n), generator=torch.Generator().manual_seed(1))[0]
 
 
-def _maps(factory):
+def _maps(factory: LevelFactory) -> ContributionMaps:
     torch.manual_seed(0)
     nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)
     return estimate_contributions(nms, _data(), factory, SHAPE, progress=False)
@@ -65,7 +68,7 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 # --- 8: the factory is never ignored ----------------------------------------------------------
 
 
-def test_the_builder_uses_the_factory_it_is_given():
+def test_the_builder_uses_the_factory_it_is_given() -> None:
     small = make_level_factory("glow", "tiny")
     maps = _maps(small)  # the maps hold the tiny levels in memory
     large = make_level_factory("glow", "tiny", hidden=48)
@@ -79,7 +82,7 @@ def test_the_builder_uses_the_factory_it_is_given():
     assert math.isfinite(float(Flow(flow, StandardNormal([64])).log_prob(_data(4)).sum().detach()))
 
 
-def test_the_lcma_flow_follows_the_seed_like_channel():
+def test_the_lcma_flow_follows_the_seed_like_channel() -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory)
     weights = {}
@@ -98,19 +101,19 @@ def test_the_lcma_flow_follows_the_seed_like_channel():
     assert all(a is not b for a, b in zip(copies.parameters(), maps.levels[0].parameters()))
 
 
-def _normflows_level(index, shape):
+def _normflows_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 8, split_mode="channel", scale=True) for _ in range(2)] + [
         nf.flows.Squeeze()
     ]
 
 
-def _normflows_level_wide(index, shape):
+def _normflows_level_wide(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 24, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
 
-def test_the_normflows_builder_uses_the_factory_it_is_given():
+def test_the_normflows_builder_uses_the_factory_it_is_given() -> None:
     torch.manual_seed(0)
     x = _data()
     nms = lnf.build_nms_model(_normflows_level, SHAPE, 3)
@@ -129,7 +132,9 @@ def test_the_normflows_builder_uses_the_factory_it_is_given():
 # --- 9: hand-assembled flows check their maps -------------------------------------------------
 
 
-def _assemble(levels, maps_per_split) -> ContributionMultiscaleFlow:
+def _assemble(
+    levels: Sequence[Transform], maps_per_split: Sequence[torch.Tensor]
+) -> ContributionMultiscaleFlow:
     """README's hand-assembly route: add_transform level by level with LCMASplit(map)."""
     flow = ContributionMultiscaleFlow(len(levels))
     shape = SHAPE
@@ -140,7 +145,7 @@ def _assemble(levels, maps_per_split) -> ContributionMultiscaleFlow:
     return flow
 
 
-def test_add_transform_refuses_maps_of_other_levels():
+def test_add_transform_refuses_maps_of_other_levels() -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory)
     torch.manual_seed(5)
@@ -155,7 +160,7 @@ def test_add_transform_refuses_maps_of_other_levels():
     assert len(_assemble(maps.levels, maps.maps).splits) == 2
 
 
-def test_add_transform_refuses_a_later_map_after_other_splits():
+def test_add_transform_refuses_a_later_map_after_other_splits() -> None:
     factory = make_level_factory("realnvp", "tiny")  # no random permutation: same layout
     maps = _maps(factory)
     levels = maps.levels
@@ -169,11 +174,11 @@ def test_add_transform_refuses_a_later_map_after_other_splits():
 # --- 10: class labels on the normflows path ---------------------------------------------------
 
 
-def _class_base(shape):
+def _class_base(shape: tuple[int, ...]) -> nf.distributions.ClassCondDiagGaussian:
     return nf.distributions.ClassCondDiagGaussian(shape, 3)
 
 
-def test_class_conditional_normflows_model_against_brute_force():
+def test_class_conditional_normflows_model_against_brute_force() -> None:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -192,7 +197,7 @@ def test_class_conditional_normflows_model_against_brute_force():
                 base.log_scale.normal_(0, 0.3)
         log_prob = model.log_prob(x, y)
 
-        def latents(batch):
+        def latents(batch: torch.Tensor) -> torch.Tensor:
             return torch.cat([z.flatten(1) for z in model.inverse_and_log_det(batch)[0]], 1)
 
         for b in range(4):
@@ -217,7 +222,7 @@ def test_class_conditional_normflows_model_against_brute_force():
         torch.set_default_dtype(previous)
 
 
-def test_labels_are_refused_by_a_model_without_class_conditioning():
+def test_labels_are_refused_by_a_model_without_class_conditioning() -> None:
     torch.manual_seed(0)
     model = lnf.build_multiscale_model(_normflows_level, SHAPE, 2, "checkerboard")
     x, y = _data(4), torch.tensor([0, 1, 2, 1])
@@ -237,7 +242,7 @@ def test_labels_are_refused_by_a_model_without_class_conditioning():
 # --- 11: integer images -----------------------------------------------------------------------
 
 
-def test_integer_images_are_refused_with_advice_that_works():
+def test_integer_images_are_refused_with_advice_that_works() -> None:
     factory = make_level_factory("realnvp", "tiny")
     torch.manual_seed(0)
     nms = build_nms_transform(factory, SHAPE, 3)
@@ -260,7 +265,7 @@ def test_integer_images_are_refused_with_advice_that_works():
 
 @pytest.mark.parametrize("prior", ["standard", "conditional"])
 @pytest.mark.parametrize("split", ["lcma", "channel", "checkerboard", "random", "lcma-region"])
-def test_empty_batches_on_nflows_flows(split, prior):
+def test_empty_batches_on_nflows_flows(split: str, prior: str) -> None:
     factory = make_level_factory("glow", "tiny")
     maps = _maps(factory) if split.startswith("lcma") else None
     transform = build_multiscale_transform(factory, SHAPE, 3, split, maps, prior=prior)
@@ -272,7 +277,7 @@ def test_empty_batches_on_nflows_flows(split, prior):
     assert [t.shape for t in transform.forward_with_diag(empty)] == [(0, 64), (0,), (0, 64)]
 
 
-def test_an_empty_batch_initialises_nothing():
+def test_an_empty_batch_initialises_nothing() -> None:
     factory = make_level_factory("glow", "tiny")
     torch.manual_seed(0)
     nms = build_flow(build_nms_transform(factory, SHAPE, 3), SHAPE)

@@ -21,6 +21,7 @@ import lcma_ext
 from lcma_ext import contributions as C
 from lcma_ext import normflows as lnf
 from lcma_ext import splits as S
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.flows import build_flow, eval_mode, flow_parts
 from lcma_ext.models import level_shapes, make_level_factory, max_num_levels
 from lcma_ext.multiscale import walk_levels
@@ -30,7 +31,7 @@ SHAPE = (1, 8, 8)
 PACKAGE = Path(lcma_ext.__file__).parent
 
 
-def _maps():
+def _maps() -> ContributionMaps:
     factory = make_level_factory("glow", "tiny")
     torch.manual_seed(0)
     nms = build_nms_transform(factory, SHAPE, 3)
@@ -38,11 +39,11 @@ def _maps():
     return C.estimate_contributions(nms, data, factory, SHAPE, progress=False)
 
 
-def _counting(monkeypatch) -> list[int]:
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = C.track_splits
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs) -> C.TrackedSplits:
         calls.append(1)
         return original(*args, **kwargs)
 
@@ -50,7 +51,7 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
-def test_the_tracker_runs_once_per_maps(monkeypatch, tmp_path):
+def test_the_tracker_runs_once_per_maps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     calls = _counting(monkeypatch)
     maps = _maps()
     assert len(calls) == 1  # the estimate itself, kept for the derived properties
@@ -65,7 +66,7 @@ def test_the_tracker_runs_once_per_maps(monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
-def test_the_kept_result_follows_its_fields():
+def test_the_kept_result_follows_its_fields() -> None:
     maps = _maps()
     first = maps.kept_positions
     maps.factor_out = "high"  # another rule: derived again
@@ -78,7 +79,7 @@ def test_the_kept_result_follows_its_fields():
     assert torch.equal(reversed_, high[0].flatten().sort().values)
 
 
-def test_splits_are_new_modules_and_maps_know_their_layout():
+def test_splits_are_new_modules_and_maps_know_their_layout() -> None:
     maps = _maps()
     first, second = maps.splits(), maps.splits()
     assert all(a is not b and torch.equal(a.index, b.index) for a, b in zip(first, second))
@@ -99,7 +100,7 @@ def test_splits_are_new_modules_and_maps_know_their_layout():
 # --- modes and parts ---------------------------------------------------------------------------
 
 
-def test_eval_mode_restores_every_submodule_also_after_an_error():
+def test_eval_mode_restores_every_submodule_also_after_an_error() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Dropout(), nn.Linear(2, 2)))
     model.train()
     model[1][0].eval()  # a frozen submodule inside a training model
@@ -110,7 +111,7 @@ def test_eval_mode_restores_every_submodule_also_after_an_error():
     assert [m.training for m in model.modules()] == before
 
 
-def test_flow_parts():
+def test_flow_parts() -> None:
     factory = make_level_factory("realnvp", "tiny")
     transform = build_nms_transform(factory, SHAPE, 2)
     flow = build_flow(transform, SHAPE)
@@ -124,12 +125,12 @@ def test_flow_parts():
 # --- names -------------------------------------------------------------------------------------
 
 
-def _glow_level(index, shape):
+def _glow_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.GlowBlock(c, 8, split_mode="channel", scale=True), nf.flows.Squeeze()]
 
 
-def test_the_old_normflows_names_warn_and_still_work():
+def test_the_old_normflows_names_warn_and_still_work() -> None:
     assert "LCMASplit" not in lnf.__all__ and "estimate_contributions" not in lnf.__all__
     contributions = torch.randn(8, 2, 2, generator=torch.Generator().manual_seed(0))
     with pytest.warns(DeprecationWarning, match="use lcma_ext.normflows.LCMAMerge"):
@@ -148,7 +149,7 @@ def test_the_old_normflows_names_warn_and_still_work():
     assert lcma_ext.estimate_contributions is C.estimate_contributions  # the core name is its own
 
 
-def test_init_files_only_re_export():
+def test_init_files_only_re_export() -> None:
     for path in PACKAGE.rglob("__init__.py"):
         tree = ast.parse(path.read_text())
         for node in tree.body:
@@ -174,7 +175,7 @@ def test_init_files_only_re_export():
 # --- the shapes of the model families ----------------------------------------------------------
 
 
-def _reference_max_levels(shape):
+def _reference_max_levels(shape: tuple[int, ...]) -> int:
     _, h, w = shape
     levels = 0
     while h % 2 == 0 and w % 2 == 0:
@@ -183,7 +184,7 @@ def _reference_max_levels(shape):
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (1, 6, 8), (2, 12, 4), (1, 1, 1)])
-def test_level_shapes_and_max_num_levels(shape):
+def test_level_shapes_and_max_num_levels(shape: tuple[int, ...]) -> None:
     assert max_num_levels(shape) == _reference_max_levels(shape)
     levels = max_num_levels(shape)
     if levels == 0:
@@ -212,7 +213,7 @@ def test_level_shapes_and_max_num_levels(shape):
 
 
 @pytest.mark.parametrize(("shape", "levels"), [((1, 8, 8), 3), ((3, 64, 64), 4), ((1, 24, 48), 3)])
-def test_region_tile_at_every_split_point(shape, levels):
+def test_region_tile_at_every_split_point(shape: tuple[int, ...], levels: int) -> None:
     """The check a run does before training: the capped tile divides each split's grid."""
     for region_size, step in itertools.product((1, 2, 3, 4, 5), level_shapes(shape, levels)):
         if not step.is_split_point:

@@ -32,7 +32,7 @@ def _image_coupling(previous_channels: int = 0) -> T.CrossUnitCoupling:
 
 
 @pytest.mark.parametrize("previous_channels", [0, 3])
-def test_deterministic_part_jacobian_at_fixed_noise(previous_channels):
+def test_deterministic_part_jacobian_at_fixed_noise(previous_channels: int) -> None:
     coupling = _image_coupling(previous_channels)
     z = torch.randn(2, 2, 2, 2, dtype=torch.float64)
     e = torch.randn(2, 3, 2, 2, dtype=torch.float64)
@@ -40,7 +40,7 @@ def test_deterministic_part_jacobian_at_fixed_noise(previous_channels):
     for b in range(2):
         nz = z[b].numel()
 
-        def joint(zb, eb, b=b):
+        def joint(zb: torch.Tensor, eb: torch.Tensor, b: int = b) -> torch.Tensor:
             return coupling.augment(zb, eb, [p[b : b + 1] for p in previous])[0]
 
         jac = joint_jacobian(joint, [z[b], e[b]])
@@ -61,7 +61,7 @@ def test_deterministic_part_jacobian_at_fixed_noise(previous_channels):
     torch.testing.assert_close(term, expected)  # log|det diag sigma| - log p*(e)
 
 
-def test_forward_with_diag_sum_invariant_and_noise_dims():
+def test_forward_with_diag_sum_invariant_and_noise_dims() -> None:
     coupling = _image_coupling(3)
     z = torch.randn(4, 2, 2, 2, dtype=torch.float64)
     previous = [torch.randn(4, 3, 2, 2, dtype=torch.float64)]
@@ -83,7 +83,7 @@ def test_forward_with_diag_sum_invariant_and_noise_dims():
     torch.testing.assert_close(diag[:, 2:], log_sigma + 0.5 * e.square() + 0.5 * LOG_2PI)
 
 
-def test_inverse_drops_noise_and_carry_marks_new_dims():
+def test_inverse_drops_noise_and_carry_marks_new_dims() -> None:
     coupling = _image_coupling()
     z = torch.randn(3, 2, 2, 2, dtype=torch.float64)
     outputs, _ = coupling(z)
@@ -96,7 +96,7 @@ def test_inverse_drops_noise_and_carry_marks_new_dims():
     assert torch.equal(coupling.carry(torch.ones(1, 2, 2, 2))[:, 2:], torch.zeros(1, 3, 2, 2))
 
 
-def test_bound_and_iwae_against_exact_marginal():
+def test_bound_and_iwae_against_exact_marginal() -> None:
     """Flow([z, sigma e + mu]) with a N(0, I) base: p(z) = N(z; 0, I) exactly (e integrates out),
     the bound is log N(z) - KL(N(mu, sigma^2) || N(0, 1)) and IWAE-K approaches log N(z)."""
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def test_bound_and_iwae_against_exact_marginal():
     assert bpd_kind(flow, 256) == "IWAE-256" and is_stochastic(flow)
 
 
-def test_denseflow_block_protocol_round_trip_and_shapes():
+def test_denseflow_block_protocol_round_trip_and_shapes() -> None:
     torch.manual_seed(0)
     block = DenseFlowBlock((1, 4, 4), units=3, steps=1, growth=2, hidden=8).double()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
@@ -148,7 +148,7 @@ def test_denseflow_block_protocol_round_trip_and_shapes():
     assert (positions == -1).sum() == 16  # two couplings x 2 noise channels x 2 x 2 sites
 
 
-def test_build_denseflow_samples_and_scores():
+def test_build_denseflow_samples_and_scores() -> None:
     torch.manual_seed(0)
     flow = build_denseflow((1, 8, 8), num_levels=3, size="tiny", squeeze="haar")
     x = torch.randn(4, 1, 8, 8)
@@ -164,7 +164,7 @@ def test_build_denseflow_samples_and_scores():
     assert (estimate.iwae >= estimate.elbo).all() and (estimate.iwae_se > 0).all()
 
 
-def test_clear_errors():
+def test_clear_errors() -> None:
     coupling = T.CrossUnitCoupling(2, 3)
     with pytest.raises(ValueError, match=r"expected a \(B, C, H, W\) input with C = 2; got"):
         coupling(torch.randn(1, 3, 2, 2))

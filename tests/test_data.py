@@ -7,7 +7,9 @@ import re
 import sys
 import types
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -37,10 +39,13 @@ from lcma_ext.data import (
 
 from brute_force import jacobian
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 ALPHA = 0.05
 
 
-def test_digits_fixed_split():
+def test_digits_fixed_split() -> None:
     first, second = load_digits_dataset(), load_dataset("digits")
     assert first.shape == (1, 8, 8) and first.levels == 17
     assert first.train.shape[0] + first.test.shape[0] == 1797
@@ -50,7 +55,7 @@ def test_digits_fixed_split():
     assert load_dataset("digits", limit=10).train.shape[0] == 10
 
 
-def test_patches_fixed_disjoint_split():
+def test_patches_fixed_disjoint_split() -> None:
     data = load_patches_dataset(num_train=200, num_test=50)
     assert data.shape == (3, 16, 16) and data.levels == 256
     assert data.train.shape[0] == 200 and data.test.shape[0] == 50
@@ -61,7 +66,7 @@ def test_patches_fixed_disjoint_split():
     assert data.train.float().std() > 10  # natural images, not constant patches
 
 
-def test_dataset_validation():
+def test_dataset_validation() -> None:
     with pytest.raises(ValueError, match="expected a dataset in"):
         load_dataset("svhn")
     with pytest.raises(ValueError, match=r"expected train images shaped \(N, C, H, W\)"):
@@ -70,7 +75,7 @@ def test_dataset_validation():
         ImageDataset("x", torch.zeros(2, 1, 8, 8), torch.zeros(1, 1, 4, 4), 2)
 
 
-def test_dequantize_range_and_errors():
+def test_dequantize_range_and_errors() -> None:
     x = torch.tensor([[0, 16], [3, 5]])
     v = dequantize(x, 17, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert v.dtype == torch.float64
@@ -87,7 +92,7 @@ def test_dequantize_range_and_errors():
         LogitPreprocessing(17, alpha=0.5)
 
 
-def test_logit_logdet_is_the_jacobian():
+def test_logit_logdet_is_the_jacobian() -> None:
     v = torch.rand(3, 1, 2, 2, dtype=torch.float64)
     y, logdet = logit_transform(v, ALPHA)
     jac = jacobian(lambda batch: logit_transform(batch, ALPHA)[0], v[0])
@@ -99,7 +104,7 @@ def test_logit_logdet_is_the_jacobian():
     torch.testing.assert_close(back, v)
 
 
-def test_bpd_standard_normal_identity_flow_by_hand():
+def test_bpd_standard_normal_identity_flow_by_hand() -> None:
     """Identity flow with a standard normal base, against scipy and finite differences."""
     levels, x = 256, torch.tensor([[[[0, 255], [17, 128]]]])
     noise = torch.tensor([[[[0.25, 0.5], [0.75, 0.1]]]], dtype=torch.float64)
@@ -117,7 +122,7 @@ def test_bpd_standard_normal_identity_flow_by_hand():
     assert bpd.item() == pytest.approx(expected, rel=1e-7)
 
 
-def test_bpd_of_the_uniform_density_is_log2_levels():
+def test_bpd_of_the_uniform_density_is_log2_levels() -> None:
     # The density of y under a uniform density of v on [0, 1)^D is exp(-log|dy/dv|).
     for levels in (17, 256):
         x = torch.randint(0, levels, (5, 3, 4, 4))
@@ -126,7 +131,7 @@ def test_bpd_of_the_uniform_density_is_log2_levels():
         torch.testing.assert_close(bpd, torch.full((5,), math.log2(levels)))
 
 
-def test_bpd_density_integrates_to_the_base_mass():
+def test_bpd_density_integrates_to_the_base_mass() -> None:
     """For D = 1, 2^(-bpd(s)) is a density of s = x + u; its integral over [0, levels) is the
     normal mass between logit(alpha) and logit(1 - alpha)."""
     levels = 17
@@ -155,33 +160,35 @@ def _write_png(path: Path, array: np.ndarray) -> None:
 def _fake_torchvision(calls: list) -> types.ModuleType:
     from PIL import Image
 
-    def no_download(name, download):
+    def no_download(name: str, download: bool) -> None:
         calls.append((name, download))
         if download:
             raise AssertionError("a dataset was asked to download")
 
     class MNIST:
-        def __init__(self, root, train=True, download=False):
+        def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
             no_download("MNIST", download)
             self.data = torch.from_numpy(np.load(Path(root) / f"mnist_{int(train)}.npy"))
 
     class CIFAR10:
-        def __init__(self, root, train=True, download=False):
+        def __init__(self, root: str | Path, train: bool = True, download: bool = False) -> None:
             no_download("CIFAR10", download)
             self.data = np.load(Path(root) / f"cifar_{int(train)}.npy")
 
     class ImageFolder:
-        def __init__(self, root):
+        def __init__(self, root: str | Path) -> None:
             self.files = sorted(Path(root).glob("*/*.png"))
 
-        def __len__(self):
+        def __len__(self) -> int:
             return len(self.files)
 
-        def __getitem__(self, index):
+        def __getitem__(self, index: int) -> tuple[Image.Image, int]:
             return Image.open(self.files[index]), 0
 
     class CelebA(ImageFolder):
-        def __init__(self, root, split="train", download=False, **kwargs):
+        def __init__(
+            self, root: str | Path, split: str = "train", download: bool = False, **kwargs
+        ) -> None:
             no_download("CelebA", download)
             super().__init__(Path(root) / "celeba" / split)
 
@@ -192,7 +199,9 @@ def _fake_torchvision(calls: list) -> types.ModuleType:
     return module
 
 
-def test_vision_loaders_with_tiny_local_files(tmp_path, monkeypatch):
+def test_vision_loaders_with_tiny_local_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list = []
     monkeypatch.setitem(sys.modules, "torchvision", _fake_torchvision(calls))
     rng = np.random.default_rng(0)
@@ -218,7 +227,7 @@ def test_vision_loaders_with_tiny_local_files(tmp_path, monkeypatch):
     assert calls and all(download is False for _, download in calls)
 
 
-def test_imagefolder_split_and_resize(tmp_path, monkeypatch):
+def test_imagefolder_split_and_resize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", _fake_torchvision([]))
     rng = np.random.default_rng(1)
     for i in range(20):
@@ -241,7 +250,9 @@ def test_imagefolder_split_and_resize(tmp_path, monkeypatch):
     assert resized.train.shape == (3, 3, 8, 8)
 
 
-def test_missing_torchvision_names_the_extra(tmp_path, monkeypatch):
+def test_missing_torchvision_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     with pytest.raises(ImportError, match=r"lcma-ext\[vision\]"):
         load_dataset("cifar10", data_root=tmp_path)
@@ -251,7 +262,7 @@ def test_missing_torchvision_names_the_extra(tmp_path, monkeypatch):
         load_vision_dataset("mnist", tmp_path / "missing")
 
 
-def test_real_torchvision_imagefolder(tmp_path):
+def test_real_torchvision_imagefolder(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     rng = np.random.default_rng(2)
     for split in ("train", "test"):
@@ -285,7 +296,9 @@ def _npz(path: Path, **arrays: object) -> Path:
         ((5, 4, 4, 4), lambda a: a),  # ambiguous: NCHW
     ],
 )
-def test_npz_layouts_round_trip_exact_values(tmp_path, shape, to_nchw):
+def test_npz_layouts_round_trip_exact_values(
+    tmp_path: Path, shape: tuple[int, ...], to_nchw: Callable[[np.ndarray], np.ndarray]
+) -> None:
     rng = np.random.default_rng(3)
     train = rng.integers(0, 256, shape, dtype=np.uint8)
     test = rng.integers(0, 256, (2, *shape[1:]), dtype=np.uint8)
@@ -297,7 +310,7 @@ def test_npz_layouts_round_trip_exact_values(tmp_path, shape, to_nchw):
     np.testing.assert_array_equal(data.test.numpy(), to_nchw(test))
 
 
-def test_npz_levels_integer_dtypes_and_limit(tmp_path):
+def test_npz_levels_integer_dtypes_and_limit(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     train = rng.integers(0, 17, (6, 1, 8, 8)).astype(np.int16)
     train[0, 0, 0, 0] = 16
@@ -376,7 +389,7 @@ def _write_bad_npz(path: Path, case: str) -> None:
         ("shapes differ", "with one image shape; got (1, 8, 8) and (1, 4, 4)"),
     ],
 )
-def test_bad_npz_files_are_named(tmp_path, case, message):
+def test_bad_npz_files_are_named(tmp_path: Path, case: str, message: str) -> None:
     path = tmp_path / f"bad_{case.replace(' ', '_')}.npz"
     _write_bad_npz(path, case)
     with pytest.raises(ValueError) as info:
@@ -393,7 +406,9 @@ def _rgb(rng: np.random.Generator, height: int = 8, width: int = 8) -> np.ndarra
     return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def test_imagefolder_train_test_layout_without_torchvision(tmp_path, monkeypatch):
+def test_imagefolder_train_test_layout_without_torchvision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # any import of it would fail
     rng = np.random.default_rng(5)
     written = {}
@@ -415,7 +430,9 @@ def test_imagefolder_train_test_layout_without_torchvision(tmp_path, monkeypatch
     np.testing.assert_array_equal(limited.train.numpy(), expected[:2])
 
 
-def test_imagefolder_single_folder_split_and_resize(tmp_path, monkeypatch):
+def test_imagefolder_single_folder_split_and_resize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)
     rng = np.random.default_rng(6)
     images = [_rgb(rng, 8, 16) for _ in range(20)]
@@ -432,7 +449,7 @@ def test_imagefolder_single_folder_split_and_resize(tmp_path, monkeypatch):
     assert resized.train.shape == (1, 3, 4, 4) and resized.test.shape == (1, 3, 4, 4)
 
 
-def test_bad_image_folders_are_named(tmp_path):
+def test_bad_image_folders_are_named(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     _write_png(tmp_path / "sizes" / "a.png", _rgb(rng, 8, 8))
     _write_png(tmp_path / "sizes" / "b.png", _rgb(rng, 8, 12))
@@ -459,7 +476,7 @@ def test_bad_image_folders_are_named(tmp_path):
 # --- input is never silently reinterpreted: channels, alpha, options, tiny sets ---------------
 
 
-def _save(path: Path, image) -> Path:
+def _save(path: Path, image: Image.Image) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
@@ -469,7 +486,7 @@ def _grey(rng: np.random.Generator, size: int = 8) -> np.ndarray:
     return rng.integers(0, 256, (size, size), dtype=np.uint8)
 
 
-def test_a_folder_of_grey_pngs_stays_one_channel(tmp_path):
+def test_a_folder_of_grey_pngs_stays_one_channel(tmp_path: Path) -> None:
     rng = np.random.default_rng(10)
     images = {split: [_grey(rng) for _ in range(3)] for split in ("train", "test")}
     for split, arrays in images.items():
@@ -488,7 +505,7 @@ def test_a_folder_of_grey_pngs_stays_one_channel(tmp_path):
     assert forced.notes == (f"6 of 6 files: grey images were converted to RGB (e.g. {first!r})",)
 
 
-def test_a_mixed_folder_is_rgb_and_says_which_files_were_converted(tmp_path):
+def test_a_mixed_folder_is_rgb_and_says_which_files_were_converted(tmp_path: Path) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(11)
@@ -517,7 +534,7 @@ def test_a_mixed_folder_is_rgb_and_says_which_files_were_converted(tmp_path):
         load_dataset("imagefolder", data_root=tmp_path, channels=2)
 
 
-def test_transparency_is_refused_naming_the_file_unless_dropped(tmp_path):
+def test_transparency_is_refused_naming_the_file_unless_dropped(tmp_path: Path) -> None:
     from PIL import Image
 
     rng = np.random.default_rng(12)
@@ -560,7 +577,7 @@ def test_transparency_is_refused_naming_the_file_unless_dropped(tmp_path):
     np.testing.assert_array_equal(grey.test[0, 0].numpy(), la[:, :, 0])
 
 
-def test_16_bit_images_are_refused_naming_the_file(tmp_path):
+def test_16_bit_images_are_refused_naming_the_file(tmp_path: Path) -> None:
     from PIL import Image
 
     deep = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # values above 255
@@ -572,7 +589,9 @@ def test_16_bit_images_are_refused_naming_the_file(tmp_path):
         load_image_folder(tmp_path)
 
 
-def test_image_size_is_refused_where_nothing_is_resized(tmp_path, monkeypatch):
+def test_image_size_is_refused_where_nothing_is_resized(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "torchvision", None)  # refused before torchvision is needed
     path = _npz(tmp_path / "mine.npz", train=_good(), test=_good())
     with pytest.raises(ValueError) as info:
@@ -591,7 +610,9 @@ def test_image_size_is_refused_where_nothing_is_resized(tmp_path, monkeypatch):
         check_dataset_options("imagefolder", image_size=0)
 
 
-def test_the_command_line_refuses_image_size_with_an_npz_file(tmp_path, capsys):
+def test_the_command_line_refuses_image_size_with_an_npz_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lcma_ext.cli import main
 
     path = _npz(tmp_path / "mine.npz", train=_good(48), test=_good(16))
@@ -603,7 +624,7 @@ def test_the_command_line_refuses_image_size_with_an_npz_file(tmp_path, capsys):
     assert not (out / "results.json").exists()
 
 
-def test_three_images_draw_a_warning(tmp_path):
+def test_three_images_draw_a_warning(tmp_path: Path) -> None:
     rng = np.random.default_rng(13)
     for i in range(3):
         _write_png(tmp_path / f"{i}.png", _rgb(rng))
@@ -634,7 +655,7 @@ def test_three_images_draw_a_warning(tmp_path):
         check_dataset_size(digits, batch_size=0)
 
 
-def test_limit_keeps_the_notes():
+def test_limit_keeps_the_notes() -> None:
     images = torch.zeros(10, 1, 8, 8, dtype=torch.uint8)
     data = ImageDataset("x", images[:8], images[8:], 256, notes=("converted",))
     assert data.limit(2, 1).notes == ("converted",)
@@ -646,7 +667,7 @@ def test_limit_keeps_the_notes():
 # --- npz data through the configuration and a whole quick run ------------------------------------
 
 
-def test_npz_dataset_in_the_configuration(tmp_path):
+def test_npz_dataset_in_the_configuration(tmp_path: Path) -> None:
     from lcma_ext.experiments import ExperimentConfig
 
     config = ExperimentConfig(dataset=f"npz:{tmp_path / 'mine.npz'}")
@@ -661,7 +682,7 @@ def test_npz_dataset_in_the_configuration(tmp_path):
         config.replace(levels=2).check_shape((1, 8, 6))
 
 
-def test_quick_run_on_an_npz_file(tmp_path):
+def test_quick_run_on_an_npz_file(tmp_path: Path) -> None:
     from lcma_ext.experiments import ExperimentConfig, run_comparison
 
     rng = np.random.default_rng(8)
@@ -690,7 +711,7 @@ def test_quick_run_on_an_npz_file(tmp_path):
     assert (stored["num_train"], stored["num_test"]) == (48, 16)
 
 
-def test_cli_names_a_missing_npz_file(tmp_path, capsys):
+def test_cli_names_a_missing_npz_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lcma_ext.cli import main
 
     missing = tmp_path / "absent.npz"

@@ -36,14 +36,14 @@ def _torchrun(nproc: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_one_process_is_not_distributed():
+def test_one_process_is_not_distributed() -> None:
     assert not launched_by_torchrun()
     assert world() == World(rank=0, size=1, local_rank=0, distributed=False)
     assert world().is_main
     assert init_from_env("cpu") == torch.device("cpu")
 
 
-def test_two_ranks_take_the_steps_of_one_rank_float64(tmp_path):
+def test_two_ranks_take_the_steps_of_one_rank_float64(tmp_path: Path) -> None:
     """Same global batch (32) and data order: 2 ranks x 16 equal 1 rank x 32 to 1e-9.
 
     Float64 keeps the all-reduce rounding near 1e-16, so a wrong row of noise, flips or data
@@ -67,7 +67,7 @@ def test_two_ranks_take_the_steps_of_one_rank_float64(tmp_path):
     assert two["result"]["steps"] == one["result"]["steps"] == 8
 
 
-def test_torchrun_cli_run_matches_one_process(tmp_path):
+def test_torchrun_cli_run_matches_one_process(tmp_path: Path) -> None:
     """``torchrun -m lcma_ext run`` with 2 ranks against 1 rank, float32, figures within 1e-3.
 
     Measured: the bits/dim of every arm and of the NMS agree to about 1e-4 (Adam turns float32
@@ -107,7 +107,7 @@ def _residual_flow(model: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("model", ["resflow", "iresnet", "glow"])
-def test_resume_after_a_kill_equals_the_uninterrupted_run(model, tmp_path):
+def test_resume_after_a_kill_equals_the_uninterrupted_run(model: str, tmp_path: Path) -> None:
     """Kill after epoch 1 (a fresh build and another global random state), resume to 2 epochs.
 
     Residual Flows and i-ResNets draw Hutchinson probes and roulette terms from torch's global

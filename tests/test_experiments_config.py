@@ -12,7 +12,7 @@ from lcma_ext.experiments.config import recipe_options
 from lcma_ext.training import DEFAULT_RECIPE, RECIPES, Recipe
 
 
-def test_defaults_and_quick_resolution():
+def test_defaults_and_quick_resolution() -> None:
     config = ExperimentConfig()
     assert (config.train_epochs, config.nms_train_epochs, config.seed_list) == (30, 30, [0, 1, 2])
     assert config.data_limit is None and config.arms == ARMS and config.progress
@@ -24,13 +24,13 @@ def test_defaults_and_quick_resolution():
     assert patches.train_epochs == 10 and patches.out_dir.name == "ablate-levels-patches-glow-tiny"
 
 
-def test_arms_are_parsed_and_flow_vae_expands():
+def test_arms_are_parsed_and_flow_vae_expands() -> None:
     config = ExperimentConfig(arms="lcma, flow-vae,lcma", out="/tmp/somewhere")
     assert config.arms == ("lcma", *VAE_ARMS) and config.out == Path("/tmp/somewhere")
     assert ExperimentConfig(arms=["haar"]).arms == ("haar",)
 
 
-def test_arm_names_and_reference():
+def test_arm_names_and_reference() -> None:
     assert ExperimentConfig().reference_arm(3) == "channel"
     assert ExperimentConfig(arms="lcma,high").reference_arm(3) == "lcma"
     ablate = ExperimentConfig(command="ablate-levels")
@@ -65,13 +65,15 @@ def test_arm_names_and_reference():
         ),
     ],
 )
-def test_validate_names_the_problem_before_any_training(changes, message):
+def test_validate_names_the_problem_before_any_training(
+    changes: dict[str, object], message: str
+) -> None:
     with pytest.raises(ValueError, match="expected") as info:
         ExperimentConfig(**changes).validate()
     assert message in str(info.value)
 
 
-def test_region_size_capped_at_the_grid_is_valid():
+def test_region_size_capped_at_the_grid_is_valid() -> None:
     # digits: split grids 4x4 and 2x2; 4 is capped to 2 at split 1, 8 to 4 and 2
     for size in (1, 2, 4, 8):
         ExperimentConfig(arms="lcma-region", region_size=size).validate()
@@ -79,14 +81,14 @@ def test_region_size_capped_at_the_grid_is_valid():
         ExperimentConfig(arms="lcma-region", region_size=3).validate()
 
 
-def test_ablation_split_count_is_checked_from_the_shape():
+def test_ablation_split_count_is_checked_from_the_shape() -> None:
     ExperimentConfig(command="ablate-levels", dataset="patches", levels=4).validate()
     config = ExperimentConfig(command="ablate-levels")
     with pytest.raises(ValueError, match="at most 4 split points"):
         config.replace(levels=6).check_shape((1, 64, 64))
 
 
-def test_record_is_the_stored_config_and_round_trips():
+def test_record_is_the_stored_config_and_round_trips() -> None:
     config = ExperimentConfig(quick=True, recipe="legacy")
     data = load_dataset("digits", limit=config.data_limit)
     record = config.record(data, 0.05, 3)
@@ -131,7 +133,7 @@ def test_record_is_the_stored_config_and_round_trips():
     assert restored.training_recipe == recipe and restored.record(data, 0.05, 3) == default
 
 
-def test_the_recipe_is_one_switch_and_its_fields_override_it():
+def test_the_recipe_is_one_switch_and_its_fields_override_it() -> None:
     assert ExperimentConfig().training_recipe == RECIPES[DEFAULT_RECIPE]
     assert ExperimentConfig(recipe="legacy").training_recipe == Recipe(
         warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.0

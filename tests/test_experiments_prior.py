@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.data import load_dataset
 from lcma_ext.experiments import (
     ARMS,
@@ -42,7 +45,7 @@ TINY = {"quick": True, "limit": 64, "epochs": 1, "nms_epochs": 1, "seeds": 1, "p
 # --- the registry --------------------------------------------------------------------------------
 
 
-def test_every_split_arm_has_a_cond_arm():
+def test_every_split_arm_has_a_cond_arm() -> None:
     assert CONDITIONAL_ARMS == tuple(f"{arm}+cond" for arm in (*ARMS, *GRANULARITY_ARMS))
     for name in CONDITIONAL_ARMS:
         spec = arm_spec(name)
@@ -57,7 +60,7 @@ def test_every_split_arm_has_a_cond_arm():
 
 
 @pytest.mark.parametrize("arm", ["lcma", "checkerboard", "random", "high-region"])
-def test_a_cond_arm_starts_from_its_standard_arm(arm, maps):
+def test_a_cond_arm_starts_from_its_standard_arm(arm: str, maps: ContributionMaps) -> None:
     standard, conditional = (build_arm(CONFIG, name, maps, 2) for name in (arm, f"{arm}+cond"))
     priors = conditional._transform.priors
     assert len(priors) == 2 and all(isinstance(p, ConditionalGaussianPrior) for p in priors)
@@ -74,7 +77,7 @@ def test_a_cond_arm_starts_from_its_standard_arm(arm, maps):
         assert torch.equal(a, b)
 
 
-def test_register_arm_checks_its_prior():
+def test_register_arm_checks_its_prior() -> None:
     with pytest.raises(ValueError, match="expected prior in standard, conditional or None"):
         register_arm("test-prior-arm", split_arm("channel"), prior="glow")
 
@@ -98,19 +101,19 @@ def test_register_arm_checks_its_prior():
         ({"arms": "lcma+conditional"}, "expected arms as a comma-separated subset"),
     ],
 )
-def test_validation_of_the_prior(changes, message):
+def test_validation_of_the_prior(changes: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match="expected") as info:
         ExperimentConfig(**changes).validate()
     assert message in str(info.value)
 
 
-def test_valid_prior_configurations():
+def test_valid_prior_configurations() -> None:
     ExperimentConfig(arms="channel,lcma,channel+cond,lcma+cond,lcma-region+cond").validate()
     ExperimentConfig(prior="conditional", arms="lcma,lcma+cond,low-high").validate()
     ExperimentConfig(command="ablate-levels", prior="conditional").validate()
 
 
-def test_the_prior_is_recorded_only_when_not_the_default():
+def test_the_prior_is_recorded_only_when_not_the_default() -> None:
     data = load_dataset("digits", limit=64)
     record = ExperimentConfig().record(data, 0.05, 3)
     assert "prior" not in record  # the default run's config.json is unchanged
@@ -120,7 +123,7 @@ def test_the_prior_is_recorded_only_when_not_the_default():
     assert ExperimentConfig.from_record(record).prior == "standard"
 
 
-def test_the_report_names_the_conditional_arms():
+def test_the_report_names_the_conditional_arms() -> None:
     arms = {"lcma": {"prior": "standard"}, "lcma+cond": {"prior": "conditional"}}
     (note, blank) = prior_notes(arms)
     assert "`lcma+cond`" in note and "`lcma`," not in note and blank == ""
@@ -131,13 +134,13 @@ def test_the_report_names_the_conditional_arms():
 
 
 @pytest.fixture(scope="module")
-def conditional_run(tmp_path_factory):
+def conditional_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("conditional")
     config = ExperimentConfig(out=out, arms="lcma,channel", prior="conditional", **TINY)
     return out, run_comparison(config)
 
 
-def test_a_conditional_run_records_its_prior(conditional_run):
+def test_a_conditional_run_records_its_prior(conditional_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = conditional_run
     assert json.loads((out / "config.json").read_text())["prior"] == "conditional"
     assert {arm: e["prior"] for arm, e in results["arms"].items()} == {
@@ -153,13 +156,15 @@ def test_a_conditional_run_records_its_prior(conditional_run):
         run_comparison(ExperimentConfig(out=out, arms="lcma,channel", **TINY))
 
 
-def test_the_sample_grids_are_titled(conditional_run, tmp_path, monkeypatch):
+def test_the_sample_grids_are_titled(
+    conditional_run: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "copy"
     shutil.copytree(conditional_run[0], out)
     (out / "samples_lcma_T0.7.png").unlink()
     titles = []
 
-    def grid(images, path, nrow=8, title=None):
+    def grid(images: torch.Tensor, path: Path, nrow: int = 8, title: str | None = None) -> None:
         titles.append(title)
         path.write_bytes(b"png")
 
@@ -170,7 +175,9 @@ def test_the_sample_grids_are_titled(conditional_run, tmp_path, monkeypatch):
     assert titles[0].startswith("lcma, seed 0: T = 0.7, test ") and "bits/dim" in titles[0]
 
 
-def test_sample_run_writes_a_titled_grid(conditional_run, tmp_path):
+def test_sample_run_writes_a_titled_grid(
+    conditional_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = conditional_run
     state = torch.random.get_rng_state()
     path = sample_run(out, "lcma", 0, temperature=0.5, num=6, out=tmp_path / "s.png")
@@ -180,7 +187,9 @@ def test_sample_run_writes_a_titled_grid(conditional_run, tmp_path):
     assert default == out / "samples_channel_seed0_T0.png" and default.is_file()
 
 
-def test_interpolate_run_and_its_errors(conditional_run, tmp_path):
+def test_interpolate_run_and_its_errors(
+    conditional_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = conditional_run
     path = interpolate_run(out, "lcma", 0, steps=3, pairs=2, mode="linear", out=tmp_path / "i.png")
     assert path.stat().st_size > 0
@@ -192,7 +201,9 @@ def test_interpolate_run_and_its_errors(conditional_run, tmp_path):
         interpolate_run(out, "lcma", 0, steps=1, out=tmp_path / "never.png")
 
 
-def test_evaluate_run_rescores_to_the_recorded_figures(conditional_run, tmp_path):
+def test_evaluate_run_rescores_to_the_recorded_figures(
+    conditional_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, results = conditional_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
@@ -212,7 +223,9 @@ def test_evaluate_run_rescores_to_the_recorded_figures(conditional_run, tmp_path
     assert stored["rows"] == json.loads(json.dumps(rows))
 
 
-def test_missing_folders_arms_and_seeds_are_one_error(conditional_run, tmp_path):
+def test_missing_folders_arms_and_seeds_are_one_error(
+    conditional_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = conditional_run
     with pytest.raises(ExperimentError, match=r"got '.*nowhere' \(no such folder\)"):
         sample_run(tmp_path / "nowhere", "lcma", 0)

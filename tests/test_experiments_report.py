@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -17,7 +20,7 @@ from lcma_ext.experiments.report import (
 from lcma_ext.experiments.stats import aggregate
 
 
-def _run(seed, bpd, reason=""):
+def _run(seed: int, bpd: float, reason: str = "") -> dict[str, Any]:
     return {
         "seed": seed,
         "test_bpd": bpd,
@@ -29,7 +32,12 @@ def _run(seed, bpd, reason=""):
     }
 
 
-def _results(arms, quick=False, nms=None, **config):
+def _results(
+    arms: dict[str, dict[str, Any]],
+    quick: bool = False,
+    nms: dict[str, Any] | None = None,
+    **config,
+) -> dict[str, Any]:
     return {
         "config": {
             "command": "run",
@@ -62,12 +70,12 @@ def _results(arms, quick=False, nms=None, **config):
     }
 
 
-def test_uniform_baseline_is_log2_of_the_levels():
+def test_uniform_baseline_is_log2_of_the_levels() -> None:
     assert uniform_bpd(17) == pytest.approx(4.0875, abs=1e-4)
     assert uniform_bpd(256) == 8.0
 
 
-def test_table_rows_and_flags():
+def test_table_rows_and_flags() -> None:
     runs = {
         "channel": [_run(0, 2.0), _run(1, 2.1)],
         "lcma": [_run(0, 1.9), _run(1, float("nan"), "non-finite loss at epoch 2, step 3")],
@@ -82,7 +90,7 @@ def test_table_rows_and_flags():
     assert "Uniform baseline: 4.0875 bpd" in text and "Smoke run" not in text
 
 
-def test_quick_run_is_marked_a_smoke_run():
+def test_quick_run_is_marked_a_smoke_run() -> None:
     runs = {"channel": [_run(0, 4.09), _run(1, 4.09)], "lcma": [_run(0, 4.08), _run(1, 4.08)]}
     arms = aggregate(runs, "channel", [0, 1], 0.5)
     text = results_markdown(_results(arms, quick=True, levels_of_data=17))
@@ -90,7 +98,7 @@ def test_quick_run_is_marked_a_smoke_run():
     assert "not a result" in text and text.count("at the uniform baseline") == 2
 
 
-def test_diverged_nms_is_said_everywhere():
+def test_diverged_nms_is_said_everywhere() -> None:
     nms = {"test_bpd": float("nan"), "diverged": True, "diverged_reason": "non-finite loss at "
            "epoch 1, step 2"}  # fmt: skip
     runs = {"channel": [_run(0, 2.0)], "lcma": [_run(0, 2.1)]}
@@ -105,7 +113,7 @@ def test_diverged_nms_is_said_everywhere():
     assert "built on a diverged NMS" in lcma and channel.endswith("| none |")
 
 
-def test_diagnostics_table_has_the_consistency_columns():
+def test_diagnostics_table_has_the_consistency_columns() -> None:
     entry = {
         "blocks": 16,
         "ties": 0,
@@ -131,7 +139,7 @@ def test_diagnostics_table_has_the_consistency_columns():
         ("IWAE-128", "upper bound on bits/dim"),
     ],
 )
-def test_bound_notes_explain_each_bpd_kind(kind, expected):
+def test_bound_notes_explain_each_bpd_kind(kind: str, expected: str | None) -> None:
     arms = {"channel": {"bpd_kind": kind, "bpd_mc_se_per_seed": [0.01]}}
     text = " ".join(bound_notes(arms))
     if expected is None:
@@ -141,7 +149,7 @@ def test_bound_notes_explain_each_bpd_kind(kind, expected):
         assert ("Monte Carlo standard error" in text) == kind.startswith("IWAE")
 
 
-def test_write_results_writes_both_files(tmp_path):
+def test_write_results_writes_both_files(tmp_path: Path) -> None:
     runs = {"channel": [_run(0, 2.0)]}
     results = _results(aggregate(runs, "channel", [0], 0.5), seeds=[0])
     results["arms"]["channel"]["bpd_std"] = math.nan
@@ -151,7 +159,7 @@ def test_write_results_writes_both_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
-def test_update_readme_renders_the_current_report(tmp_path):
+def test_update_readme_renders_the_current_report(tmp_path: Path) -> None:
     import importlib.util
     from pathlib import Path
 
@@ -183,7 +191,7 @@ def test_update_readme_renders_the_current_report(tmp_path):
     assert "old" not in text and "stale" not in text and text.endswith("<!-- table:end -->\nrest\n")
 
 
-def _update_readme():
+def _update_readme() -> ModuleType:
     import importlib.util
     from pathlib import Path
 
@@ -194,7 +202,7 @@ def _update_readme():
     return module
 
 
-def test_results_md_has_the_interval_and_verdict_against_the_best_static_split():
+def test_results_md_has_the_interval_and_verdict_against_the_best_static_split() -> None:
     runs = {
         "lcma": [_run(0, 1.90), _run(1, 1.91), _run(2, 1.89)],
         "channel": [_run(0, 2.00), _run(1, 2.02), _run(2, 2.01)],
@@ -216,7 +224,7 @@ def test_results_md_has_the_interval_and_verdict_against_the_best_static_split()
     assert "the arm is better" not in text  # no "better" without an interval
 
 
-def test_an_earlier_results_json_gets_its_comparisons_computed():
+def test_an_earlier_results_json_gets_its_comparisons_computed() -> None:
     runs = {"lcma": [_run(0, 1.9), _run(1, 1.8)], "channel": [_run(0, 2.0), _run(1, 2.1)]}
     arms = aggregate(runs, "channel", [0, 1], 0.5)
     old = {
@@ -227,7 +235,7 @@ def test_an_earlier_results_json_gets_its_comparisons_computed():
     assert text == results_markdown(_results(arms))
 
 
-def test_update_readme_fills_the_verdicts_block_and_keeps_the_others(tmp_path):
+def test_update_readme_fills_the_verdicts_block_and_keeps_the_others(tmp_path: Path) -> None:
     module = _update_readme()
     runs = {
         "lcma": [_run(0, 1.90), _run(1, 1.91), _run(2, 1.89)],
@@ -256,7 +264,7 @@ def test_update_readme_fills_the_verdicts_block_and_keeps_the_others(tmp_path):
     assert module.main(["--verdicts", str(tmp_path / "missing"), "--readme", str(readme)]) == 2
 
 
-def test_the_readme_has_each_generated_block_once():
+def test_the_readme_has_each_generated_block_once() -> None:
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 import torch
+from nflows.flows import Flow
 
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.experiments import (
     ExperimentConfig,
     ExperimentError,
@@ -23,23 +27,23 @@ from lcma_ext.training import evaluate_bpd
 TINY = {"quick": True, "limit": 64, "epochs": 1, "nms_epochs": 1, "seeds": 2, "progress": False}
 
 
-def _config(out, **changes):
+def _config(out: Path, **changes) -> ExperimentConfig:
     return ExperimentConfig(out=out, **{**TINY, "arms": "lcma,channel", **changes})
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("tiny")
     return out, run_comparison(_config(out))
 
 
-def _copy(tiny_run, tmp_path):
+def _copy(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> Path:
     out = tmp_path / "copy"
     shutil.copytree(tiny_run[0], out)
     return out
 
 
-def test_results_are_results_json(tiny_run):
+def test_results_are_results_json(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = tiny_run
     stored = json.loads((out / "results.json").read_text())
     assert json.loads(json.dumps(results)) == stored
@@ -55,7 +59,9 @@ def test_results_are_results_json(tiny_run):
 
 
 @pytest.mark.parametrize(("arm", "seed"), [("lcma", 0), ("channel", 1)])
-def test_load_arm_gives_the_recorded_bpd(tiny_run, arm, seed):
+def test_load_arm_gives_the_recorded_bpd(
+    tiny_run: tuple[Path, dict[str, Any]], arm: str, seed: int
+) -> None:
     out, results = tiny_run
     state = torch.random.get_rng_state()
     flow = load_arm(out, arm, seed)
@@ -66,7 +72,9 @@ def test_load_arm_gives_the_recorded_bpd(tiny_run, arm, seed):
     assert results["arms"][arm]["bpd_per_seed"][seed] == recorded
 
 
-def test_load_arm_names_what_the_folder_holds(tiny_run, tmp_path):
+def test_load_arm_names_what_the_folder_holds(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = tiny_run
     with pytest.raises(ExperimentError, match="channel_seed0, channel_seed1, lcma_seed0"):
         load_arm(out, "random", 0)
@@ -76,7 +84,7 @@ def test_load_arm_names_what_the_folder_holds(tiny_run, tmp_path):
         load_arm(tmp_path, "lcma", 0)
 
 
-def test_rerun_reuses_every_finished_run(tiny_run):
+def test_rerun_reuses_every_finished_run(tiny_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = tiny_run
     before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
     again = run_comparison(_config(out))
@@ -90,7 +98,9 @@ def test_rerun_reuses_every_finished_run(tiny_run):
     "name",
     ["runs/lcma_seed1.json", "runs/nms.json", "config.json", "contributions.pt"],
 )
-def test_a_corrupt_state_file_is_named_and_deleting_it_recovers(tiny_run, tmp_path, name):
+def test_a_corrupt_state_file_is_named_and_deleting_it_recovers(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path, name: str
+) -> None:
     out = _copy(tiny_run, tmp_path)
     path = out / name
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -104,7 +114,9 @@ def test_a_corrupt_state_file_is_named_and_deleting_it_recovers(tiny_run, tmp_pa
     assert again["arms"]["lcma"]["bpd_per_seed"] == tiny_run[1]["arms"]["lcma"]["bpd_per_seed"]
 
 
-def test_a_corrupt_checkpoint_is_named_before_training_resumes(tiny_run, tmp_path):
+def test_a_corrupt_checkpoint_is_named_before_training_resumes(
+    tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out = _copy(tiny_run, tmp_path)
     (out / "runs" / "channel_seed1.json").unlink()
     path = out / "checkpoints" / "channel_seed1.pt"
@@ -115,7 +127,7 @@ def test_a_corrupt_checkpoint_is_named_before_training_resumes(tiny_run, tmp_pat
         load_arm(out, "channel", 1)
 
 
-def test_an_unusable_out_is_one_error(tmp_path):
+def test_an_unusable_out_is_one_error(tmp_path: Path) -> None:
     file = tmp_path / "file"
     file.write_text("not a folder")
     with pytest.raises(ExperimentError, match=r"to be a folder .*\(a file, not a folder\)"):
@@ -124,14 +136,14 @@ def test_an_unusable_out_is_one_error(tmp_path):
         run_comparison(_config(file / "below"))
 
 
-def test_the_configuration_is_checked_before_anything_is_written(tmp_path):
+def test_the_configuration_is_checked_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="divide the 4x4 block grid"):
         run_comparison(_config(out, arms="lcma-region", region_size=3))
     assert not out.exists()
 
 
-def test_a_diverged_nms_stops_the_run_unless_asked(tmp_path):
+def test_a_diverged_nms_stops_the_run_unless_asked(tmp_path: Path) -> None:
     out = tmp_path / "diverged"  # the legacy recipe (no warm-up, clip 100) diverges at lr 1000
     with pytest.raises(NMSDivergedError) as info:
         run_comparison(_config(out, lr=1000.0, recipe="legacy"))
@@ -146,7 +158,7 @@ def test_a_diverged_nms_stops_the_run_unless_asked(tmp_path):
         run_comparison(_config(out, lr=1000.0, recipe="legacy", allow_diverged_nms=True))
 
 
-def test_an_nms_far_above_the_uniform_baseline_has_diverged(tmp_path):
+def test_an_nms_far_above_the_uniform_baseline_has_diverged(tmp_path: Path) -> None:
     out = tmp_path / "lr1"  # lr 1, legacy recipe: a finite NMS of ~14.6 bpd, above 2 x 4.09
     legacy = {"lr": 1.0, "seeds": 1, "recipe": "legacy"}
     with pytest.raises(NMSDivergedError, match=r"test bpd 1\d\.\d+ > 2 x uniform baseline 4\.087"):
@@ -159,11 +171,11 @@ def test_an_nms_far_above_the_uniform_baseline_has_diverged(tmp_path):
     assert "NMS pre-trained 1 epochs (diverged:" in text and "built on a diverged NMS" in text
 
 
-def _refuse(token):
+def _refuse(token: str) -> NoReturn:
     raise ValueError(f"non-strict JSON token {token}")
 
 
-def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path):
+def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path: Path) -> None:
     """No NaN or Infinity in any JSON file; null is read back where NaN was read before."""
     from lcma_ext.experiments import arms as registry
     from lcma_ext.experiments.arms import register_arm, split_arm
@@ -174,7 +186,7 @@ def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path):
     name = "test-nan-channel"
     channel = split_arm("channel")
 
-    def diverging(config, maps, seed):
+    def diverging(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
         flow = channel(config, maps, seed)
         with torch.no_grad():
             next(flow.parameters()).fill_(float("nan"))
@@ -215,7 +227,9 @@ def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path):
         del registry._REGISTRY[name]
 
 
-def test_an_earlier_versions_folder_names_the_option_of_its_recipe(tmp_path, capsys):
+def test_an_earlier_versions_folder_names_the_option_of_its_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A folder written by version 0.2 (the legacy recipe) refuses the new defaults in one line
     that names --recipe legacy, and resumes under it."""
     from lcma_ext.cli import main

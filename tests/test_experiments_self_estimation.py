@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext.contributions import ContributionMaps
+from lcma_ext.data import ImageDataset
 from lcma_ext.experiments import ExperimentConfig, load_arm, load_run_data, run_comparison
 from lcma_ext.experiments import self_estimation as phased
 from lcma_ext.experiments.arms import arm_spec, build_arm
 from lcma_ext.experiments.runner import CONTRIBUTION_EXAMPLES, CONTRIBUTION_NOISE_SEED
 from lcma_ext.multiscale import ContributionMultiscaleFlow, level_output_shape
 from lcma_ext.splits import ChannelSplit, LCMASplit, make_split
-from lcma_ext.training import evaluate_bpd, evaluation_state_dict, load_checkpoint
+from lcma_ext.training import TrainResult, evaluate_bpd, evaluation_state_dict, load_checkpoint
 
 from brute_force import jacobian, slogdet
 
@@ -40,21 +44,21 @@ TINY = {
 SELF = "channel,lcma-self,lcma-reestimate"
 
 
-def _config(out, **changes):
+def _config(out: Path, **changes) -> ExperimentConfig:
     return ExperimentConfig(out=out, **{**TINY, "arms": SELF, **changes})
 
 
 @pytest.fixture(scope="module")
-def self_run(tmp_path_factory):
+def self_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("self")
     return out, run_comparison(_config(out))
 
 
-def _summary(out, arm, seed=0):
+def _summary(out: Path, arm: str, seed: int = 0) -> dict[str, Any]:
     return json.loads((out / "runs" / f"{arm}_seed{seed}.json").read_text())
 
 
-def test_phase_bounds():
+def test_phase_bounds() -> None:
     assert phased.phase_bounds(10, 3, repeat=False) == [(0, 3), (3, 10)]
     assert phased.phase_bounds(10, 3, repeat=True) == [(0, 3), (3, 6), (6, 9), (9, 10)]
     for every in (0, 10, 11):
@@ -62,7 +66,7 @@ def test_phase_bounds():
             phased.phase_bounds(10, every, repeat=True)
 
 
-def test_the_config_refuses_a_phase_as_long_as_the_budget(tmp_path):
+def test_the_config_refuses_a_phase_as_long_as_the_budget(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected --reestimate-every below --epochs"):
         _config(tmp_path, reestimate_every=EPOCHS).validate()
     assert ExperimentConfig(epochs=30).reestimate_epochs == 10
@@ -71,7 +75,9 @@ def test_the_config_refuses_a_phase_as_long_as_the_budget(tmp_path):
         _config(tmp_path, reestimate_every=0).validate()
 
 
-def test_an_explicit_phase_length_is_part_of_the_stored_configuration(self_run):
+def test_an_explicit_phase_length_is_part_of_the_stored_configuration(
+    self_run: tuple[Path, dict[str, Any]],
+) -> None:
     out, results = self_run
     record = json.loads((out / "config.json").read_text())
     assert record["reestimate_every"] == 1 == results["config"]["reestimate_every"]
@@ -79,7 +85,7 @@ def test_an_explicit_phase_length_is_part_of_the_stored_configuration(self_run):
     assert "reestimate_every" not in ExperimentConfig().record(*_record_args(out))
 
 
-def _record_args(out):
+def _record_args(out: Path) -> tuple[ImageDataset, float, int]:
     data, preprocessing = load_run_data(out)
     return data, preprocessing.alpha, 3
 
@@ -88,7 +94,9 @@ def _record_args(out):
     ("arm", "phases"),
     [("lcma-self", [[0, 1], [1, 3]]), ("lcma-reestimate", [[0, 1], [1, 2], [2, 3]])],
 )
-def test_total_epochs_equal_the_budget(self_run, arm, phases):
+def test_total_epochs_equal_the_budget(
+    self_run: tuple[Path, dict[str, Any]], arm: str, phases: list[list[int]]
+) -> None:
     out, results = self_run
     summary = _summary(out, arm)
     assert summary["phase_epochs"] == phases
@@ -100,7 +108,7 @@ def test_total_epochs_equal_the_budget(self_run, arm, phases):
 
 
 @pytest.mark.parametrize("arm", ["lcma-self", "lcma-reestimate"])
-def test_phase_zero_is_the_channel_arm(self_run, arm):
+def test_phase_zero_is_the_channel_arm(self_run: tuple[Path, dict[str, Any]], arm: str) -> None:
     """Same initial weights, batches, noise and optimizer: the curves agree until the switch."""
     out, _ = self_run
     channel, mine = _summary(out, "channel"), _summary(out, arm)
@@ -110,13 +118,13 @@ def test_phase_zero_is_the_channel_arm(self_run, arm):
     assert mine["test_bpd_curve"][-1] != channel["test_bpd_curve"][-1]  # the split did change
 
 
-def _contribution_data(out):
+def _contribution_data(out: Path) -> torch.Tensor:
     data, preprocessing = load_run_data(out)
     generator = torch.Generator().manual_seed(CONTRIBUTION_NOISE_SEED)
     return preprocessing(data.train[:CONTRIBUTION_EXAMPLES], generator=generator)[0]
 
 
-def _independent_maps(flow, data, shape):
+def _independent_maps(flow: Flow, data: torch.Tensor, shape: tuple[int, ...]) -> list[torch.Tensor]:
     """Split point k's map from a truncated multi-scale flow (levels 0..k, the last unsplit)."""
     levels, splits, maps = flow._transform.levels, [], []
     flow.eval()
@@ -132,7 +140,9 @@ def _independent_maps(flow, data, shape):
     return maps
 
 
-def test_the_switched_split_is_the_lcma_split_of_the_models_own_maps(self_run):
+def test_the_switched_split_is_the_lcma_split_of_the_models_own_maps(
+    self_run: tuple[Path, dict[str, Any]],
+) -> None:
     out, _ = self_run
     data = _contribution_data(out)
     shape = tuple(data.shape[1:])
@@ -160,7 +170,9 @@ def test_the_switched_split_is_the_lcma_split_of_the_models_own_maps(self_run):
 
 
 @pytest.mark.parametrize("arm", ["lcma-self", "lcma-reestimate"])
-def test_the_flow_after_the_switch_is_exact(self_run, arm):
+def test_the_flow_after_the_switch_is_exact(
+    self_run: tuple[Path, dict[str, Any]], arm: str
+) -> None:
     """log_prob against the brute-force Jacobian of the whole switched flow, in float64."""
     out, _ = self_run
     flow = load_arm(out, arm, 0).double()
@@ -178,14 +190,14 @@ def test_the_flow_after_the_switch_is_exact(self_run, arm):
 
 
 @pytest.mark.parametrize("arm", ["lcma-self", "lcma-reestimate"])
-def test_load_arm_gives_the_recorded_bpd(self_run, arm):
+def test_load_arm_gives_the_recorded_bpd(self_run: tuple[Path, dict[str, Any]], arm: str) -> None:
     out, results = self_run
     data, preprocessing = load_run_data(out)
     score = evaluate_bpd(load_arm(out, arm, 0), data.test, preprocessing)
     assert score == _summary(out, arm)["test_bpd"] == results["arms"][arm]["bpd_per_seed"][0]
 
 
-def test_results_report_the_switches_and_their_cost(self_run):
+def test_results_report_the_switches_and_their_cost(self_run: tuple[Path, dict[str, Any]]) -> None:
     out, results = self_run
     text = (out / "results.md").read_text()
     assert "`lcma-reestimate`: `channel` split until epoch 1" in text
@@ -198,7 +210,9 @@ def test_results_report_the_switches_and_their_cost(self_run):
     assert not arm_spec("lcma-self").uses_contributions
 
 
-def test_the_recipe_runs_over_the_whole_budget_across_phases(self_run):
+def test_the_recipe_runs_over_the_whole_budget_across_phases(
+    self_run: tuple[Path, dict[str, Any]],
+) -> None:
     """Schedule, EMA and step counts of the last phase equal the channel arm's at the end."""
     out, _ = self_run
     channel = load_checkpoint(out / "checkpoints" / "channel_seed0.pt")
@@ -212,7 +226,7 @@ def test_the_recipe_runs_over_the_whole_budget_across_phases(self_run):
         assert _summary(out, arm)["steps"] == _summary(out, "channel")["steps"] == EPOCHS
 
 
-def test_a_switch_continues_from_the_raw_weights(self_run):
+def test_a_switch_continues_from_the_raw_weights(self_run: tuple[Path, dict[str, Any]]) -> None:
     """The next phase starts from the previous phase's raw parameters with the new split's
     buffers, never from the EMA weights the flow holds after a phase."""
     out, _ = self_run
@@ -243,10 +257,10 @@ def test_a_switch_continues_from_the_raw_weights(self_run):
     assert any(n not in raw or not torch.equal(b, raw[n]) for n, b in buffers.items())
 
 
-def _interrupt_at_last_phase(monkeypatch):
+def _interrupt_at_last_phase(monkeypatch: pytest.MonkeyPatch) -> None:
     real = phased.train_flow
 
-    def train_flow(flow, *args, **kwargs):
+    def train_flow(flow: Flow, *args, **kwargs) -> TrainResult:
         if args[2].epochs == EPOCHS and "phase2" in str(kwargs["checkpoint_path"]):
             raise KeyboardInterrupt
         return real(flow, *args, **kwargs)
@@ -254,7 +268,9 @@ def _interrupt_at_last_phase(monkeypatch):
     monkeypatch.setattr(phased, "train_flow", train_flow)
 
 
-def test_resume_after_a_phase_gives_the_uninterrupted_result(self_run, tmp_path, monkeypatch):
+def test_resume_after_a_phase_gives_the_uninterrupted_result(
+    self_run: tuple[Path, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "killed"
     config = _config(out, arms="lcma-reestimate")
     _interrupt_at_last_phase(monkeypatch)
@@ -272,7 +288,9 @@ def test_resume_after_a_phase_gives_the_uninterrupted_result(self_run, tmp_path,
         assert resumed[key] == uninterrupted[key], key
 
 
-def test_a_switch_written_before_its_checkpoint_resumes(self_run, tmp_path):
+def test_a_switch_written_before_its_checkpoint_resumes(
+    self_run: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """Killed after a switch's maps were written: they are reused, not re-estimated."""
     out = tmp_path / "copy"
     shutil.copytree(self_run[0], out)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 from scipy.stats import t as scipy_t
@@ -24,7 +27,7 @@ from lcma_ext.experiments.stats import (
 from lcma_ext.experiments.store import write_json
 
 
-def _run(seed, bpd, diverged=False):
+def _run(seed: int, bpd: float, diverged: bool = False) -> dict[str, Any]:
     return {
         "seed": seed,
         "test_bpd": bpd,
@@ -36,7 +39,7 @@ def _run(seed, bpd, diverged=False):
     }
 
 
-def test_aggregate_flags_without_dropping():
+def test_aggregate_flags_without_dropping() -> None:
     runs = {
         "channel": [_run(0, 2.0), _run(1, 2.1), _run(2, 2.2)],
         "lcma": [_run(0, 1.9), _run(1, 9.0), _run(2, float("nan"), diverged=True)],
@@ -54,13 +57,13 @@ def test_aggregate_flags_without_dropping():
     assert "arm median 5.450 + 0.5" in lcma["diverged_reasons"][1]
 
 
-def test_flag_outliers_needs_two_finite_runs():
+def test_flag_outliers_needs_two_finite_runs() -> None:
     runs = [_run(0, 50.0), _run(1, float("nan"), diverged=True)]
     flag_outliers(runs, 0.5)
     assert [r["diverged"] for r in runs] == [False, True]
 
 
-def test_summary_stats_of_too_few_values():
+def test_summary_stats_of_too_few_values() -> None:
     stats = summary_stats([float("nan"), 1.0])
     assert stats["mean"] == 1.0 and stats["median"] == 1.0 and math.isnan(stats["std"])
     assert all(math.isnan(v) for v in summary_stats([]).values())
@@ -73,12 +76,12 @@ def test_summary_stats_of_too_few_values():
 T975 = {1: 12.706, 2: 4.303, 4: 2.776, 16: 2.120, 17: 2.110}
 
 
-def test_t_quantiles_match_the_table():
+def test_t_quantiles_match_the_table() -> None:
     for dof, value in T975.items():
         assert t_quantile(0.975, dof) == pytest.approx(value, abs=5e-4)
 
 
-def test_the_interval_is_the_hand_computed_student_t_interval():
+def test_the_interval_is_the_hand_computed_student_t_interval() -> None:
     diffs = [-0.05, -0.03, -0.04, -0.06, -0.02]
     mean = sum(diffs) / 5  # -0.04
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)  # sqrt(0.001 / 4)
@@ -106,11 +109,11 @@ def test_the_interval_is_the_hand_computed_student_t_interval():
         (None, "no evidence"),
     ],
 )
-def test_verdict_boundaries(interval, expected):
+def test_verdict_boundaries(interval: tuple[float, float] | None, expected: str) -> None:
     assert verdict(interval) == expected
 
 
-def test_seeds_needed_is_the_smallest_n_whose_half_width_is_below_the_effect():
+def test_seeds_needed_is_the_smallest_n_whose_half_width_is_below_the_effect() -> None:
     # std 0.02, effect 0.01: t(0.975, n - 1) / sqrt(n) < 0.5 first at n = 18
     assert T975[16] / math.sqrt(17) > 0.5 > T975[17] / math.sqrt(18)
     assert seeds_needed(0.02, 0.01) == 18
@@ -119,7 +122,7 @@ def test_seeds_needed_is_the_smallest_n_whose_half_width_is_below_the_effect():
     assert seeds_needed(0.02, 0.0) is None
 
 
-def _entry(seeds_bpd, prior="standard"):
+def _entry(seeds_bpd: Iterable[float], prior: str = "standard") -> dict[str, Any]:
     bpd = list(seeds_bpd)
     finite = [b for b in bpd if math.isfinite(b)]
     return {
@@ -130,7 +133,7 @@ def _entry(seeds_bpd, prior="standard"):
     }
 
 
-def test_best_static_split_is_chosen_per_prior():
+def test_best_static_split_is_chosen_per_prior() -> None:
     arms = {
         "lcma": _entry([1.95, 1.96]),
         "channel": _entry([2.0, 2.0]),
@@ -171,7 +174,7 @@ def test_best_static_split_is_chosen_per_prior():
     assert ablation["high"]["vs_reference"]["verdict"] == "worse"
 
 
-def test_a_comparison_of_one_seed_has_no_interval_and_no_evidence():
+def test_a_comparison_of_one_seed_has_no_interval_and_no_evidence() -> None:
     comparison = paired_comparison({0: 1.9}, {0: 2.0}, "channel")
     assert comparison["diff_per_seed"] == pytest.approx([-0.1])
     assert comparison["ci95"] is None and comparison["verdict"] == "no evidence"
@@ -179,7 +182,7 @@ def test_a_comparison_of_one_seed_has_no_interval_and_no_evidence():
     assert math.isnan(comparison["std"])
 
 
-def test_non_finite_seeds_are_left_out_of_the_comparison():
+def test_non_finite_seeds_are_left_out_of_the_comparison() -> None:
     bpd = {0: 1.90, 1: math.nan, 2: 1.92, 3: None, 4: 1.91}
     other = {0: 2.00, 1: 2.01, 2: 2.03, 3: 2.02, 4: 2.00}
     comparison = paired_comparison(bpd, other, "channel")
@@ -194,7 +197,7 @@ def test_non_finite_seeds_are_left_out_of_the_comparison():
     assert comparison["seeds_for_1pct"] == seeds_needed(comparison["std"], scale)
 
 
-def test_aggregated_results_are_strict_json(tmp_path):
+def test_aggregated_results_are_strict_json(tmp_path: Path) -> None:
     """One seed and a diverged seed: no NaN token; null where a figure is not finite."""
     runs = {
         "channel": [_run(0, 2.0)],
@@ -208,7 +211,7 @@ def test_aggregated_results_are_strict_json(tmp_path):
     text = path.read_text()
     assert "NaN" not in text and "Infinity" not in text
 
-    def refuse(token):
+    def refuse(token: str) -> NoReturn:
         raise ValueError(f"non-strict JSON token {token}")
 
     stored = json.loads(text, parse_constant=refuse)["arms"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lcma_ext.experiments.store import (
@@ -14,7 +16,7 @@ from lcma_ext.experiments.store import (
 )
 
 
-def test_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
+def test_writes_are_atomic_and_leave_no_temporary_file(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "state.json"
     write_json(path, {"a": [1, 2.5, float("nan")]})
     assert read_json(path)["a"][:2] == [1, 2.5]
@@ -22,7 +24,7 @@ def test_writes_are_atomic_and_leave_no_temporary_file(tmp_path):
     assert read_json(path) == {} and [p.name for p in path.parent.iterdir()] == ["state.json"]
 
 
-def test_a_failed_write_keeps_the_old_file(tmp_path):
+def test_a_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     write_json(path, {"old": True})
     with pytest.raises(RuntimeError), atomic_path(path) as tmp:
@@ -31,7 +33,7 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert read_json(path) == {"old": True} and len(list(tmp_path.iterdir())) == 1
 
 
-def test_corrupt_json_names_the_file_and_the_recovery(tmp_path):
+def test_corrupt_json_names_the_file_and_the_recovery(tmp_path: Path) -> None:
     path = tmp_path / "runs" / "lcma_seed0.json"
     path.parent.mkdir()
     path.write_text('{"arm": "lcma", "test_bpd": 2.3')

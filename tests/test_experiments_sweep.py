@@ -9,6 +9,8 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
 
 import pytest
 from scipy.stats import t as scipy_t
@@ -22,14 +24,14 @@ CELLS = ("tiny-2ep", "tiny-3ep")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _base(**changes):
+def _base(**changes) -> ExperimentConfig:
     return ExperimentConfig(
         **{"quick": True, "limit": 64, "progress": False, "arms": ARMS, **changes}
     )
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("sweep")
     return out, run_sweep(SweepConfig(_base(), out=out))
 
@@ -40,7 +42,7 @@ def _table(out: Path) -> list[list[str]]:
     return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
-def test_the_quick_sweep_writes_every_file(swept):
+def test_the_quick_sweep_writes_every_file(swept: tuple[Path, dict[str, Any]]) -> None:
     out, sweep = swept
     for name in ("sweep.json", "sweep.md", "sweep.png"):
         assert (out / name).is_file(), name
@@ -85,7 +87,7 @@ def _expected(results: dict, arm: str) -> dict[str, str]:
     }
 
 
-def test_the_table_figures_are_the_cells_results(swept):
+def test_the_table_figures_are_the_cells_results(swept: tuple[Path, dict[str, Any]]) -> None:
     out, _ = swept
     table = _table(out)
     assert len(table) == len(CELLS) * 3
@@ -107,10 +109,12 @@ def test_the_table_figures_are_the_cells_results(swept):
         assert share == ("—" if cost is None else f"{100 * cost['share']:.1f} %")
 
 
-def test_a_rerun_skips_every_finished_cell(swept, monkeypatch):
+def test_a_rerun_skips_every_finished_cell(
+    swept: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out, sweep = swept
 
-    def refuse(config):
+    def refuse(config: ExperimentConfig) -> NoReturn:
         raise AssertionError(f"cell {config.out.name} was run again")
 
     before = {p: p.stat().st_mtime_ns for cell in CELLS for p in (out / cell).rglob("*")}
@@ -120,7 +124,11 @@ def test_a_rerun_skips_every_finished_cell(swept, monkeypatch):
     assert again["rows"] == sweep["rows"]
 
 
-def test_the_cli_resumes_the_same_sweep_and_prints_its_table(swept, monkeypatch, capsys):
+def test_the_cli_resumes_the_same_sweep_and_prints_its_table(
+    swept: tuple[Path, dict[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out, _ = swept
     monkeypatch.setattr(sweep_module, "run_comparison", lambda config: pytest.fail("ran a cell"))
     argv = ["sweep", "--quick", "--limit", "64", "--arms", ARMS, "--no-progress", "--out", str(out)]
@@ -128,13 +136,15 @@ def test_the_cli_resumes_the_same_sweep_and_prints_its_table(swept, monkeypatch,
     assert "| tiny | 3 |" in capsys.readouterr().out
 
 
-def test_a_cell_of_another_configuration_is_not_skipped(swept):
+def test_a_cell_of_another_configuration_is_not_skipped(swept: tuple[Path, dict[str, Any]]) -> None:
     out, _ = swept
     with pytest.raises(ExperimentError, match="different seeds"):
         run_sweep(SweepConfig(_base(seeds=3), out=out))
 
 
-def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(swept):
+def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(
+    swept: tuple[Path, dict[str, Any]],
+) -> None:
     """The legacy recipe adds nothing (a sweep of an earlier version is still finished under
     --recipe legacy); another recipe is recorded resolved and named in the command."""
     legacy = sweep_module._identity(_base(recipe="legacy"))
@@ -160,13 +170,15 @@ def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(swept):
         ({"epoch_budgets": (1, 2)}, "cell tiny-1ep: expected --reestimate-every below --epochs"),
     ],
 )
-def test_a_bad_grid_is_refused_before_any_training(tmp_path, changes, message):
+def test_a_bad_grid_is_refused_before_any_training(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
     with pytest.raises(ValueError, match=message):
         run_sweep(SweepConfig(_base(), out=tmp_path / "bad", **changes))
     assert not (tmp_path / "bad").exists()
 
 
-def _update_science():
+def _update_science() -> ModuleType:
     sys.path.insert(0, str(BENCHMARKS))
     try:
         spec = importlib.util.spec_from_file_location(
@@ -179,7 +191,9 @@ def _update_science():
     return module
 
 
-def test_update_science_replaces_the_marked_block_from_the_folders(swept, tmp_path):
+def test_update_science_replaces_the_marked_block_from_the_folders(
+    swept: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     out, _ = swept
     doc = tmp_path / "docs" / "science.md"
     doc.parent.mkdir()
@@ -196,7 +210,9 @@ def test_update_science_replaces_the_marked_block_from_the_folders(swept, tmp_pa
     assert _update_science().main([str(tmp_path / "nothing"), "--doc", str(doc)]) == 2
 
 
-def test_update_science_cost_block_lists_every_data_driven_arm_of_the_runs(swept, tmp_path):
+def test_update_science_cost_block_lists_every_data_driven_arm_of_the_runs(
+    swept: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     import json
 
     out, _ = swept
@@ -220,7 +236,7 @@ def test_update_science_cost_block_lists_every_data_driven_arm_of_the_runs(swept
     assert _update_science().main([str(out), "--cost", "--doc", str(doc)]) == 2  # no results.json
 
 
-def test_docs_science_md_has_one_generated_block_per_marker():
+def test_docs_science_md_has_one_generated_block_per_marker() -> None:
     """The page update_science.py fills: its blocks exist once, and no figure is typed there."""
     text = (BENCHMARKS.parent / "docs" / "science.md").read_text()
     generated = {"sweep": "### lcma-ext sweep", "gpu": "### lcma-ext sweep", "cost": "| model |"}

@@ -26,11 +26,13 @@ from brute_force import transform_log_prob
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _build(name, placement, shape, num_levels, prior="conditional"):
+def _build(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int, prior: str = "conditional"
+) -> ContributionMultiscaleFlow:
     return build(name, placement, shape, num_levels, prior=prior)
 
 
-def _randomise(flow, seed=1, scale=0.3):
+def _randomise(flow: ContributionMultiscaleFlow, seed: int = 1, scale: float = 0.3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for prior in filter(None, flow.priors):
@@ -41,7 +43,9 @@ def _randomise(flow, seed=1, scale=0.3):
 @pytest.mark.parametrize("name", SPLITS)
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize(("shape", "num_levels"), IMAGE_CASES)
-def test_log_prob_equals_brute_force_with_any_split(name, placement, shape, num_levels):
+def test_log_prob_equals_brute_force_with_any_split(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int
+) -> None:
     transform = _build(name, placement, shape, num_levels)
     _randomise(transform)
     assert all(isinstance(p, T.ConditionalGaussianPrior) for p in transform.priors)
@@ -70,7 +74,7 @@ def test_log_prob_equals_brute_force_with_any_split(name, placement, shape, num_
 
 
 @pytest.mark.parametrize("name", SPLITS)
-def test_zero_initialised_prior_is_the_standard_flow(name):
+def test_zero_initialised_prior_is_the_standard_flow(name: str) -> None:
     conditional = _build(name, "post_squeeze", (1, 8, 8), 3)
     standard = _build(name, "post_squeeze", (1, 8, 8), 3, prior="standard")
     x = torch.randn(3, 1, 8, 8)
@@ -81,7 +85,7 @@ def test_zero_initialised_prior_is_the_standard_flow(name):
         assert torch.equal(a, b)
 
 
-def test_sampling_draws_the_factored_half_from_its_conditional():
+def test_sampling_draws_the_factored_half_from_its_conditional() -> None:
     transform = _build("lcma", "post_squeeze", (1, 8, 8), 3)
     _randomise(transform, scale=0.1)
     z = transform(torch.randn(4, 1, 8, 8))[0].detach()  # latents of moderate size
@@ -100,10 +104,10 @@ def test_sampling_draws_the_factored_half_from_its_conditional():
     torch.testing.assert_close(factored, mean + eps * log_scale.exp(), rtol=1e-9, atol=1e-9)
 
 
-def test_vector_data():
+def test_vector_data() -> None:
     torch.manual_seed(0)
 
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         mask = torch.tensor([1 if i % 2 else -1 for i in range(shape[0])])
         return T.CompositeTransform(
             [T.LULinear(shape[0], identity_init=False), T.AffineCouplingTransform(mask, _Linear)]
@@ -122,7 +126,7 @@ def test_vector_data():
     )
 
 
-def test_pipeline_prior_per_split_point_and_state_dict():
+def test_pipeline_prior_per_split_point_and_state_dict() -> None:
     factory = glow_factory("post_squeeze")
     flow = build_multiscale_transform(
         factory, (1, 8, 8), 3, "checkerboard", prior=["conditional", "standard"]
@@ -141,7 +145,7 @@ def test_pipeline_prior_per_split_point_and_state_dict():
         standard.load_state_dict(flow.state_dict())
 
 
-def test_errors_are_clear():
+def test_errors_are_clear() -> None:
     factory = glow_factory("post_squeeze")
     with pytest.raises(ValueError, match="expected prior in"):
         build_multiscale_transform(factory, (1, 8, 8), 3, prior="glow")

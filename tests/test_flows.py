@@ -13,11 +13,11 @@ from lcma_ext import log_prob_with_contributions
 from lcma_ext import transforms as T
 
 
-def _net(i, o):
+def _net(i: int, o: int) -> ConvResidualNet:
     return ConvResidualNet(i, o, hidden_channels=8, num_blocks=1)
 
 
-def _glow_flow(shape=(1, 4, 4)) -> Flow:
+def _glow_flow(shape: tuple[int, ...] = (1, 4, 4)) -> Flow:
     torch.manual_seed(0)
     c = shape[0] * 4
     transform = T.CompositeTransform(
@@ -35,7 +35,7 @@ def _glow_flow(shape=(1, 4, 4)) -> Flow:
     return flow
 
 
-def test_log_prob_equals_flow_log_prob_and_map_sums_to_logabsdet():
+def test_log_prob_equals_flow_log_prob_and_map_sums_to_logabsdet() -> None:
     flow = _glow_flow()
     x = torch.randn(5, 1, 4, 4, dtype=torch.float64)
     flow.train()
@@ -50,7 +50,7 @@ def test_log_prob_equals_flow_log_prob_and_map_sums_to_logabsdet():
     torch.testing.assert_close(contributions.flatten(1).sum(1), logabsdet, rtol=0, atol=1e-12)
 
 
-def test_input_layout_undoes_the_squeeze():
+def test_input_layout_undoes_the_squeeze() -> None:
     flow = _glow_flow()
     flow.eval()
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_input_layout_undoes_the_squeeze():
     assert torch.equal(squeeze.carry(in_layout), out_layout)
 
 
-def test_errors():
+def test_errors() -> None:
     flow = _glow_flow()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="expected layout"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from test_multiscale import glow_factory
 
 from lcma_ext import ContributionMultiscaleFlow, build_multiscale_transform
 from lcma_ext import splits as S
-from lcma_ext.contributions import _maps_from_data, estimate_contributions
+from lcma_ext.contributions import ContributionMaps, _maps_from_data, estimate_contributions
 from lcma_ext.diagnostics import split_diagnostics
 from lcma_ext.multiscale import build_levels, level_output_shape
 from lcma_ext.pipeline import build_nms_transform
@@ -71,7 +72,9 @@ def _flat_index(placement: str, group: int, k: int, i: int, j: int, h: int, w: i
     return (group * 2 * h + 2 * i + dy) * 2 * w + 2 * j + dx
 
 
-def _expected_index(placement: str, kept_sets, h: int = 2, w: int = 4) -> torch.Tensor:
+def _expected_index(
+    placement: str, kept_sets: Sequence[Sequence[Sequence[tuple[int, ...]]]], h: int = 2, w: int = 4
+) -> torch.Tensor:
     """Flat input indices of the kept half ``(2G, h, w)``: channel ``2g + r`` holds the ``r``-th
     kept position (increasing) of group ``g``'s block."""
     out = torch.zeros(2 * len(kept_sets), h, w, dtype=torch.long)
@@ -83,20 +86,24 @@ def _expected_index(placement: str, kept_sets, h: int = 2, w: int = 4) -> torch.
     return out
 
 
-def _complement(kept_sets):
+def _complement(
+    kept_sets: Sequence[Sequence[Sequence[tuple[int, ...]]]],
+) -> list[list[list[tuple[int, ...]]]]:
     return [
         [[tuple(k for k in range(4) if k not in p) for p in row] for row in g] for g in kept_sets
     ]
 
 
-def _carry(split: S.Split, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _carry(split: S.Split, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     factored, kept = split.carry(torch.arange(math.prod(shape)).view(1, *shape))
     return factored[0], kept[0]
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize(("granularity", "region_size"), list(EXPECTED))
-def test_crafted_map_gives_the_expected_kept_sets(placement, granularity, region_size):
+def test_crafted_map_gives_the_expected_kept_sets(
+    placement: str, granularity: str, region_size: int
+) -> None:
     values = _map(_blocks(), placement)
     shape = tuple(values.shape)
     expected = EXPECTED[(granularity, region_size)]
@@ -112,7 +119,7 @@ def test_crafted_map_gives_the_expected_kept_sets(placement, granularity, region
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
-def test_region_extremes_equal_site_and_channel(placement):
+def test_region_extremes_equal_site_and_channel(placement: str) -> None:
     generator = torch.Generator().manual_seed(0)
     blocks = torch.randn(2, 4, 4, 4, generator=generator, dtype=torch.float64)
     values = _map(blocks, placement)
@@ -137,7 +144,7 @@ def test_region_extremes_equal_site_and_channel(placement):
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_channel_on_a_spatially_constant_map_equals_site(placement, ties):
+def test_channel_on_a_spatially_constant_map_equals_site(placement: str, ties: bool) -> None:
     generator = torch.Generator().manual_seed(1)
     per_position = torch.randn(3, 4, 1, 1, generator=generator, dtype=torch.float64)
     if ties:  # exact ties inside blocks: the tie-break must agree too
@@ -151,7 +158,7 @@ def test_channel_on_a_spatially_constant_map_equals_site(placement, ties):
             assert torch.equal(other.kept_positions, site.kept_positions)
 
 
-def test_vector_data_accepts_only_site():
+def test_vector_data_accepts_only_site() -> None:
     values = torch.tensor([3.0, 9.0, 1.0, 7.0, 5.0, 0.0])
     site = S.LCMASplit(values, granularity="site")
     assert torch.equal(site.index, S.LCMASplit(values).index)
@@ -166,7 +173,9 @@ def test_vector_data_accepts_only_site():
 # --- brute force ---------------------------------------------------------------------------
 
 
-def _build(name: str, placement: str, shape, num_levels: int, region_size: int = 2):
+def _build(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int, region_size: int = 2
+) -> ContributionMultiscaleFlow:
     torch.manual_seed(0)
     levels = build_levels(glow_factory(placement), shape, num_levels, placement)
     generator = torch.Generator().manual_seed(5)
@@ -182,7 +191,7 @@ def _build(name: str, placement: str, shape, num_levels: int, region_size: int =
 @pytest.mark.parametrize("name", S.GRANULAR_SPLIT_NAMES)
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.usefixtures("float64")
-def test_log_prob_equals_brute_force_change_of_variables(name, placement):
+def test_log_prob_equals_brute_force_change_of_variables(name: str, placement: str) -> None:
     shape = (1, 8, 8)
     transform = _build(name, placement, shape, 3)
     # split 0 has a 4 x 4 grid: region_size 2 is a real region; split 1 (2 x 2) is capped
@@ -208,7 +217,7 @@ def test_log_prob_equals_brute_force_change_of_variables(name, placement):
 
 
 @pytest.fixture(scope="module")
-def maps():
+def maps() -> ContributionMaps:
     torch.manual_seed(0)
     factory = glow_factory("post_squeeze")
     nms = build_nms_transform(factory, (1, 8, 8), 3)
@@ -222,7 +231,7 @@ def maps():
 
 
 @pytest.mark.parametrize("name", S.GRANULAR_SPLIT_NAMES)
-def test_pipeline_tracks_survivors_of_the_granular_split(maps, name):
+def test_pipeline_tracks_survivors_of_the_granular_split(maps: ContributionMaps, name: str) -> None:
     flow = build_multiscale_transform(None, (1, 8, 8), 3, name, maps, region_size=2)
     rule, _, granularity = name.partition("-")
     first, second = flow.splits
@@ -243,7 +252,7 @@ def test_pipeline_tracks_survivors_of_the_granular_split(maps, name):
     torch.testing.assert_close(flow.inverse(z)[0], x, rtol=1e-5, atol=1e-5)
 
 
-def test_plot_has_the_kept_position_panel(maps, tmp_path):
+def test_plot_has_the_kept_position_panel(maps: ContributionMaps, tmp_path: Path) -> None:
     path = tmp_path / "contributions.png"
     full = _maps_from_data(maps.data_maps, maps.levels, (1, 8, 8), "post_squeeze", "low", 16)
     assert full.diagnostics[0]["agrees_with_channel_granularity"] < 1.0
@@ -254,13 +263,13 @@ def test_plot_has_the_kept_position_panel(maps, tmp_path):
 # --- diagnostics ---------------------------------------------------------------------------
 
 
-def _entropy(counts) -> float:
+def _entropy(counts: Sequence[int]) -> float:
     total = sum(counts)
     return -sum(c / total * math.log2(c / total) for c in counts if c)
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
-def test_diagnostics_agreement_and_entropy_on_the_crafted_map(placement):
+def test_diagnostics_agreement_and_entropy_on_the_crafted_map(placement: str) -> None:
     diagnostics = split_diagnostics(_map(_blocks(), placement), placement)
     # group 0: 4 of 8 sites keep TL+BR (the channel choice); group 1 agrees everywhere
     assert diagnostics["agrees_with_channel_granularity"] == pytest.approx(12 / 16, abs=1e-15)
@@ -280,7 +289,9 @@ def test_diagnostics_agreement_and_entropy_on_the_crafted_map(placement):
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize(("granularity", "region_size"), [("region", 2), ("channel", 4)])
-def test_state_dict_round_trip_restores_granularity(placement, granularity, region_size):
+def test_state_dict_round_trip_restores_granularity(
+    placement: str, granularity: str, region_size: int
+) -> None:
     generator = torch.Generator().manual_seed(3)
     blocks = torch.randn(2, 4, 4, 4, generator=generator, dtype=torch.float64)
     split = S.LCMASplit(_map(blocks, placement), "high", placement, granularity, region_size)
@@ -302,7 +313,7 @@ def test_state_dict_round_trip_restores_granularity(placement, granularity, regi
 # --- errors --------------------------------------------------------------------------------
 
 
-def test_errors_are_clear():
+def test_errors_are_clear() -> None:
     values = torch.randn(8, 4, 4)
     with pytest.raises(ValueError, match=r"expected granularity in \('site', 'region', 'channel'"):
         S.LCMASplit(values, granularity="pixel")
@@ -334,6 +345,6 @@ DOC_BLOCKS = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
 @pytest.mark.parametrize("index", range(len(DOC_BLOCKS)))
-def test_docs_python_block_runs(index, capsys):
+def test_docs_python_block_runs(index: int, capsys: pytest.CaptureFixture[str]) -> None:
     exec(compile(DOC_BLOCKS[index], f"granularity.md block {index}", "exec"), {"__name__": "doc"})
     assert capsys.readouterr().out.strip(), "each example prints what it shows"

@@ -14,7 +14,7 @@ from brute_force import jacobian
 SHAPE = (2, 4, 6)
 
 
-def test_jacobian_is_orthonormal_with_zero_logdet():
+def test_jacobian_is_orthonormal_with_zero_logdet() -> None:
     transform = T.HaarSqueezeTransform()
     x = torch.randn(3, *SHAPE, dtype=torch.float64)
     outputs, logabsdet = transform(x)
@@ -29,7 +29,7 @@ def test_jacobian_is_orthonormal_with_zero_logdet():
     torch.testing.assert_close(jac @ x[0].reshape(-1), outputs[0].reshape(-1))
 
 
-def test_subbands_match_the_definition_and_order():
+def test_subbands_match_the_definition_and_order() -> None:
     x = torch.tensor([[[[1.0, 2.0], [3.0, 5.0]]]], dtype=torch.float64)  # a, b, c, d
     a, b, c, d = 1.0, 2.0, 3.0, 5.0
     expected = {
@@ -43,7 +43,7 @@ def test_subbands_match_the_definition_and_order():
         assert outputs.reshape(-1).tolist() == [expected[name] for name in order]
 
 
-def test_constant_image_has_only_ll_energy_and_channel_split_factors_out_high_first():
+def test_constant_image_has_only_ll_energy_and_channel_split_factors_out_high_first() -> None:
     c = 3
     x = torch.randn(2, c, 1, 1, dtype=torch.float64).expand(2, c, 4, 4).contiguous()
     outputs, _ = T.HaarSqueezeTransform()(x)
@@ -60,7 +60,7 @@ def test_constant_image_has_only_ll_energy_and_channel_split_factors_out_high_fi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_inverse_round_trip(dtype):
+def test_inverse_round_trip(dtype: torch.dtype) -> None:
     transform = T.HaarSqueezeTransform()
     x = torch.randn(4, *SHAPE, dtype=dtype)
     outputs, logabsdet = transform(x)
@@ -72,7 +72,7 @@ def test_inverse_round_trip(dtype):
     torch.testing.assert_close(transform(transform.inverse(z)[0])[0], z, rtol=0, atol=tol)
 
 
-def test_diag_protocol_carry_is_block_ownership_permutation():
+def test_diag_protocol_carry_is_block_ownership_permutation() -> None:
     transform = T.HaarSqueezeTransform()
     x = torch.randn(2, *SHAPE, dtype=torch.float64)
     incoming = torch.randn_like(x)
@@ -100,7 +100,7 @@ def test_diag_protocol_carry_is_block_ownership_permutation():
     assert all((p % (h * w)) // w % 2 == 0 and (p % (h * w)) % w % 2 == 0 for p in ll.reshape(-1))
 
 
-def test_drop_in_for_squeeze_in_a_multiscale_flow():
+def test_drop_in_for_squeeze_in_a_multiscale_flow() -> None:
     torch.manual_seed(0)
     flow = ContributionMultiscaleFlow(2)
     shape = flow.add_transform(T.HaarSqueezeTransform(), (4, 2, 2))
@@ -113,7 +113,7 @@ def test_drop_in_for_squeeze_in_a_multiscale_flow():
     assert isinstance(T.HaarSqueezeTransform(), T.SqueezeTransform)
 
 
-def test_clear_errors():
+def test_clear_errors() -> None:
     transform = T.HaarSqueezeTransform()
     with pytest.raises(ValueError, match="expected even H and W; got 3x4"):
         transform(torch.randn(1, 1, 3, 4))

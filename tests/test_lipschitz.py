@@ -35,7 +35,7 @@ def _perturb(net: torch.nn.Module, scale: float = 2.0, seed: int = 3) -> None:
             layer.weight.add_(scale * noise)
 
 
-def _nets():
+def _nets() -> list[torch.nn.Module]:
     torch.manual_seed(0)
     return [
         LipschitzMLP(4, 16, activation="elu").double(),
@@ -44,7 +44,7 @@ def _nets():
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_lipschitz_constant_below_one_after_explicit_update(index):
+def test_lipschitz_constant_below_one_after_explicit_update(index: int) -> None:
     net = _nets()[index]
     _perturb(net)
     # Stale estimates underestimate the new norms: some layer exceeds its target.
@@ -59,7 +59,7 @@ def test_lipschitz_constant_below_one_after_explicit_update(index):
 
 
 @pytest.mark.parametrize("index", [0, 1])
-def test_training_mode_forwards_update_automatically_and_eval_does_not(index):
+def test_training_mode_forwards_update_automatically_and_eval_does_not(index: int) -> None:
     net = _nets()[index]
     _perturb(net)
     x = torch.randn(2, *((4,) if index == 0 else (2, 3, 3)), dtype=torch.float64)
@@ -77,7 +77,7 @@ def test_training_mode_forwards_update_automatically_and_eval_does_not(index):
     assert any(not torch.equal(a, layer.u) for a, layer in zip(before, spectral_layers(net)))
 
 
-def test_conv_is_normalized_on_the_true_operator_norm_of_its_spatial_shape():
+def test_conv_is_normalized_on_the_true_operator_norm_of_its_spatial_shape() -> None:
     torch.manual_seed(1)
     layer = SpectralNormConv2d(2, 3, 3, spatial_shape=(4, 5)).double()
     _inflate(layer, 4.0)
@@ -96,14 +96,14 @@ def test_conv_is_normalized_on_the_true_operator_norm_of_its_spatial_shape():
     torch.testing.assert_close(got.reshape(-1), dense @ image.reshape(-1))
 
 
-def test_large_conv_operator_norm_by_power_iteration_matches_dense():
+def test_large_conv_operator_norm_by_power_iteration_matches_dense() -> None:
     torch.manual_seed(2)
     layer = SpectralNormConv2d(2, 2, 3, spatial_shape=(4, 4)).double()
     dense = float(torch.linalg.matrix_norm(layer.dense_operator().detach(), ord=2))
     assert operator_norm(layer, max_dense=1) == pytest.approx(dense, rel=1e-6)
 
 
-def test_lipswish_is_one_lipschitz():
+def test_lipswish_is_one_lipschitz() -> None:
     activation = LipSwish().double()
     x = torch.linspace(-20, 20, 20001, dtype=torch.float64, requires_grad=True)
     for raw_beta in (-3.0, 0.0, 0.5, 3.0, 10.0):
@@ -114,7 +114,7 @@ def test_lipswish_is_one_lipschitz():
     assert derivative.abs().max() > 0.99  # and tight for large beta
 
 
-def test_state_dict_keeps_the_power_iteration_vectors():
+def test_state_dict_keeps_the_power_iteration_vectors() -> None:
     torch.manual_seed(0)
     net = LipschitzConvNet((1, 2, 2), 4)
     state = net.state_dict()
@@ -127,7 +127,7 @@ def test_state_dict_keeps_the_power_iteration_vectors():
     torch.testing.assert_close(clone(x), net(x))
 
 
-def test_bad_arguments_raise_clear_errors():
+def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="expected a Lipschitz coefficient"):
         SpectralNormLinear(3, 3, coeff=1.5)
     with pytest.raises(ValueError, match="expected spatial_shape"):
@@ -146,7 +146,7 @@ def test_bad_arguments_raise_clear_errors():
         lipschitz_bound(torch.nn.Linear(2, 2))
 
 
-def test_updated_then_frozen_takes_each_layers_forward_update_once():
+def test_updated_then_frozen_takes_each_layers_forward_update_once() -> None:
     """Inside the block: the vectors of one training-mode forward, and no further update."""
     import copy
 

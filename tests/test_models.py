@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from nflows.transforms import Transform
 
 from lcma_ext import transforms as T
 from lcma_ext.models import (
@@ -38,7 +39,7 @@ def _randomize(module: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> No
             parameter.add_(scale * noise)
 
 
-def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _brute_force(transform: Transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: ``slogdet`` of the full Jacobian and the log|diagonal| of the Jacobian."""
     logdets, diagonals = [], []
     for example in x:
@@ -48,7 +49,7 @@ def _brute_force(transform, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return torch.stack(logdets), torch.stack(diagonals)
 
 
-def _check_diag_protocol(transform, x: torch.Tensor) -> torch.Tensor:
+def _check_diag_protocol(transform: Transform, x: torch.Tensor) -> torch.Tensor:
     outputs, logabsdet = transform(x)
     diag_in = torch.randn_like(x)
     outputs_d, logabsdet_d, diag_out = transform.forward_with_diag(x, diag=diag_in)
@@ -61,7 +62,7 @@ def _check_diag_protocol(transform, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("parity", [0, 1])
-def test_checkerboard_coupling_matches_brute_force(parity):
+def test_checkerboard_coupling_matches_brute_force(parity: int) -> None:
     torch.manual_seed(0)
     coupling = CheckerboardAffineCouplingTransform(2, _net, parity=parity).double()
     _randomize(coupling)
@@ -83,7 +84,7 @@ def test_checkerboard_coupling_matches_brute_force(parity):
     torch.testing.assert_close(inverse_logabsdet, -logabsdet)
 
 
-def test_checkerboard_coupling_rejects_bad_inputs():
+def test_checkerboard_coupling_rejects_bad_inputs() -> None:
     coupling = CheckerboardAffineCouplingTransform(2, _net)
     with pytest.raises(ValueError, match="expected 2 channels"):
         coupling(torch.randn(1, 3, 4, 4))
@@ -95,7 +96,7 @@ def test_checkerboard_coupling_rejects_bad_inputs():
         CheckerboardAffineCouplingTransform(2, _net, parity=2)
 
 
-def test_realnvp_channel_coupling_matches_brute_force_and_can_expand():
+def test_realnvp_channel_coupling_matches_brute_force_and_can_expand() -> None:
     torch.manual_seed(1)
     coupling = RealNVPAffineCouplingTransform(torch.tensor([0, 1, 0, 1]), _net).double()
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
@@ -114,12 +115,12 @@ def test_realnvp_channel_coupling_matches_brute_force_and_can_expand():
     torch.testing.assert_close(coupling.inverse(coupling(x)[0])[0], x)
 
 
-def _levels(model: str):
+def _levels(model: str) -> list[tuple[int, tuple[int, ...]]]:
     return [(0, (1, 4, 4)), (1, (2, 2, 2))] if model in ("realnvp", "glow") else [(0, (1, 4, 4))]
 
 
 @pytest.mark.parametrize("model", ["realnvp", "glow"])
-def test_level_matches_brute_force(model):
+def test_level_matches_brute_force(model: str) -> None:
     torch.manual_seed(2)
     factory = make_level_factory(model, "tiny", hidden=6)
     for level_index, shape in _levels(model):
@@ -139,7 +140,9 @@ def test_level_matches_brute_force(model):
 
 @pytest.mark.parametrize("model", ["iresnet", "resflow"])
 @pytest.mark.parametrize("squeeze", ["pixel", "haar"])
-def test_residual_level_passes_block_arguments_and_matches_brute_force(model, squeeze):
+def test_residual_level_passes_block_arguments_and_matches_brute_force(
+    model: str, squeeze: str
+) -> None:
     torch.manual_seed(2)
     factory = make_level_factory(
         model, "tiny", hidden=6, squeeze=squeeze, exact=True, coeff=0.8, max_iter=300
@@ -167,7 +170,7 @@ def test_residual_level_passes_block_arguments_and_matches_brute_force(model, sq
         make_level_factory(model, "tiny", hidden_channels=8)
 
 
-def test_level_families_have_their_layers():
+def test_level_families_have_their_layers() -> None:
     realnvp = make_level_factory("realnvp", "tiny", steps=2)(0, (1, 4, 4))
     kinds = [type(t).__name__ for t in realnvp._transforms]
     assert (
@@ -188,7 +191,7 @@ def test_level_families_have_their_layers():
     ]
 
 
-def test_flow_log_prob_is_change_of_variables_float32():
+def test_flow_log_prob_is_change_of_variables_float32() -> None:
     torch.manual_seed(3)
     factory = make_level_factory("realnvp", "tiny")
     level = factory(0, (1, 4, 4))
@@ -201,7 +204,7 @@ def test_flow_log_prob_is_change_of_variables_float32():
     assert flow.sample(2).shape == (2, 1, 4, 4)
 
 
-def test_registry_sizes_and_errors():
+def test_registry_sizes_and_errors() -> None:
     assert set(MODELS) == {"realnvp", "glow", "iresnet", "resflow"}
     small = count_parameters(make_level_factory("realnvp", "tiny")(0, (1, 8, 8)))
     paper = count_parameters(make_level_factory("realnvp", "paper")(0, (1, 8, 8)))
@@ -220,7 +223,7 @@ def test_registry_sizes_and_errors():
         factory(0, (16,))
 
 
-def test_num_levels_and_scale_parameters():
+def test_num_levels_and_scale_parameters() -> None:
     assert max_num_levels((1, 8, 8)) == 3
     assert default_num_levels((1, 8, 8)) == 3
     assert default_num_levels((3, 16, 16)) == 4

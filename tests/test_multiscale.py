@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -33,12 +34,12 @@ class _ConvNet(nn.Module):
             nn.Conv2d(in_channels, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, out_channels, 1)
         )
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
 
 
 class _Linear(nn.Linear):
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -51,7 +52,7 @@ def _actnorm(channels: int) -> T.ActNorm:
     return actnorm
 
 
-def glow_factory(placement: str):
+def glow_factory(placement: str) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     """Small Glow-like levels: [squeeze], ActNorm, 1x1 conv, affine coupling (random weights)."""
 
     def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
@@ -70,7 +71,14 @@ def glow_factory(placement: str):
     return factory
 
 
-def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prior="standard"):
+def build(
+    name: str,
+    placement: str,
+    shape: tuple[int, ...],
+    num_levels: int,
+    seed: int = 0,
+    prior: str = "standard",
+) -> ContributionMultiscaleFlow:
     torch.manual_seed(seed)
     levels = build_levels(glow_factory(placement), shape, num_levels, placement)
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +93,7 @@ def build(name: str, placement: str, shape, num_levels: int, seed: int = 0, prio
 IMAGE_CASES = [((1, 4, 4), 2), ((1, 8, 8), 3)]
 
 
-def test_batched_jacobian_matches_autograd_functional():
+def test_batched_jacobian_matches_autograd_functional() -> None:
     transform = build("lcma", "post_squeeze", (1, 4, 4), 2)
     x = torch.randn(1, 4, 4)
     expected = torch.autograd.functional.jacobian(
@@ -99,7 +107,9 @@ def test_batched_jacobian_matches_autograd_functional():
 @pytest.mark.parametrize("name", SPLITS)
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
 @pytest.mark.parametrize(("shape", "num_levels"), IMAGE_CASES)
-def test_log_prob_equals_brute_force_change_of_variables(name, placement, shape, num_levels):
+def test_log_prob_equals_brute_force_change_of_variables(
+    name: str, placement: str, shape: tuple[int, ...], num_levels: int
+) -> None:
     transform = build(name, placement, shape, num_levels)
     dimension = math.prod(shape)
     flow = Flow(transform, StandardNormal([dimension]))
@@ -126,11 +136,11 @@ def test_log_prob_equals_brute_force_change_of_variables(name, placement, shape,
 
 
 @pytest.mark.parametrize("name", SPLITS)
-def test_vector_data(name):
+def test_vector_data(name: str) -> None:
     torch.manual_seed(0)
     features = 6
 
-    def factory(index, shape):
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         mask = torch.tensor([1 if i % 2 else -1 for i in range(shape[0])])
         return T.CompositeTransform(
             [
@@ -150,8 +160,8 @@ def test_vector_data(name):
     torch.testing.assert_close(transform.inverse(transform(x)[0])[0], x, rtol=1e-10, atol=1e-10)
 
 
-def test_carry_matches_forward_on_rearrangements():
-    def factory(index, shape):
+def test_carry_matches_forward_on_rearrangements() -> None:
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         squeezed = 4 * shape[0]
         return T.CompositeTransform([T.SqueezeTransform(), T.RandomPermutation(squeezed, dim=1)])
 
@@ -169,7 +179,7 @@ def test_carry_matches_forward_on_rearrangements():
 
 
 @pytest.mark.parametrize(("shape", "num_levels"), IMAGE_CASES)
-def test_channel_split_equals_nflows_multiscale(shape, num_levels):
+def test_channel_split_equals_nflows_multiscale(shape: tuple[int, ...], num_levels: int) -> None:
     ours = build("channel", "post_squeeze", shape, num_levels)
     theirs = MultiscaleCompositeTransform(num_levels)
     current = shape
@@ -190,7 +200,7 @@ def test_channel_split_equals_nflows_multiscale(shape, num_levels):
     assert torch.equal(x_ours, x_theirs) and torch.equal(inverse_ours, inverse_theirs)
 
 
-def test_channel_split_equals_nflows_with_split_dim_and_float32():
+def test_channel_split_equals_nflows_with_split_dim_and_float32() -> None:
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     levels = [T.ActNorm(6), T.ActNorm(3)]
@@ -209,7 +219,7 @@ def test_channel_split_equals_nflows_with_split_dim_and_float32():
 
 
 @pytest.mark.parametrize("name", ["lcma", "random", "checkerboard"])
-def test_state_dict_round_trip(name):
+def test_state_dict_round_trip(name: str) -> None:
     first = build(name, "post_squeeze", (1, 8, 8), 3, seed=0)
     second = build(name, "post_squeeze", (1, 8, 8), 3, seed=1)  # other weights and maps
     x = torch.randn(3, 1, 8, 8)
@@ -220,7 +230,7 @@ def test_state_dict_round_trip(name):
         assert torch.equal(a.index, b.index)
 
 
-def test_add_transform_errors():
+def test_add_transform_errors() -> None:
     flow = ContributionMultiscaleFlow(2)
     level = T.ActNorm(8)
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split"):

@@ -59,7 +59,7 @@ REGISTRY: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], tuple[
 NAMES = sorted(REGISTRY)
 
 
-def _make(name: str, seed: int = 0):
+def _make(name: str, seed: int = 0) -> tuple[nf.flows.Flow, torch.Tensor]:
     build, shape, _ = REGISTRY[name]
     torch.manual_seed(seed)
     flow = build().double()
@@ -76,7 +76,7 @@ def _make(name: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_log_det_matches_brute_force(name):
+def test_log_det_matches_brute_force(name: str) -> None:
     flow, x = _make(name)
     with torch.no_grad():
         outputs, log_det, _ = flow.forward_with_diag(x)
@@ -91,7 +91,7 @@ def test_log_det_matches_brute_force(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_sum_invariant(name):
+def test_sum_invariant(name: str) -> None:
     flow, x = _make(name)
     incoming = torch.randn_like(x)
     with torch.no_grad():
@@ -102,7 +102,7 @@ def test_sum_invariant(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n.startswith(("coupling", "actnorm"))])
-def test_elementwise_diag_equals_log_abs_jacobian_diagonal(name):
+def test_elementwise_diag_equals_log_abs_jacobian_diagonal(name: str) -> None:
     flow, x = _make(name)
     with torch.no_grad():
         _, _, diag = flow.forward_with_diag(x)
@@ -112,7 +112,7 @@ def test_elementwise_diag_equals_log_abs_jacobian_diagonal(name):
 
 
 @pytest.mark.parametrize("name", ["squeeze", "permute_shuffle", "permute_swap"])
-def test_rearrangements_carry_like_data_to_noise(name):
+def test_rearrangements_carry_like_data_to_noise(name: str) -> None:
     flow, x = _make(name)
     assert torch.equal(flow.carry(x), flow.inverse(x)[0])
     index = torch.arange(x[0].numel()).view(1, *x.shape[1:])
@@ -122,7 +122,7 @@ def test_rearrangements_carry_like_data_to_noise(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_round_trip_and_state_dict(name):
+def test_round_trip_and_state_dict(name: str) -> None:
     flow, x = _make(name)
     with torch.no_grad():
         z, _, _ = flow.forward_with_diag(x)
@@ -135,14 +135,14 @@ def test_round_trip_and_state_dict(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_bad_shape_raises(name):
+def test_bad_shape_raises(name: str) -> None:
     flow, _ = _make(name)
     bad = torch.randn(BATCH, *REGISTRY[name][2], dtype=torch.float64)
     with pytest.raises(ValueError, match="expected"):
         flow.forward_with_diag(bad)
 
 
-def test_float32_works():
+def test_float32_works() -> None:
     flow, x = _make("glow_svd-energy")
     with torch.no_grad():
         reference = flow.forward_with_diag(x)
@@ -153,7 +153,7 @@ def test_float32_works():
 
 
 @pytest.mark.parametrize("attribution", ["svd-energy", "svd-index", "lu"])
-def test_glow_block_1x1_attribution_matches_numpy_reference(attribution):
+def test_glow_block_1x1_attribution_matches_numpy_reference(attribution: str) -> None:
     flow, x = _make(f"glow_{attribution}")
     conv = flow.flows[1]
     weight = conv._assemble_W().detach().numpy()
@@ -166,7 +166,7 @@ def test_glow_block_1x1_attribution_matches_numpy_reference(attribution):
     np.testing.assert_allclose(diag[0, :, 0, 0].numpy(), expected, rtol=1e-9, atol=1e-10)
 
 
-def test_plain_normflows_instances_and_lists_are_accepted():
+def test_plain_normflows_instances_and_lists_are_accepted() -> None:
     torch.manual_seed(0)
     flows = [nf.flows.GlowBlock(4, 8, init_zeros=False), nf.flows.Squeeze()]  # noise -> data
     x = torch.randn(2, 1, 4, 4)
@@ -182,17 +182,17 @@ def test_plain_normflows_instances_and_lists_are_accepted():
     torch.testing.assert_close(diag.flatten(1).sum(1), log_det, rtol=0, atol=1e-12)
 
 
-def test_lu_attribution_needs_lu_parametrization():
+def test_lu_attribution_needs_lu_parametrization() -> None:
     with pytest.raises(ValueError, match="expected use_lu=True"):
         lnf.Invertible1x1Conv(3, use_lu=False, attribution="lu")
 
 
-def test_unsupported_flow_names_its_class():
+def test_unsupported_flow_names_its_class() -> None:
     with pytest.raises(TypeError, match="Planar"):
         lnf.data_to_noise_with_diag(nf.flows.Planar((3,)), torch.randn(2, 3))
 
 
-def test_residual_wrappers_carry_their_own_rearrangement_and_lists_may_be_module_lists():
+def test_residual_wrappers_carry_their_own_rearrangement_and_lists_may_be_module_lists() -> None:
     torch.manual_seed(0)
     block = lnf.ResidualFlowBlock((4, 2, 2), 8, exact=True).double().eval()  # fixed weights
     index = torch.arange(16).view(1, 4, 2, 2)
@@ -207,7 +207,7 @@ def test_residual_wrappers_carry_their_own_rearrangement_and_lists_may_be_module
     torch.testing.assert_close(diag.flatten(1).sum(1), log_det, rtol=0, atol=1e-12)
 
 
-def test_require_supported_names_the_class_and_what_to_do():
+def test_require_supported_names_the_class_and_what_to_do() -> None:
     for flow in (lnf.Squeeze(), nf.flows.GlowBlock(4, 8), lnf.ResidualFlowBlock((4, 2, 2), 8)):
         assert lnf.require_supported(flow) is flow
     message = r"level entry 3; got normflows\.flows\.planar\.Planar.*subclass it and add"

@@ -15,6 +15,7 @@ import torch
 
 from lcma_ext import normflows as lnf
 from lcma_ext import transforms as T
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.splits import ChannelSplit, CheckerboardSplit, LCMASplit, RandomSplit
 
 from brute_force import standard_normal_log_prob
@@ -52,14 +53,20 @@ def _data(n: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(n, *shape, generator=generator) * (0.3 + ramp.abs()) + ramp
 
 
-def _maps(shape: tuple[int, ...], num_levels: int):
+def _maps(shape: tuple[int, ...], num_levels: int) -> ContributionMaps:
     """Contributions of an untrained NMS model (enough for the LCMA split logic)."""
     torch.manual_seed(5)
     nms = lnf.build_nms_model(_glow_level, shape, num_levels)
     return lnf.estimate_model_contributions(nms, _data(16, shape), _glow_level, progress=False)
 
 
-def _model(split: str, shape, num_levels, prior: str = "conditional", maps=None):
+def _model(
+    split: str,
+    shape: tuple[int, ...],
+    num_levels: int,
+    prior: str = "conditional",
+    maps: ContributionMaps | None = None,
+) -> lnf.MultiscaleFlow:
     torch.manual_seed(0)
     model = lnf.build_multiscale_model(
         _glow_level, shape, num_levels, split, maps, seed=3, base=_standard_normal, prior=prior
@@ -81,7 +88,7 @@ def _latents(model: nf.MultiscaleFlow, batch: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def maps_by_shape():
+def maps_by_shape() -> dict[tuple[int, ...], ContributionMaps]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -92,7 +99,12 @@ def maps_by_shape():
 
 @pytest.mark.parametrize("split", SPLIT_KINDS)
 @pytest.mark.parametrize(("shape", "num_levels"), CASES)
-def test_log_prob_equals_brute_force_with_any_split(split, shape, num_levels, maps_by_shape):
+def test_log_prob_equals_brute_force_with_any_split(
+    split: str,
+    shape: tuple[int, ...],
+    num_levels: int,
+    maps_by_shape: dict[tuple[int, ...], ContributionMaps],
+) -> None:
     model = _model(split, shape, num_levels, maps=maps_by_shape[shape])
     _randomise(model)
     priors = model.priors
@@ -122,7 +134,9 @@ def test_log_prob_equals_brute_force_with_any_split(split, shape, num_levels, ma
     torch.testing.assert_close(total, log_det, rtol=0, atol=1e-10)
 
 
-def test_the_prior_adds_minus_log_sigma_to_each_factored_dimension(maps_by_shape):
+def test_the_prior_adds_minus_log_sigma_to_each_factored_dimension(
+    maps_by_shape: dict[tuple[int, ...], ContributionMaps],
+) -> None:
     shape, num_levels = CASES[1]
     conditional = _model("lcma", shape, num_levels, maps=maps_by_shape[shape])
     standard = _model("lcma", shape, num_levels, "standard", maps=maps_by_shape[shape])
@@ -143,7 +157,9 @@ def test_the_prior_adds_minus_log_sigma_to_each_factored_dimension(maps_by_shape
 
 
 @pytest.mark.parametrize("split", SPLIT_KINDS)
-def test_zero_initialised_prior_is_the_standard_model_exactly(split, maps_by_shape):
+def test_zero_initialised_prior_is_the_standard_model_exactly(
+    split: str, maps_by_shape: dict[tuple[int, ...], ContributionMaps]
+) -> None:
     shape, num_levels = CASES[1]
     conditional = _model(split, shape, num_levels, maps=maps_by_shape[shape])
     standard = _model(split, shape, num_levels, "standard", maps=maps_by_shape[shape])
@@ -160,7 +176,9 @@ def test_zero_initialised_prior_is_the_standard_model_exactly(split, maps_by_sha
     assert torch.equal(back, back_standard)
 
 
-def test_sampling_draws_the_factored_half_from_its_conditional(maps_by_shape):
+def test_sampling_draws_the_factored_half_from_its_conditional(
+    maps_by_shape: dict[tuple[int, ...], ContributionMaps],
+) -> None:
     shape, num_levels = CASES[1]
     model = _model("lcma", shape, num_levels, maps=maps_by_shape[shape])
     _randomise(model, scale=0.1)
@@ -179,7 +197,9 @@ def test_sampling_draws_the_factored_half_from_its_conditional(maps_by_shape):
     torch.testing.assert_close(factored, mean + log_scale.exp() * eps, rtol=0, atol=1e-9)
 
 
-def test_state_dict_holds_the_priors(maps_by_shape):
+def test_state_dict_holds_the_priors(
+    maps_by_shape: dict[tuple[int, ...], ContributionMaps],
+) -> None:
     shape, num_levels = CASES[0]
     model = _model("checkerboard", shape, num_levels)
     _randomise(model)
@@ -193,7 +213,7 @@ def test_state_dict_holds_the_priors(maps_by_shape):
         _model("checkerboard", shape, num_levels, "standard").load_state_dict(model.state_dict())
 
 
-def test_errors_are_clear():
+def test_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="expected prior in"):
         lnf.build_multiscale_model(_glow_level, (1, 8, 8), 3, prior="glow")
     with pytest.raises(ValueError, match="expected 2 priors"):

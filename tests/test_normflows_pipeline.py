@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import normflows as nf
 import pytest
@@ -58,12 +60,14 @@ class _ExpCoupling(T.AffineCouplingTransform):
     nflows computes ``z2 * scale + shift``, so ``scale = exp(-s)`` and ``shift = -t * exp(-s)``.
     """
 
-    def _scale_and_shift(self, transform_params):
+    def _scale_and_shift(self, transform_params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.exp(-transform_params[:, 1::2])
         return scale, -transform_params[:, 0::2] * scale
 
 
-def _nflows_level(attribution: str, identity_permutation: bool):
+def _nflows_level(
+    attribution: str, identity_permutation: bool
+) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     def level(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         c = 4 * shape[0]
         steps: list[nn.Module] = [T.SqueezeTransform()]
@@ -135,7 +139,7 @@ def _standard_normal(shape: tuple[int, ...]) -> nf.distributions.DiagGaussian:
 
 @pytest.mark.parametrize("attribution", ["svd-energy", "svd-index"])
 @pytest.mark.parametrize("conv", ["permute-then-conv", "identity-permutation"])
-def test_same_maps_splits_and_likelihood_as_the_nflows_path(conv, attribution):
+def test_same_maps_splits_and_likelihood_as_the_nflows_path(conv: str, attribution: str) -> None:
     torch.manual_seed(0)
     permute = conv == "permute-then-conv"
     factory = _nflows_level(attribution, identity_permutation=not permute)
@@ -208,7 +212,9 @@ def _hand_set_gaussian(shape: tuple[int, ...]) -> nf.distributions.DiagGaussian:
     return gaussian
 
 
-def _gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor):
+def _gaussian_log_density(
+    z: torch.Tensor, loc: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
     """log N(z; loc, exp(log_scale)^2), summed per example, written out."""
     standardized = (z - loc) * torch.exp(-log_scale)
     return (-0.5 * math.log(2 * math.pi) - log_scale - 0.5 * standardized**2).flatten(1).sum(1)
@@ -217,7 +223,7 @@ def _gaussian_log_density(z: torch.Tensor, loc: torch.Tensor, log_scale: torch.T
 def _brute_force_log_likelihood(model: nf.MultiscaleFlow, x: torch.Tensor) -> torch.Tensor:
     """Change of variables: every latent, Jacobian of the whole data-to-noise map, slogdet."""
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([z.flatten(1) for z in model.inverse_and_log_det(batch)[0]], 1)
 
     out = []
@@ -248,7 +254,7 @@ def _check_exact(model: lnf.MultiscaleFlow, x: torch.Tensor, round_trip_tol: flo
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-def test_lcma_model_log_likelihood_equals_brute_force(placement):
+def test_lcma_model_log_likelihood_equals_brute_force(placement: str) -> None:
     torch.manual_seed(0)
     level = _glow_level if placement == "post_squeeze" else _squeeze_placement_level
     x = _data()
@@ -270,7 +276,7 @@ def test_lcma_model_log_likelihood_equals_brute_force(placement):
     _check_exact(model, x[:3], round_trip_tol=1e-9)
 
 
-def test_whole_model_log_dets_sum_to_the_brute_force_log_det():
+def test_whole_model_log_dets_sum_to_the_brute_force_log_det() -> None:
     torch.manual_seed(1)
     model = lnf.build_multiscale_model(_glow_level, SHAPE, LEVELS, "checkerboard")
     x = _data(3)
@@ -283,7 +289,7 @@ def test_whole_model_log_dets_sum_to_the_brute_force_log_det():
     assert torch.equal(log_det, expected_log_det)
     total = sum(diag.flatten(1).sum(1) for diag in diags)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([zi.flatten(1) for zi in model.inverse_and_log_det(batch)[0]], 1)
 
     for b in range(len(x)):
@@ -293,7 +299,7 @@ def test_whole_model_log_dets_sum_to_the_brute_force_log_det():
 
 
 @pytest.mark.parametrize("merge", ["normflows-channel", "normflows-checkerboard", "lcma"])
-def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
+def test_whole_model_diag_follows_each_dimension_through_the_merges(merge: str) -> None:
     """Levels of ActNorm, Permute and Squeeze: J is a permutation times a diagonal, so each
     latent's contribution is log|J| at the one non-zero entry of its row."""
     torch.manual_seed(2)
@@ -317,7 +323,7 @@ def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
                 module.s.normal_()
         _, log_det, diags = lnf.inverse_and_log_det_with_diag(model, x)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([zi.flatten(1) for zi in model.inverse_and_log_det(batch)[0]], 1)
 
     flat_diag = torch.cat([d.flatten(1) for d in diags], 1)
@@ -328,7 +334,7 @@ def test_whole_model_diag_follows_each_dimension_through_the_merges(merge):
     torch.testing.assert_close(flat_diag.sum(1), log_det, rtol=0, atol=TOL)
 
 
-def test_residual_blocks_through_the_pipeline():
+def test_residual_blocks_through_the_pipeline() -> None:
     """normflows residual wrappers (exact mode) in every level: NMS, contributions, LCMA model."""
     shape = (1, 4, 4)
 
@@ -367,7 +373,7 @@ def test_residual_blocks_through_the_pipeline():
     _check_exact(model, x[:2], round_trip_tol=1e-9)
 
 
-def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path):
+def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path: Path) -> None:
     torch.manual_seed(4)
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)
     x = _data()
@@ -388,10 +394,12 @@ def test_plain_normalizing_flow_gets_its_levels_from_the_factory(tmp_path):
         assert torch.equal(merge.split.index, split.index)
 
 
-def test_split_per_point_levels_reuse_and_remap():
+def test_split_per_point_levels_reuse_and_remap() -> None:
     torch.manual_seed(5)
 
-    def level(index, shape):  # a random channel shuffle: new levels rearrange differently
+    def level(
+        index: int, shape: tuple[int, ...]
+    ) -> list[nf.flows.Flow]:  # a random channel shuffle: new levels rearrange differently
         return [*_glow_level(index, shape)[:1], nf.flows.Permute(4 * shape[0]), nf.flows.Squeeze()]
 
     x = _data()
@@ -421,7 +429,7 @@ def test_split_per_point_levels_reuse_and_remap():
 # --- clear errors ---------------------------------------------------------------------------------
 
 
-def test_errors_name_the_class_and_what_to_do():
+def test_errors_name_the_class_and_what_to_do() -> None:
     torch.manual_seed(6)
     x = _data(8)
     nms = lnf.build_nms_model(_glow_level, SHAPE, LEVELS)
@@ -454,7 +462,7 @@ def test_errors_name_the_class_and_what_to_do():
         lnf.estimate_model_contributions(nms, x, _glow_level, placement="squeeze", progress=False)
 
     # a normflows flow without a per-dimension adapter
-    def unsupported(index, shape):
+    def unsupported(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
         return [nf.flows.AffineConstFlow((4 * shape[0], 1, 1)), nf.flows.Squeeze()]
 
     message = r"normflows\.flows\.affine\.coupling\.AffineConstFlow.*subclass it and add"

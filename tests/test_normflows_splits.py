@@ -31,7 +31,7 @@ def _model(merge: nf.flows.Flow) -> nf.MultiscaleFlow:
     return model
 
 
-def _merges():
+def _merges() -> dict[str, SplitMerge]:
     generator = torch.Generator().manual_seed(1)
     contributions = torch.randn(4, 2, 2, generator=generator)
     return {
@@ -42,12 +42,12 @@ def _merges():
 
 
 @pytest.mark.parametrize("name", ["lcma", "high", "checkerboard"])
-def test_log_prob_sampling_and_exactness(name):
+def test_log_prob_sampling_and_exactness(name: str) -> None:
     model = _model(_merges()[name])
     x = torch.randn(3, 1, 4, 4)
     log_prob = model.log_prob(x, None)
 
-    def latents(batch):
+    def latents(batch: torch.Tensor) -> torch.Tensor:
         z, _ = model.inverse_and_log_det(batch)
         return torch.cat([zi.reshape(-1) for zi in z])
 
@@ -67,7 +67,7 @@ def test_log_prob_sampling_and_exactness(name):
     torch.testing.assert_close(model.log_prob(samples, None), sample_log_q, rtol=1e-8, atol=1e-8)
 
 
-def test_merge_follows_the_core_split():
+def test_merge_follows_the_core_split() -> None:
     contributions = torch.tensor([[5.0, 0.0], [1.0, 9.0], [7.0, 8.0], [3.0, 1.0]]).view(4, 1, 2)
     merge = LCMAMerge(contributions)
     x = torch.arange(8, dtype=torch.float64).view(1, 4, 1, 2)
@@ -83,7 +83,7 @@ def test_merge_follows_the_core_split():
     assert torch.equal(other.inverse(x)[0][0], kept)
 
 
-def test_errors():
+def test_errors() -> None:
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split"):
         SplitMerge("channel")
     merge = LCMAMerge(torch.randn(4, 2, 2))
@@ -93,7 +93,7 @@ def test_errors():
         LCMAMerge(torch.full((4, 2, 2), float("nan")))
 
 
-def test_lcma_ext_multiscale_flow_log_prob_without_labels():
+def test_lcma_ext_multiscale_flow_log_prob_without_labels() -> None:
     model = _model(_merges()["lcma"])
     ours = lnf.MultiscaleFlow(list(model.q0), list(model.flows), list(model.merges), None, False)
     x = torch.randn(3, 1, 4, 4)

@@ -30,7 +30,7 @@ def _cfg_list(value: str) -> list[str]:
     return [item.strip() for item in re.split(r"[,\n]", value) if item.strip()]
 
 
-def test_import_has_no_torchvision_and_no_side_effects():
+def test_import_has_no_torchvision_and_no_side_effects() -> None:
     code = (
         "import sys, torch\n"
         "before = torch.get_default_dtype(), torch.get_num_threads()\n"
@@ -45,7 +45,7 @@ def test_import_has_no_torchvision_and_no_side_effects():
     assert result.stdout.strip() == importlib.metadata.version("lcma-ext")
 
 
-def test_import_works_when_torchvision_cannot_be_imported():
+def test_import_works_when_torchvision_cannot_be_imported() -> None:
     code = (
         "import sys\n"
         "sys.modules['torchvision'] = None  # makes 'import torchvision' raise ImportError\n"
@@ -58,11 +58,11 @@ def test_import_works_when_torchvision_cannot_be_imported():
     assert result.stdout.strip() == "ok"
 
 
-def test_installed_metadata_version_is_the_package_version():
+def test_installed_metadata_version_is_the_package_version() -> None:
     assert importlib.metadata.version("lcma-ext") == lcma_ext.__version__
 
 
-def test_version_has_one_source_readable_without_importing_torch():
+def test_version_has_one_source_readable_without_importing_torch() -> None:
     # setup.cfg reads lcma_ext.__version__; setuptools evaluates it statically (no torch in the
     # isolated build environment) only if it is a plain string literal at module top level.
     assert _setup_cfg()["metadata"]["version"].strip() == "attr: lcma_ext.__version__"
@@ -82,12 +82,12 @@ def test_version_has_one_source_readable_without_importing_torch():
     ]
 
 
-def test_py_typed_is_in_the_package_and_its_package_data():
+def test_py_typed_is_in_the_package_and_its_package_data() -> None:
     assert importlib.resources.files("lcma_ext").joinpath("py.typed").is_file()
     assert "py.typed" in _cfg_list(_setup_cfg()["options.package_data"]["lcma_ext"])
 
 
-def test_wheel_packages_exclude_tests_and_sdist_includes_them():
+def test_wheel_packages_exclude_tests_and_sdist_includes_them() -> None:
     config = _setup_cfg()
     assert config["options"]["packages"].strip() == "find:"
     include = _cfg_list(config["options.packages.find"]["include"])
@@ -101,7 +101,7 @@ def test_wheel_packages_exclude_tests_and_sdist_includes_them():
     assert config["metadata"]["license_files"].strip() == "LICENSE"
 
 
-def test_zuko_is_an_optional_extra_with_a_clear_import_error():
+def test_zuko_is_an_optional_extra_with_a_clear_import_error() -> None:
     extras = _setup_cfg()["options.extras_require"]
     assert any(r.startswith("zuko") for r in _cfg_list(extras["zuko"]))
     assert any(r.startswith("zuko") for r in _cfg_list(extras["test"]))  # CI runs its tests

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 import torch
 from nflows.distributions import StandardNormal
 from nflows.flows import Flow
+from nflows.transforms import Transform
 from torch import nn
 
 from lcma_ext import (
@@ -35,11 +38,13 @@ class _ConvNet(nn.Module):
             nn.Conv2d(8, out_channels, 3, padding=1),
         )
 
-    def forward(self, x, context=None):
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
 
 
-def make_factory(placement: str = "post_squeeze"):
+def make_factory(
+    placement: str = "post_squeeze",
+) -> Callable[[int, tuple[int, ...]], T.CompositeTransform]:
     def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         layers: list[nn.Module] = []
         if placement == "post_squeeze":
@@ -74,7 +79,9 @@ def _train(flow: Flow, data: torch.Tensor, steps: int) -> None:
         optimizer.step()
 
 
-def _reference_factored(levels, data_maps, placement):
+def _reference_factored(
+    levels: Sequence[Transform], data_maps: Sequence[torch.Tensor], placement: str
+) -> list[list[int]]:
     """Data indices factored out at each split point, by a plain loop over the local blocks.
 
     ``level.carry`` (tested against the levels' Jacobians elsewhere) gives each level's
@@ -111,7 +118,7 @@ def _reference_factored(levels, data_maps, placement):
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
-def test_three_line_workflow(placement, tmp_path):
+def test_three_line_workflow(placement: str, tmp_path: Path) -> None:
     factory = make_factory(placement)
     data = _data()
     torch.manual_seed(0)
@@ -149,7 +156,7 @@ def test_three_line_workflow(placement, tmp_path):
     assert (tmp_path / "maps.png").stat().st_size > 0
 
 
-def test_lcma_from_nms_and_ablation_splits():
+def test_lcma_from_nms_and_ablation_splits() -> None:
     factory = make_factory()
     data = _data()
     torch.manual_seed(0)
@@ -181,7 +188,7 @@ def test_lcma_from_nms_and_ablation_splits():
         build_multiscale_transform(factory, SHAPE, LEVELS, "lcma", maps, placement="squeeze")
 
 
-def test_loaded_maps_with_freshly_built_levels(tmp_path):
+def test_loaded_maps_with_freshly_built_levels(tmp_path: Path) -> None:
     factory = make_factory()
     data = _data(16)
     nms = build_nms_transform(factory, SHAPE, LEVELS)

@@ -7,10 +7,13 @@ legends, line styles and limits from them.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
+from lcma_ext.contributions import ContributionMaps
 from lcma_ext.plotting import (
     CONTRIBUTION_UNITS,
     MASK_COLOURS,
@@ -20,12 +23,15 @@ from lcma_ext.plotting import (
     save_image_grid,
 )
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _legend_texts(figure) -> list[str]:
+
+def _legend_texts(figure: Figure) -> list[str]:
     return [text.get_text() for legend in figure.legends for text in legend.get_texts()]
 
 
-def test_image_grid_has_its_title_and_draws_every_image(tmp_path):
+def test_image_grid_has_its_title_and_draws_every_image(tmp_path: Path) -> None:
     images = torch.rand(10, 1, 8, 8)
     title = sample_title("lcma+cond", 0.7, 2.34567, seed=1)
     assert title == "lcma+cond, seed 1: T = 0.7, test 2.346 bits/dim"
@@ -40,20 +46,20 @@ def test_image_grid_has_its_title_and_draws_every_image(tmp_path):
     assert untitled.axes[0].get_title() == ""
 
 
-def test_sample_title_names_a_bound_and_a_non_finite_figure():
+def test_sample_title_names_a_bound_and_a_non_finite_figure() -> None:
     assert sample_title("flow-vae-4", 1.0, 3.2, 0, "IWAE-128").endswith("bits/dim (IWAE-128)")
     assert "non-finite" in sample_title("lcma", 1.0, math.nan)
 
 
-def _runs():
-    def run(seed, offset):
+def _runs() -> dict[str, list[dict[str, Any]]]:
+    def run(seed: int, offset: float) -> dict[str, Any]:
         test = [[epoch, 2.5 + offset - 0.1 * epoch] for epoch in (1, 2, 3)]
         return {"seed": seed, "train_bpd_curve": [2.6, 2.5, 2.4], "test_bpd_curve": test}
 
     return {arm: [run(0, k * 0.01), run(1, k * 0.01 + 0.005)] for k, arm in enumerate(("a", "b"))}
 
 
-def test_learning_curves_are_labelled_seeds_apart_and_the_nms_unclipped(tmp_path):
+def test_learning_curves_are_labelled_seeds_apart_and_the_nms_unclipped(tmp_path: Path) -> None:
     nms = {"train_bpd_curve": [9.0, 5.0, 3.0], "test_bpd_curve": [[1, 8.5], [2, 4.0], [3, 2.1]]}
     figure = plot_learning_curves(_runs(), tmp_path / "curves.png", nms)
     train, test = figure.axes
@@ -70,14 +76,16 @@ def test_learning_curves_are_labelled_seeds_apart_and_the_nms_unclipped(tmp_path
     assert styles[0] == styles[2] != styles[1] == styles[3]
 
 
-def test_learning_curves_zoom_on_the_arms_without_an_nms(tmp_path):
+def test_learning_curves_zoom_on_the_arms_without_an_nms(tmp_path: Path) -> None:
     figure = plot_learning_curves(_runs(), tmp_path / "curves.png")
     low, high = figure.axes[1].get_ylim()
     assert low < 2.2 and high < 3.0  # the converged part, not a far-off first epoch
     assert "nms (no split, seed 0)" not in _legend_texts(figure)
 
 
-def test_heatmap_colourbar_has_units_and_the_grey_cells_a_legend(maps, tmp_path):
+def test_heatmap_colourbar_has_units_and_the_grey_cells_a_legend(
+    maps: ContributionMaps, tmp_path: Path
+) -> None:
     figure = plot_contributions(maps, tmp_path / "maps.png", splits=[1])
     labels = [axis.get_ylabel() for axis in figure.axes]
     assert CONTRIBUTION_UNITS in labels and "nats" in CONTRIBUTION_UNITS

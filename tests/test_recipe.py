@@ -5,9 +5,13 @@ recipe reproducing the figures of version 0.2."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext.data import LogitPreprocessing, load_digits_dataset
 from lcma_ext.models import build_flow, make_level_factory
@@ -32,12 +36,12 @@ ACTIVE = Recipe(warmup_steps=2, lr_schedule="cosine", grad_clip=0.625, ema_decay
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]:
     data = load_digits_dataset()
     return data.train[:192], data.test[:64], LogitPreprocessing(data.levels)
 
 
-def _flow(seed: int = 0):
+def _flow(seed: int = 0) -> Flow:
     torch.manual_seed(seed)
     return build_flow(make_level_factory("glow", "tiny", hidden=8, steps=1)(0, SHAPE), SHAPE)
 
@@ -47,7 +51,7 @@ def _config(recipe: Recipe, epochs: int, **kwargs) -> TrainConfig:
     return TrainConfig.from_recipe(recipe, epochs=epochs, **fields)
 
 
-def test_lr_factor_against_the_formulas():
+def test_lr_factor_against_the_formulas() -> None:
     # linear warm-up (s + 1) / w, then cos from 1 to 0 over the remaining steps
     assert [lr_factor(s, 4, "cosine", 12) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(4, 4, "cosine", 12) == 1.0
@@ -59,7 +63,7 @@ def test_lr_factor_against_the_formulas():
     assert lr_factor(0, 0, "constant", 0) == 1.0
 
 
-def test_recipes_and_validation():
+def test_recipes_and_validation() -> None:
     assert (
         LEGACY_RECIPE
         == Recipe(warmup_steps=0, lr_schedule="constant", grad_clip=100.0, ema_decay=0.0)
@@ -85,7 +89,9 @@ def test_recipes_and_validation():
         TrainConfig(schedule_epochs=0)
 
 
-def test_warmup_scales_the_first_adam_step(digits):
+def test_warmup_scales_the_first_adam_step(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     """Adam's first step moves a parameter by lr m / (sqrt(v) + eps) = lr g / (|g| + eps): the
     largest move is the step's learning rate, lr / warmup_steps during a warm-up."""
     train, _, pre = digits
@@ -103,7 +109,9 @@ def test_warmup_scales_the_first_adam_step(digits):
     assert moves[1] == pytest.approx(1e-3 / 4, rel=1e-4)
 
 
-def test_the_schedule_runs_over_schedule_epochs(digits, tmp_path):
+def test_the_schedule_runs_over_schedule_epochs(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path
+) -> None:
     """After epoch 1 (3 steps) of a 3-epoch budget: lr = 1e-3 (1 + cos(pi (3 - 2) / (9 - 2))) / 2
     is the rate of the next step; after the budget it is 0."""
     train, _, pre = digits
@@ -117,19 +125,23 @@ def test_the_schedule_runs_over_schedule_epochs(digits, tmp_path):
     assert load_checkpoint(path)["optimizer"]["param_groups"][0]["lr"] == 0.0
 
 
-def test_clipped_steps_are_counted(digits, monkeypatch):
+def test_clipped_steps_are_counted(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The count equals the steps whose norm n gives clip / (n + 1e-6) < 1, the rule of
     ``clip_grad_norm_``; those steps and only those have their gradients scaled."""
     train, test, pre = digits
     norms, scaled = [], []
     total_norm, scale = torch.nn.utils.get_total_norm, torch.nn.utils.clip_grads_with_norm_
 
-    def norm_spy(*args, **kwargs):
+    def norm_spy(*args, **kwargs) -> torch.Tensor:
         norm = total_norm(*args, **kwargs)
         norms.append(float(norm))
         return norm
 
-    def scale_spy(parameters, max_norm, norm, *args, **kwargs):
+    def scale_spy(
+        parameters: Iterable[torch.Tensor], max_norm: float, norm: torch.Tensor, *args, **kwargs
+    ) -> None:
         scaled.append(float(norm))
         return scale(parameters, max_norm, norm, *args, **kwargs)
 
@@ -145,7 +157,9 @@ def test_clipped_steps_are_counted(digits, monkeypatch):
     assert unclipped.clipped_steps == 0 and norms == []  # 0 disables clipping
 
 
-def test_clipping_is_clip_grad_norm(digits):
+def test_clipping_is_clip_grad_norm(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     """A step with the recipe's clipping equals one with ``clip_grad_norm_``, clipped or not."""
     train, _, pre = digits
     y, _ = pre(train[:64], generator=torch.Generator().manual_seed(0))
@@ -168,7 +182,9 @@ def test_clipping_is_clip_grad_norm(digits):
         assert all(torch.equal(a, b) for a, b in zip(*grads)), max_norm
 
 
-def test_ema_is_the_average_of_the_raw_trajectory(digits, tmp_path):
+def test_ema_is_the_average_of_the_raw_trajectory(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path
+) -> None:
     """One step per epoch: the raw weights after each step (a run without EMA, resumed epoch by
     epoch) folded by hand, e_1 = w_1, e_t = d e_(t-1) + (1 - d) w_t in float64, against the EMA
     run's flow; the EMA run's raw checkpoint equals the run without EMA bit for bit."""
@@ -202,7 +218,9 @@ def test_ema_is_the_average_of_the_raw_trajectory(digits, tmp_path):
     assert moved > 1e-5  # the EMA is far from the last raw weights compared with the tolerance
 
 
-def test_the_flow_holds_the_scored_ema_weights(digits, tmp_path):
+def test_the_flow_holds_the_scored_ema_weights(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path
+) -> None:
     train, test, pre = digits
     flow, path = _flow(), tmp_path / "run.pt"
     result = train_flow(flow, train, pre, _config(ACTIVE, 2), test_data=test, checkpoint_path=path)
@@ -223,7 +241,9 @@ def test_the_flow_holds_the_scored_ema_weights(digits, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", [LEGACY_RECIPE, ACTIVE], ids=["legacy", "active"])
-def test_resume_after_a_kill_is_bit_identical(digits, tmp_path, recipe):
+def test_resume_after_a_kill_is_bit_identical(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path, recipe: Recipe
+) -> None:
     """Killed after epoch 1 (same budget, so the same schedule), resumed from another init."""
     train, test, pre = digits
     straight = _flow()
@@ -243,7 +263,9 @@ def test_resume_after_a_kill_is_bit_identical(digits, tmp_path, recipe):
         assert 0 < reference.clipped_steps < reference.steps
 
 
-def test_a_checkpoint_resumes_only_under_its_recipe(digits, tmp_path):
+def test_a_checkpoint_resumes_only_under_its_recipe(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path
+) -> None:
     train, _, pre = digits
     path = tmp_path / "run.pt"
     train_flow(_flow(), train, pre, _config(LEGACY_RECIPE, 1), checkpoint_path=path)
@@ -255,7 +277,7 @@ def test_a_checkpoint_resumes_only_under_its_recipe(digits, tmp_path):
         train_flow(_flow(), train, pre, _config(ACTIVE, 3), checkpoint_path=path)
 
 
-def test_parameter_ema_swaps_and_restores_exactly():
+def test_parameter_ema_swaps_and_restores_exactly() -> None:
     flow = _flow()
     ema = ParameterEMA(flow, 0.5)
     live = [p.detach().clone() for p in flow.parameters()]
@@ -292,7 +314,7 @@ VERSION_0_2 = {
 VERSION_0_2_NMS = 5.230544559657574
 
 
-def test_the_legacy_recipe_reproduces_the_figures_of_version_0_2(tmp_path):
+def test_the_legacy_recipe_reproduces_the_figures_of_version_0_2(tmp_path: Path) -> None:
     from lcma_ext.experiments import ExperimentConfig, run_comparison
 
     threads = torch.get_num_threads()
@@ -311,7 +333,7 @@ def test_the_legacy_recipe_reproduces_the_figures_of_version_0_2(tmp_path):
     assert results["config"]["grad_clip"] == 100.0 and "ema_decay" not in results["config"]
 
 
-def test_the_documented_recipes_are_the_code_s():
+def test_the_documented_recipes_are_the_code_s() -> None:
     """docs/cli.md's table of the named recipes matches RECIPES (change both together)."""
     from pathlib import Path
 
@@ -325,7 +347,7 @@ def test_the_documented_recipes_are_the_code_s():
         assert float(ema.split()[0]) == recipe.ema_decay, name
 
 
-def _recipe_search():
+def _recipe_search() -> ModuleType:
     import importlib.util
     from pathlib import Path
 
@@ -336,7 +358,7 @@ def _recipe_search():
     return module
 
 
-def test_recipe_search_parses_candidates_and_selects_on_static_arms_only():
+def test_recipe_search_parses_candidates_and_selects_on_static_arms_only() -> None:
     search = _recipe_search()
     name, recipe = search.parse_candidate("w:warmup_steps=50,lr_schedule=cosine,ema_decay=0.9")
     assert name == "w" and recipe == Recipe(

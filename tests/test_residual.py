@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -33,7 +34,14 @@ SHAPES = [(3,), (2, 2, 2)]
 SE_FACTOR = 4.0
 
 
-def _block(cls, shape, seed=0, coeff=0.8, scale=3.0, **kwargs):
+def _block(
+    cls: type[R._ResidualBlock],
+    shape: tuple[int, ...],
+    seed: int = 0,
+    coeff: float = 0.8,
+    scale: float = 3.0,
+    **kwargs,
+) -> R._ResidualBlock:
     """A block whose layers sit at their spectral-norm target (non-trivial Jacobians)."""
     torch.manual_seed(seed)
     arg = shape[0] if len(shape) == 1 else shape
@@ -47,7 +55,7 @@ def _block(cls, shape, seed=0, coeff=0.8, scale=3.0, **kwargs):
     return block
 
 
-def _linear_block(cls=T.ResidualFlowBlock, **kwargs):
+def _linear_block(cls: type[R._ResidualBlock] = T.ResidualFlowBlock, **kwargs) -> R._ResidualBlock:
     """A block with a linear ``g(x) = W x``: symmetric W with eigenvalues 0.7, -0.6, 0.5.
 
     Its large, constant Jacobian makes the estimator tests sensitive (a wrong roulette weight or
@@ -66,24 +74,24 @@ def _linear_block(cls=T.ResidualFlowBlock, **kwargs):
     return cls(3, net=net, **kwargs)
 
 
-def _stochastic_block(kind, **kwargs):
+def _stochastic_block(kind: str, **kwargs) -> R._ResidualBlock:
     if kind == "linear":
         return _linear_block(**kwargs)
     return _block(T.ResidualFlowBlock, (3,), n_exact_terms=1, **kwargs)
 
 
-def _inputs(shape, batch=2, seed=1):
+def _inputs(shape: tuple[int, ...], batch: int = 2, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return 1.5 * torch.randn(batch, *shape, generator=generator, dtype=torch.float64)
 
 
-def _jacobian_g(block, example):
+def _jacobian_g(block: R._ResidualBlock, example: torch.Tensor) -> torch.Tensor:
     """Brute-force Jacobian of g at one example, ``(D, D)``."""
     with frozen_lipschitz(block):
         return jacobian(block.net, example)
 
 
-def _exact_reference(block, x):
+def _exact_reference(block: R._ResidualBlock, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per example: brute-force ``slogdet(I + J_g)`` and scipy's ``diag(logm(I + J_g))``."""
     logdets, diagonals = [], []
     for example in x:
@@ -100,7 +108,9 @@ def _all_sign_vectors(dim: int) -> torch.Tensor:
     return torch.tensor(list(itertools.product([-1.0, 1.0], repeat=dim)), dtype=torch.float64)
 
 
-def _within_standard_errors(draws: np.ndarray, expected: np.ndarray, atol: float = 0.0):
+def _within_standard_errors(
+    draws: np.ndarray, expected: np.ndarray, atol: float = 0.0
+) -> np.ndarray:
     """Assert the mean of ``draws`` (first axis) equals ``expected`` within 4 standard errors."""
     mean = draws.mean(0)
     se = draws.std(0, ddof=1) / math.sqrt(draws.shape[0])
@@ -111,7 +121,9 @@ def _within_standard_errors(draws: np.ndarray, expected: np.ndarray, atol: float
     return se
 
 
-def _replicated_draws(block, x, calls, replicas, with_diag=False):
+def _replicated_draws(
+    block: R._ResidualBlock, x: torch.Tensor, calls: int, replicas: int, with_diag: bool = False
+) -> np.ndarray:
     """Per call, the mean over ``replicas`` copies of each example (independent probes)."""
     batch = x.shape[0]
     big = x.repeat_interleave(replicas, 0)
@@ -133,7 +145,9 @@ def _replicated_draws(block, x, calls, replicas, with_diag=False):
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape):
+def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(
+    cls: type[R._ResidualBlock], shape: tuple[int, ...]
+) -> None:
     block = _block(cls, shape, exact=True)
     x = _inputs(shape)
     outputs, logdet, diag = block.forward_with_diag(x)
@@ -149,7 +163,7 @@ def test_exact_mode_equals_autograd_slogdet_and_logm_diagonal(cls, shape):
 # --- truncated series ---------------------------------------------------------------------------
 
 
-def test_truncated_series_converges_to_exact_value():
+def test_truncated_series_converges_to_exact_value() -> None:
     """With all 2^D Rademacher sign vectors, the probe average is exactly the truncated series."""
     block = _block(T.InvertibleResNetBlock, (3,), coeff=0.9)
     x = _inputs((3,), batch=1)
@@ -171,7 +185,7 @@ def test_truncated_series_converges_to_exact_value():
     np.testing.assert_allclose(diag.numpy(), expected_diag, atol=1e-8)
 
 
-def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval():
+def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval() -> None:
     block = _block(T.InvertibleResNetBlock, (3,), n_terms=3, eval_n_terms=7)
     assert block._plan().coefficients == (1.0,) * 3
     block.eval()
@@ -189,7 +203,7 @@ def test_iresnet_uses_n_terms_in_training_and_eval_n_terms_in_eval():
 @pytest.mark.parametrize(
     ("dist", "mode"), [("geometric", "train"), ("poisson", "train"), ("geometric", "eval")]
 )
-def test_roulette_mean_equals_exact_logdet(kind, dist, mode):
+def test_roulette_mean_equals_exact_logdet(kind: str, dist: str, mode: str) -> None:
     block = _stochastic_block(kind, dist=dist)
     block.train(mode == "train")
     x = _inputs((3,))
@@ -198,7 +212,7 @@ def test_roulette_mean_equals_exact_logdet(kind, dist, mode):
     _within_standard_errors(draws, expected)
 
 
-def test_roulette_coefficients_are_inverse_survival_probabilities():
+def test_roulette_coefficients_are_inverse_survival_probabilities() -> None:
     block = T.ResidualFlowBlock(3, n_exact_terms=2, geom_p=0.25)
     assert block.roulette_coefficients(2, 3) == pytest.approx(
         (1, 1, 1 / 0.75, 1 / 0.75**2, 1 / 0.75**3)
@@ -212,7 +226,7 @@ def test_roulette_coefficients_are_inverse_survival_probabilities():
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("low_variance", [False, True])
-def test_diag_mean_equals_exact_matrix_log_diagonal(kind, low_variance):
+def test_diag_mean_equals_exact_matrix_log_diagonal(kind: str, low_variance: bool) -> None:
     block = _stochastic_block(kind)
     x = _inputs((3,))
     _, expected = _exact_reference(block, x)
@@ -224,7 +238,7 @@ def test_diag_mean_equals_exact_matrix_log_diagonal(kind, low_variance):
     _within_standard_errors(draws, expected)
 
 
-def test_low_variance_mode_has_lower_variance_than_training_roulette():
+def test_low_variance_mode_has_lower_variance_than_training_roulette() -> None:
     block = _block(T.ResidualFlowBlock, (3,), n_exact_terms=1)
     x = _inputs((3,), batch=1)
     roulette = _replicated_draws(block, x, calls=60, replicas=1)
@@ -236,7 +250,7 @@ def test_low_variance_mode_has_lower_variance_than_training_roulette():
 # --- gradients ----------------------------------------------------------------------------------
 
 
-def _gradients(block, x, weights):
+def _gradients(block: R._ResidualBlock, x: torch.Tensor, weights: torch.Tensor) -> np.ndarray:
     x = x.clone().requires_grad_(True)
     params = [p for p in block.parameters() if p.requires_grad]
     _, logdet = block(x)
@@ -251,7 +265,9 @@ def _gradients(block, x, weights):
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 @pytest.mark.parametrize("memory_efficient", [False, True])
-def test_neumann_gradient_matches_exact_gradient_in_expectation(kind, memory_efficient):
+def test_neumann_gradient_matches_exact_gradient_in_expectation(
+    kind: str, memory_efficient: bool
+) -> None:
     block = _stochastic_block(kind, memory_efficient=memory_efficient)
     x = _inputs((3,))
     replicas = 64
@@ -266,13 +282,15 @@ def test_neumann_gradient_matches_exact_gradient_in_expectation(kind, memory_eff
     _within_standard_errors(draws, expected, atol=1e-12)
 
 
-def test_memory_efficient_backward_matches_plain_for_per_sample_weights():
+def test_memory_efficient_backward_matches_plain_for_per_sample_weights() -> None:
     block = _block(T.ResidualFlowBlock, (2, 2, 2))
     x = _inputs((2, 2, 2), batch=4)
     weights = torch.tensor([0.3, -1.2, 2.0, 0.7], dtype=torch.float64)
     mix = torch.randn_like(x)
 
-    def grads(memory_efficient, sample_weights):
+    def grads(
+        memory_efficient: bool, sample_weights: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         block.memory_efficient = memory_efficient
         torch.manual_seed(5)
         x_in = x.clone().requires_grad_(True)
@@ -294,8 +312,8 @@ def test_memory_efficient_backward_matches_plain_for_per_sample_weights():
 
 @pytest.mark.parametrize("memory_efficient", [False, True])
 def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
-    memory_efficient, monkeypatch
-):
+    memory_efficient: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Deterministic: with all 2^D Rademacher probes (``mean v v^T = I`` exactly) and fixed
     coefficients, the Neumann surrogate's gradient is exactly the gradient of the series.
 
@@ -329,7 +347,7 @@ def test_neumann_gradient_equals_series_gradient_with_exhaustive_probes(
 
 
 @pytest.mark.parametrize(("dist", "ours_exact"), [("geometric", 3), ("poisson", 2)])
-def test_roulette_is_the_normflows_estimator(dist, ours_exact):
+def test_roulette_is_the_normflows_estimator(dist: str, ours_exact: int) -> None:
     """normflows' (and the reference code's) ``n_exact_terms=2``, term for term.
 
     Their geometric draw starts at 1, so it always adds at least one term: it is our
@@ -349,7 +367,7 @@ def test_roulette_is_the_normflows_estimator(dist, ours_exact):
         assert ours == pytest.approx(theirs, rel=1e-12)
 
 
-def test_iresnet_backpropagates_through_the_truncated_series():
+def test_iresnet_backpropagates_through_the_truncated_series() -> None:
     block = _block(T.InvertibleResNetBlock, (3,), n_terms=4)
     x = _inputs((3,))
     torch.manual_seed(3)
@@ -377,7 +395,9 @@ def test_iresnet_backpropagates_through_the_truncated_series():
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("mode", ["train", "eval", "low_variance", "exact"])
-def test_forward_with_diag_matches_forward_and_sums_exactly(cls, shape, mode):
+def test_forward_with_diag_matches_forward_and_sums_exactly(
+    cls: type[R._ResidualBlock], shape: tuple[int, ...], mode: str
+) -> None:
     block = _block(cls, shape, exact=mode == "exact")
     block.train(mode == "train")
     x = _inputs(shape)
@@ -401,7 +421,9 @@ def test_forward_with_diag_matches_forward_and_sums_exactly(cls, shape, mode):
 
 @pytest.mark.parametrize("cls", BLOCKS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_inverse_of_forward_within_tolerance(cls, shape):
+def test_inverse_of_forward_within_tolerance(
+    cls: type[R._ResidualBlock], shape: tuple[int, ...]
+) -> None:
     block = _block(cls, shape, exact=True, atol=1e-11, rtol=0.0)
     block.eval()
     x = _inputs(shape, batch=3)
@@ -414,7 +436,7 @@ def test_inverse_of_forward_within_tolerance(cls, shape):
     torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-8, atol=1e-8)
 
 
-def test_nonconvergence_raises_or_warns_when_asked():
+def test_nonconvergence_raises_or_warns_when_asked() -> None:
     block = _block(T.ResidualFlowBlock, (3,), atol=1e-15, rtol=0.0, max_iter=2)
     z = _inputs((3,))
     with pytest.raises(RuntimeError, match="expected the fixed-point iteration to converge"):
@@ -424,7 +446,7 @@ def test_nonconvergence_raises_or_warns_when_asked():
         block.inverse(z)
 
 
-def test_non_contractive_net_raises_instead_of_returning_garbage():
+def test_non_contractive_net_raises_instead_of_returning_garbage() -> None:
     net = torch.nn.Linear(3, 3).double()
     with torch.no_grad():
         net.weight.copy_(3.0 * torch.eye(3, dtype=torch.float64))
@@ -434,7 +456,7 @@ def test_non_contractive_net_raises_instead_of_returning_garbage():
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_state_dict_round_trip_and_float32(cls):
+def test_state_dict_round_trip_and_float32(cls: type[R._ResidualBlock]) -> None:
     block = _block(cls, (2, 2, 2), seed=0, exact=True)
     clone = _block(cls, (2, 2, 2), seed=1, exact=True)
     clone.load_state_dict(block.state_dict())
@@ -450,7 +472,7 @@ def test_state_dict_round_trip_and_float32(cls):
 
 
 @pytest.mark.parametrize("cls", BLOCKS)
-def test_default_constructors_and_bad_inputs(cls):
+def test_default_constructors_and_bad_inputs(cls: type[R._ResidualBlock]) -> None:
     vector, image = cls(4), cls((2, 4, 4), hidden_channels=16)
     assert vector(torch.randn(3, 4))[1].shape == (3,)
     assert image(torch.randn(3, 2, 4, 4))[0].shape == (3, 2, 4, 4)
@@ -470,7 +492,7 @@ def test_default_constructors_and_bad_inputs(cls):
         cls(4, probe="uniform")
 
 
-def test_residual_flow_rejects_bad_roulette_settings():
+def test_residual_flow_rejects_bad_roulette_settings() -> None:
     with pytest.raises(ValueError, match="expected dist in"):
         T.ResidualFlowBlock(3, dist="binomial")
     with pytest.raises(ValueError, match="expected 0 < geom_p < 1"):
@@ -480,7 +502,7 @@ def test_residual_flow_rejects_bad_roulette_settings():
 # --- composites, contributions, multi-scale use (issue part 6) --------------------------------
 
 
-def test_composite_with_actnorm_matches_brute_force():
+def test_composite_with_actnorm_matches_brute_force() -> None:
     torch.manual_seed(0)
     block = _block(T.ResidualFlowBlock, (2, 2, 2), exact=True)
     composite = T.CompositeTransform([T.ActNorm(2), block, T.SqueezeTransform()]).double()
@@ -496,7 +518,7 @@ def test_composite_with_actnorm_matches_brute_force():
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> torch.Tensor:
     from lcma_ext.data import load_digits_dataset
     from lcma_ext.data.preprocess import LogitPreprocessing
 
@@ -507,7 +529,7 @@ def digits():
 
 
 @pytest.mark.parametrize("model", ["resflow", "iresnet"])
-def test_multiscale_residual_flow_trains_on_digits(model, digits):
+def test_multiscale_residual_flow_trains_on_digits(model: str, digits: torch.Tensor) -> None:
     from lcma_ext.models import make_level_factory
     from lcma_ext.pipeline import build_multiscale_transform
 
@@ -532,7 +554,7 @@ def test_multiscale_residual_flow_trains_on_digits(model, digits):
     assert log_prob.shape == (16,) and torch.isfinite(log_prob).all()
 
 
-def test_estimate_contributions_on_residual_nms_flow(digits):
+def test_estimate_contributions_on_residual_nms_flow(digits: torch.Tensor) -> None:
     from lcma_ext import estimate_contributions
     from lcma_ext.models import make_level_factory
     from lcma_ext.pipeline import build_multiscale_transform, build_nms_transform
@@ -556,7 +578,7 @@ def test_estimate_contributions_on_residual_nms_flow(digits):
 
 
 @contextlib.contextmanager
-def _outputs_only(module):
+def _outputs_only(module: torch.nn.Module) -> Iterator[None]:
     """Residual blocks compute only a 1-term, 1-probe log-det estimate (their outputs
     ``x + g(x)`` do not depend on the estimator): cheap to differentiate for a brute-force
     Jacobian, which then never sees the blocks' own exact log-det."""
@@ -573,7 +595,9 @@ def _outputs_only(module):
 
 
 @pytest.mark.parametrize("model", ["resflow", "iresnet"])
-def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(model, digits):
+def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(
+    model: str, digits: torch.Tensor
+) -> None:
     """After NMS level ``l`` the data map sums to the example mean of ``sum_{k<=l} log|det J_k|``.
 
     Exact mode is deterministic, so the reference is the brute-force log-det of every level
@@ -615,7 +639,7 @@ def test_exact_residual_contribution_maps_sum_to_brute_force_cumulative_logdets(
 
 @pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_normflows_wrapper_matches_brute_force(name, shape):
+def test_normflows_wrapper_matches_brute_force(name: str, shape: tuple[int, ...]) -> None:
     """Data to noise (normflows' ``inverse``): log-det by autograd + slogdet, per-dimension map
     by scipy's ``diag(logm(J))``, in exact mode; normflows' ``forward`` inverts it."""
     from lcma_ext import normflows as lnf
@@ -658,7 +682,7 @@ def test_normflows_wrapper_matches_brute_force(name, shape):
 
 
 @pytest.mark.parametrize("name", ["InvertibleResNetBlock", "ResidualFlowBlock"])
-def test_normflows_wrapper_log_prob_and_sampling(name):
+def test_normflows_wrapper_log_prob_and_sampling(name: str) -> None:
     import normflows as nf
 
     from lcma_ext import normflows as lnf
@@ -683,12 +707,12 @@ def test_normflows_wrapper_log_prob_and_sampling(name):
     torch.testing.assert_close(model.log_prob(samples), log_q, rtol=1e-6, atol=1e-6)
 
 
-def test_bpd_kind_labels_residual_estimates():
+def test_bpd_kind_labels_residual_estimates() -> None:
     from nflows.transforms import CompositeTransform
 
     from lcma_ext.distributions import bpd_kind
 
-    def flow(*blocks):
+    def flow(*blocks) -> Flow:
         return Flow(CompositeTransform(list(blocks)), StandardNormal([3]))
 
     resflow, iresnet = T.ResidualFlowBlock(3), T.InvertibleResNetBlock(3)
@@ -697,7 +721,7 @@ def test_bpd_kind_labels_residual_estimates():
     assert bpd_kind(flow(resflow, iresnet)) == "truncated series"
 
 
-def test_normflows_wrappers_inside_data_to_noise_with_diag():
+def test_normflows_wrappers_inside_data_to_noise_with_diag() -> None:
     from lcma_ext import normflows as lnf
 
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ prior weights, so the conditionals are real ones) and a normflows LCMA model, in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import normflows as nf
 import pytest
@@ -26,7 +27,7 @@ D = math.prod(SHAPE)
 pytestmark = pytest.mark.usefixtures("float64")
 
 
-def _randomise(modules, scale: float = 0.1) -> None:
+def _randomise(modules: Iterable[torch.nn.Module | None], scale: float = 0.1) -> None:
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for prior in filter(None, modules):
@@ -41,7 +42,7 @@ def _flow(prior: str = "conditional") -> Flow:
 
 
 def _normflows_model() -> lnf.MultiscaleFlow:
-    def level(index, shape):
+    def level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
         c = 4 * shape[0]
         return [nf.flows.GlowBlock(c, 8, init_zeros=False), nf.flows.Squeeze()]
 
@@ -66,7 +67,7 @@ def _chunks(flow: Flow, z: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("prior", ["standard", "conditional"])
-def test_temperature_zero_gives_the_mode(prior):
+def test_temperature_zero_gives_the_mode(prior: str) -> None:
     flow = _flow(prior)
     with torch.no_grad():
         mode = flow._transform.inverse(torch.zeros(1, D))[0]
@@ -77,7 +78,7 @@ def test_temperature_zero_gives_the_mode(prior):
     torch.testing.assert_close(images, preprocessing.to_unit(mode).expand(3, *SHAPE))
 
 
-def test_temperature_zero_gives_the_mode_of_a_normflows_model():
+def test_temperature_zero_gives_the_mode_of_a_normflows_model() -> None:
     model = _normflows_model()
     with torch.no_grad():
         mode = model.forward_and_log_det([base.loc for base in model.q0])[0]
@@ -90,7 +91,7 @@ def _five_standard_errors(values: torch.Tensor, temperature: float) -> tuple[flo
 
 
 @pytest.mark.parametrize("temperature", [0.4, 0.9])
-def test_temperature_scales_every_latent_including_each_factored_half(temperature):
+def test_temperature_scales_every_latent_including_each_factored_half(temperature: float) -> None:
     flow = _flow()
     x = sample(flow, 1500, temperature, seed=0)
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_temperature_scales_every_latent_including_each_factored_half(temperatur
     )
 
 
-def test_temperature_scales_the_standardised_latents_of_a_normflows_model():
+def test_temperature_scales_the_standardised_latents_of_a_normflows_model() -> None:
     model = _normflows_model()
     temperature = 0.6
     eps = encode(model, sample(model, 600, temperature, seed=1))
@@ -126,7 +127,7 @@ def test_temperature_scales_the_standardised_latents_of_a_normflows_model():
     assert error < bound
 
 
-def test_sample_images_is_sample_with_the_runners_noise():
+def test_sample_images_is_sample_with_the_runners_noise() -> None:
     flow = _flow()
     preprocessing = LogitPreprocessing(17)
     noise = 0.7 * torch.randn((5, D), generator=torch.Generator().manual_seed(3))
@@ -135,7 +136,7 @@ def test_sample_images_is_sample_with_the_runners_noise():
     assert torch.equal(sample_images(flow, preprocessing, 5, 0.7, seed=3), expected)
 
 
-def test_seeds_and_the_global_random_state():
+def test_seeds_and_the_global_random_state() -> None:
     flow = _flow()
     flow.train()
     state = torch.random.get_rng_state()
@@ -152,7 +153,7 @@ def test_seeds_and_the_global_random_state():
 # --- interpolation -------------------------------------------------------------------------------
 
 
-def _pair(flow, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(flow: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     z = torch.randn(6, D, generator=generator)
     x = decode(flow, z)
@@ -160,7 +161,7 @@ def _pair(flow, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["linear", "spherical"])
-def test_interpolation_ends_at_the_reconstructions(mode):
+def test_interpolation_ends_at_the_reconstructions(mode: str) -> None:
     flow = _flow()
     x0, x1 = _pair(flow)
     path = interpolate(flow, x0, x1, 6, mode)
@@ -176,7 +177,7 @@ def test_interpolation_ends_at_the_reconstructions(mode):
     torch.testing.assert_close(images, preprocessing.to_unit(path))
 
 
-def test_spherical_norms_go_linearly_and_the_angle_evenly():
+def test_spherical_norms_go_linearly_and_the_angle_evenly() -> None:
     flow = _flow()
     x0, x1 = _pair(flow, seed=1)
     steps = 7
@@ -196,7 +197,7 @@ def test_spherical_norms_go_linearly_and_the_angle_evenly():
     assert (middle < 0.85 * norms[:, steps // 2]).all()
 
 
-def test_interpolation_of_a_normflows_model_ends_at_its_data():
+def test_interpolation_of_a_normflows_model_ends_at_its_data() -> None:
     model = _normflows_model()
     x = model.sample(4)[0].detach()
     path = interpolate(model, x[:2], x[2:], 4, "spherical")
@@ -219,7 +220,9 @@ def test_interpolation_of_a_normflows_model_ends_at_its_data():
         (lambda f, x: interpolate(f, x, x, 3, "cubic"), "expected mode in linear, spherical"),
     ],
 )
-def test_bad_input_says_what_was_expected(call, message):
+def test_bad_input_says_what_was_expected(
+    call: Callable[[torch.nn.Module, torch.Tensor], object], message: str
+) -> None:
     flow = _flow()
     x = torch.randn(3, *SHAPE)
     with pytest.raises(ValueError, match=message) as info:
@@ -227,7 +230,7 @@ def test_bad_input_says_what_was_expected(call, message):
     assert "; got " in str(info.value)
 
 
-def test_a_normflows_model_needs_gaussian_bases():
+def test_a_normflows_model_needs_gaussian_bases() -> None:
     model = _normflows_model()
     model.q0[0] = nf.distributions.UniformGaussian(D, [0])
     with pytest.raises(TypeError, match="expected normflows DiagGaussian base distributions"):

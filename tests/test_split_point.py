@@ -11,6 +11,7 @@ numbers.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import normflows as nf
@@ -35,7 +36,7 @@ DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(autouse=True)
-def _float64():
+def _float64() -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     yield
@@ -60,7 +61,7 @@ def _randomise(module: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("prior", ["standard", "conditional"])
 @pytest.mark.parametrize("name", ["channel", "checkerboard", "random", "lcma"])
-def test_split_point_against_brute_force(name, prior):
+def test_split_point_against_brute_force(name: str, prior: str) -> None:
     shape = (8, 2, 2)
     point = SplitPoint.build(_split(name, shape), shape, prior)
     assert (point.factored_shape, point.kept_shape) == ((4, 2, 2), (4, 2, 2))
@@ -94,7 +95,7 @@ def test_split_point_against_brute_force(name, prior):
     torch.testing.assert_close(inverse_logabsdet, -logabsdet, rtol=1e-12, atol=1e-12)
 
 
-def test_split_point_errors():
+def test_split_point_errors() -> None:
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split; got str"):
         SplitPoint("channel")
     with pytest.raises(TypeError, match=r"expected a lcma_ext\.splits\.Split; got str"):
@@ -109,7 +110,7 @@ def test_split_point_errors():
     assert unbound.input_shape is None and unbound.kept_shape is None
 
 
-def test_nflows_and_normflows_take_the_same_step():
+def test_nflows_and_normflows_take_the_same_step() -> None:
     shape = (8, 2, 2)
     point = SplitPoint.build(_split("lcma", shape), shape, "conditional")
     _randomise(point)
@@ -130,8 +131,8 @@ def test_nflows_and_normflows_take_the_same_step():
 
 
 @pytest.mark.parametrize("placement", S.PLACEMENTS)
-def test_walk_shapes_are_the_shapes_that_run(placement):
-    def factory(index, shape):
+def test_walk_shapes_are_the_shapes_that_run(placement: str) -> None:
+    def factory(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
         layers = [T.SqueezeTransform()] if placement == "post_squeeze" else []
         channels = 4 * shape[0] if placement == "post_squeeze" else shape[0]
         return T.CompositeTransform([*layers, T.ActNorm(channels)])
@@ -171,13 +172,13 @@ def test_walk_shapes_are_the_shapes_that_run(placement):
     assert tuple(x.shape[1:]) == ((128, 1, 1) if placement == "post_squeeze" else (32, 2, 2))
 
 
-def test_walk_counts_and_endless_factory():
+def test_walk_counts_and_endless_factory() -> None:
     factory = make_level_factory("realnvp", "tiny")
     with pytest.raises(ValueError, match="expected 2 levels; got 3"):
         list(walk_levels(build_levels(factory, (1, 8, 8), 3), (1, 8, 8), 2))
     calls = []
 
-    def counting(index, shape):
+    def counting(index: int, shape: tuple[int, ...]) -> T.SqueezeTransform:
         calls.append((index, shape))
         return T.SqueezeTransform()
 
@@ -189,7 +190,7 @@ def test_walk_counts_and_endless_factory():
         next(walk_levels(counting, (1, 8, 8), placement="middle"))
 
 
-def test_from_levels_walks_splits_of_other_shapes():
+def test_from_levels_walks_splits_of_other_shapes() -> None:
     # ChannelSplit along the height (nflows' split_dim=2): the next level gets (4, 1, 2)
     levels = [T.ActNorm(4), T.ActNorm(4)]
     flow = ContributionMultiscaleFlow.from_levels(levels, (4, 2, 2), [S.ChannelSplit(dim=2)])
@@ -199,12 +200,12 @@ def test_from_levels_walks_splits_of_other_shapes():
 # --- states saved before the split points were modules ----------------------------------------
 
 
-def _nflows_level(index, shape):
+def _nflows_level(index: int, shape: tuple[int, ...]) -> T.CompositeTransform:
     c = 4 * shape[0]
     return T.CompositeTransform([T.SqueezeTransform(), T.ActNorm(c), T.OneByOneConvolution(c)])
 
 
-def _normflows_level(index, shape):
+def _normflows_level(index: int, shape: tuple[int, ...]) -> list[nf.flows.Flow]:
     c = 4 * shape[0]
     return [nf.flows.ActNorm((c, 1, 1)), nf.flows.Invertible1x1Conv(c), nf.flows.Squeeze()]
 
@@ -213,7 +214,7 @@ def _contribution_map() -> torch.Tensor:
     return torch.arange(16, dtype=torch.float64).view(4, 2, 2).flip(0) % 5
 
 
-def test_states_saved_before_split_points_still_load():
+def test_states_saved_before_split_points_still_load() -> None:
     saved = torch.load(DATA / "state_d3b381b.pt", weights_only=False)
     assert any(key.startswith("_splits.0.") for key in saved["nflows_state"])  # the old form
     assert any(key.startswith("merges.0.prior.") for key in saved["normflows_state"])
@@ -244,7 +245,7 @@ def test_states_saved_before_split_points_still_load():
         standard.load_state_dict(saved["normflows_state"])
 
 
-def test_flow_built_by_the_builder_holds_split_points():
+def test_flow_built_by_the_builder_holds_split_points() -> None:
     factory = make_level_factory("glow", "tiny")
     flow = build_multiscale_transform(factory, (1, 8, 8), 3, "random", prior="conditional")
     assert all(isinstance(point, SplitPoint) for point in flow.points)

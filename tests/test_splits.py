@@ -31,18 +31,20 @@ SHAPES = {"post_squeeze": [(8, 2, 2), (4, 4, 4), (6,), (7,)], "squeeze": [(1, 4,
 CASES = [(placement, shape) for placement, shapes in SHAPES.items() for shape in shapes]
 
 
-def test_registry_covers_every_split_name():
+def test_registry_covers_every_split_name() -> None:
     assert set(SPLITS) == set(S.SPLIT_NAMES)
 
 
-def _index_split(split: S.Split, shape) -> tuple[torch.Tensor, torch.Tensor]:
+def _index_split(split: S.Split, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     numel = torch.Size(shape).numel()
     return split.carry(torch.arange(numel).view(1, *shape))
 
 
 @pytest.mark.parametrize("name", SPLITS)
 @pytest.mark.parametrize(("placement", "shape"), CASES)
-def test_shapes_match_channel_split_and_inverse_is_exact(name, placement, shape):
+def test_shapes_match_channel_split_and_inverse_is_exact(
+    name: str, placement: str, shape: tuple[int, ...]
+) -> None:
     generator = torch.Generator().manual_seed(0)
     split = SPLITS[name](shape, placement, generator)
     expected = S.ChannelSplit(placement=placement).output_shapes(shape)
@@ -64,7 +66,7 @@ def test_shapes_match_channel_split_and_inverse_is_exact(name, placement, shape)
 
 
 @pytest.mark.parametrize("name", SPLITS)
-def test_gradient_through_split_is_the_permutation(name):
+def test_gradient_through_split_is_the_permutation(name: str) -> None:
     generator = torch.Generator().manual_seed(1)
     split = SPLITS[name]((8, 2, 2), "post_squeeze", generator)
     x = torch.randn(2, 8, 2, 2, dtype=torch.float64, requires_grad=True)
@@ -81,7 +83,7 @@ def test_gradient_through_split_is_the_permutation(name):
 # --- crafted contribution maps ------------------------------------------------------------
 
 
-def test_lcma_post_squeeze_keeps_the_two_highest_per_block():
+def test_lcma_post_squeeze_keeps_the_two_highest_per_block() -> None:
     # one channel group (4 channels), sites (0, 0) and (0, 1); block positions k = 0..3
     values = torch.tensor([[5.0, 0.0], [1.0, 9.0], [7.0, 8.0], [3.0, 1.0]]).view(4, 1, 2)
     split = S.LCMASplit(values)
@@ -91,7 +93,7 @@ def test_lcma_post_squeeze_keeps_the_two_highest_per_block():
     assert factored[0].tolist() == [[[2, 1]], [[6, 7]]]
 
 
-def test_lcma_squeeze_placement_fig1_literally():
+def test_lcma_squeeze_placement_fig1_literally() -> None:
     # one channel, 2 x 4 pixels: blocks (0, 0) and (0, 1)
     values = torch.tensor([[5.0, 1.0, 0.0, 9.0], [7.0, 3.0, 8.0, 1.0]]).view(1, 2, 4)
     split = S.LCMASplit(values, placement="squeeze")
@@ -101,7 +103,7 @@ def test_lcma_squeeze_placement_fig1_literally():
     assert factored[0].tolist() == [[[1, 2]], [[5, 7]]]
 
 
-def test_lcma_vector_keeps_the_top_half():
+def test_lcma_vector_keeps_the_top_half() -> None:
     split = S.LCMASplit(torch.tensor([3.0, 9.0, 1.0, 7.0, 5.0, 0.0]))
     factored, kept = _index_split(split, (6,))
     assert kept[0].tolist() == [1, 3, 4]
@@ -119,7 +121,9 @@ def test_lcma_vector_keeps_the_top_half():
     ("placement", "shape"), [("post_squeeze", (8, 2, 2)), ("squeeze", (2, 4, 4)), (None, (8,))]
 )
 @pytest.mark.parametrize("ties", [False, True])
-def test_reverse_keeps_exactly_the_complement(placement, shape, ties):
+def test_reverse_keeps_exactly_the_complement(
+    placement: str | None, shape: tuple[int, ...], ties: bool
+) -> None:
     generator = torch.Generator().manual_seed(2)
     values = _map(shape, generator)
     if ties:  # many exact ties: the complement must still hold
@@ -133,7 +137,7 @@ def test_reverse_keeps_exactly_the_complement(placement, shape, ties):
 @pytest.mark.parametrize(
     ("placement", "shape"), [("post_squeeze", (8, 2, 2)), ("squeeze", (2, 4, 4)), (None, (8,))]
 )
-def test_constant_map_gives_the_checkerboard(placement, shape):
+def test_constant_map_gives_the_checkerboard(placement: str | None, shape: tuple[int, ...]) -> None:
     placement = placement or "post_squeeze"
     lcma = S.LCMASplit(torch.full(shape, 0.5), placement=placement)
     checkerboard = S.CheckerboardSplit(shape, placement)
@@ -143,7 +147,7 @@ def test_constant_map_gives_the_checkerboard(placement, shape):
     assert diagnostics["differs_from_checkerboard"] == 0.0
 
 
-def test_tie_break_order_is_tl_br_tr_bl():
+def test_tie_break_order_is_tl_br_tr_bl() -> None:
     # block values for k = TL, TR, BL, BR
     cases = {
         (1.0, 1.0, 1.0, 0.0): [0, 1],  # TL, TR, BL tie: TL then TR (BR is lower)
@@ -157,7 +161,7 @@ def test_tie_break_order_is_tl_br_tr_bl():
         assert kept.reshape(-1).tolist() == expected_kept, block
 
 
-def test_diagnostics_count_ties_and_near_ties():
+def test_diagnostics_count_ties_and_near_ties() -> None:
     blocks = [
         (1.0, 1.0, 1.0, 0.0),  # exact tie at the boundary
         (2.0, 1.0 + 1e-9, 1.0, 0.0),  # near-tie (relative difference 1e-9)
@@ -182,7 +186,7 @@ def test_diagnostics_count_ties_and_near_ties():
 
 
 @pytest.mark.parametrize("name", ["checkerboard", "random", "lcma", "high"])
-def test_state_dict_round_trip(name):
+def test_state_dict_round_trip(name: str) -> None:
     generator = torch.Generator().manual_seed(4)
     shape = (8, 2, 2)
     split = SPLITS[name](shape, "post_squeeze", generator)
@@ -198,7 +202,7 @@ def test_state_dict_round_trip(name):
         assert torch.equal(a, b)
 
 
-def test_load_state_refuses_another_split():
+def test_load_state_refuses_another_split() -> None:
     shape = (8, 2, 2)
     checkerboard = S.CheckerboardSplit(shape)
     random = S.RandomSplit(3, shape)
@@ -214,7 +218,7 @@ def test_load_state_refuses_another_split():
         )
 
 
-def test_load_state_refuses_an_index_that_is_no_permutation_or_not_its_own():
+def test_load_state_refuses_an_index_that_is_no_permutation_or_not_its_own() -> None:
     shape = (8, 2, 2)
     state = S.RandomSplit(3, shape).state_dict()
     broken = dict(state, index=torch.zeros(32, dtype=torch.long))
@@ -234,7 +238,7 @@ def test_load_state_refuses_an_index_that_is_no_permutation_or_not_its_own():
     assert torch.equal(target.index, before)  # a refused state leaves the split as it was
 
 
-def test_load_state_takes_the_saved_settings():
+def test_load_state_takes_the_saved_settings() -> None:
     shape = (8, 4, 4)
     values = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     saved = S.LCMASplit(values, "high", granularity="region", region_size=2)
@@ -247,7 +251,7 @@ def test_load_state_takes_the_saved_settings():
     assert torch.equal(target.inverse(*target(x)), x)
 
 
-def test_unbound_split_binds_once():
+def test_unbound_split_binds_once() -> None:
     split = S.RandomSplit(seed=1)
     with pytest.raises(RuntimeError, match="expected a bound split"):
         split(torch.zeros(1, 8, 2, 2))
@@ -261,7 +265,7 @@ def test_unbound_split_binds_once():
 # --- errors -------------------------------------------------------------------------------
 
 
-def test_errors_are_clear():
+def test_errors_are_clear() -> None:
     good = torch.randn(8, 2, 2)
     with pytest.raises(ValueError, match="finite"):
         S.LCMASplit(torch.tensor([1.0, float("nan"), 0.0, 2.0]).view(4, 1, 1))

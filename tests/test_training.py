@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from nflows.flows import Flow
 
 from lcma_ext import transforms as T
 from lcma_ext.data import LogitPreprocessing, bits_per_dim, load_digits_dataset
@@ -22,12 +24,12 @@ SHAPE = (1, 8, 8)
 
 
 @pytest.fixture(scope="module")
-def digits():
+def digits() -> tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]:
     data = load_digits_dataset()
     return data.train[:192], data.test[:64], LogitPreprocessing(data.levels)
 
 
-def _flow(seed: int = 0):
+def _flow(seed: int = 0) -> Flow:
     torch.manual_seed(seed)
     return build_flow(make_level_factory("glow", "tiny", hidden=8, steps=1)(0, SHAPE), SHAPE)
 
@@ -36,7 +38,9 @@ def _config(epochs: int, **kwargs) -> TrainConfig:
     return TrainConfig(epochs=epochs, batch_size=64, progress=False, **kwargs)
 
 
-def test_training_learns_and_is_deterministic(digits):
+def test_training_learns_and_is_deterministic(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     train, test, pre = digits
     flow = _flow()
     before = evaluate_bpd(flow, test, pre)
@@ -54,7 +58,9 @@ def test_training_learns_and_is_deterministic(digits):
         assert torch.equal(p, q)
 
 
-def test_resume_from_checkpoint_equals_uninterrupted(digits, tmp_path):
+def test_resume_from_checkpoint_equals_uninterrupted(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing], tmp_path: Path
+) -> None:
     train, test, pre = digits
     straight = _flow()
     reference = train_flow(straight, train, pre, _config(3), test_data=test)
@@ -75,7 +81,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(digits, tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_divergence_is_marked_not_raised(digits):
+def test_divergence_is_marked_not_raised(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     train, test, pre = digits
     flow = _flow()
     with torch.no_grad():
@@ -86,7 +94,9 @@ def test_divergence_is_marked_not_raised(digits):
     assert math.isnan(evaluate_bpd(flow, test, pre))
 
 
-def test_evaluate_bpd_of_identity_flow_matches_formula(digits):
+def test_evaluate_bpd_of_identity_flow_matches_formula(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     _, test, pre = digits
     flow = build_flow(T.CompositeTransform([T.SqueezeTransform()]), SHAPE)  # no parameters
     bpd = evaluate_bpd(flow, test, pre, batch_size=25)
@@ -99,7 +109,9 @@ def test_evaluate_bpd_of_identity_flow_matches_formula(digits):
     assert evaluate_bpd(flow, test, pre) == pytest.approx(bpd, rel=1e-12)  # fixed noise
 
 
-def test_l2_scale_penalty_shrinks_scales(digits):
+def test_l2_scale_penalty_shrinks_scales(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     train, _, pre = digits
     from lcma_ext.models import scale_parameters
 
@@ -111,7 +123,7 @@ def test_l2_scale_penalty_shrinks_scales(digits):
     assert norms[1] < norms[0]
 
 
-def test_train_config_validation():
+def test_train_config_validation() -> None:
     with pytest.raises(ValueError, match="expected a valid batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="expected a valid lr"):
@@ -122,7 +134,7 @@ def test_train_config_validation():
 # scale-out: iterable input, mixed precision, torch.compile, flips
 
 
-def _multiscale(model: str, seed: int = 0):
+def _multiscale(model: str, seed: int = 0) -> Flow:
     from lcma_ext.pipeline import build_multiscale_transform
 
     torch.manual_seed(seed)
@@ -130,7 +142,9 @@ def _multiscale(model: str, seed: int = 0):
     return build_flow(build_multiscale_transform(factory, SHAPE, 2, "channel"), SHAPE)
 
 
-def test_dataloader_input_equals_the_same_batches_as_a_list(digits):
+def test_dataloader_input_equals_the_same_batches_as_a_list(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     train, test, pre = digits
@@ -150,7 +164,9 @@ def test_dataloader_input_equals_the_same_batches_as_a_list(digits):
         train_flow(_flow(), [[]], pre, _config(1))
 
 
-def test_flips_mirror_the_rows_the_generator_picks(digits):
+def test_flips_mirror_the_rows_the_generator_picks(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     from lcma_ext.distributed import World
     from lcma_ext.training import _preprocess
 
@@ -174,7 +190,9 @@ def test_flips_mirror_the_rows_the_generator_picks(digits):
     # (fp16); glow 1.5e-2 (bf16) and 1.4e-3 (fp16) nats/dim at most
     [("realnvp", 1e-3), ("glow", 5e-2)],
 )
-def test_mixed_precision_log_likelihood_stays_near_fp32(model, bound, digits):
+def test_mixed_precision_log_likelihood_stays_near_fp32(
+    model: str, bound: float, digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]
+) -> None:
     from lcma_ext.training import _LogDensity
 
     train, test, pre = digits
@@ -193,7 +211,9 @@ def test_mixed_precision_log_likelihood_stays_near_fp32(model, bound, digits):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_training_keeps_float32_parameters(precision, digits):
+def test_mixed_precision_training_keeps_float32_parameters(
+    precision: str, digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]
+) -> None:
     train, test, pre = digits
     flow = _multiscale("glow")
     before = evaluate_bpd(flow, test, pre)
@@ -208,7 +228,9 @@ def test_mixed_precision_training_keeps_float32_parameters(precision, digits):
 
 
 @pytest.mark.parametrize("model", ["realnvp", "glow", "iresnet"])
-def test_training_mode_log_prob_has_no_graph_breaks(model, digits):
+def test_training_mode_log_prob_has_no_graph_breaks(
+    model: str, digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing]
+) -> None:
     train, _, pre = digits
     flow = _multiscale(model)
     y, _ = pre(train[:32], generator=torch.Generator().manual_seed(0))
@@ -220,7 +242,9 @@ def test_training_mode_log_prob_has_no_graph_breaks(model, digits):
     assert explanation.graph_count == 1
 
 
-def test_compiled_training_equals_eager(digits):
+def test_compiled_training_equals_eager(
+    digits: tuple[torch.Tensor, torch.Tensor, LogitPreprocessing],
+) -> None:
     """``compile=True`` (inductor on the CPU) against eager: about 60 s of compilation here."""
     train, test, pre = digits
     flows = [_multiscale("realnvp"), _multiscale("realnvp")]
@@ -234,7 +258,7 @@ def test_compiled_training_equals_eager(digits):
 
 
 @pytest.mark.parametrize("model", ["iresnet", "resflow"])
-def test_compiled_residual_training_step_equals_eager(model):
+def test_compiled_residual_training_step_equals_eager(model: str) -> None:
     """One training step through ``torch.compile`` (inductor) against eager, in float64.
 
     i-ResNet's series is traced through ``torch.func.vjp``; the Residual Flow's roulette and
@@ -269,7 +293,7 @@ def test_compiled_residual_training_step_equals_eager(model):
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (5, 3, 4, 2)])
-def test_actnorm_compiled_branch_equals_eager(shape):
+def test_actnorm_compiled_branch_equals_eager(shape: tuple[int, ...]) -> None:
     """The branch ``ActNorm.forward`` takes under ``torch.compile`` against nflows' forward."""
     torch.manual_seed(0)
     layer = T.ActNorm(3)

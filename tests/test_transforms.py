@@ -20,9 +20,10 @@ import importlib
 import importlib.util
 import inspect
 import pkgutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import nflows.transforms.base as nflows_base
 import normflows as nf
@@ -46,7 +47,7 @@ from lcma_ext.models.levels import (
     realnvp_level_factory,
     resflow_level_factory,
 )
-from lcma_ext.multiscale import ContributionMultiscaleFlow, build_levels
+from lcma_ext.multiscale import ContributionMultiscaleFlow, LevelFactory, build_levels
 from lcma_ext.nets import update_lipschitz
 from lcma_ext.normflows.multiscale import NormflowsLevel
 from lcma_ext.splits import LCMASplit
@@ -142,7 +143,9 @@ def _natural(shape: tuple[int, ...]) -> Callable[[], list[int]]:
     return lambda: list(range(int(np.prod(shape))))
 
 
-def _rq(mask, net, shape, **kwargs):
+def _rq(
+    mask: torch.Tensor, net: Callable[[int, int], torch.nn.Module], shape: tuple[int, ...], **kwargs
+) -> T.PiecewiseRationalQuadraticCouplingTransform:
     return T.PiecewiseRationalQuadraticCouplingTransform(
         mask, net, num_bins=4, tails="linear", tail_bound=3.0, **kwargs
     )
@@ -153,7 +156,9 @@ def _rq(mask, net, shape, **kwargs):
 _RESIDUAL = {"coeff": 0.8, "atol": 1e-13, "rtol": 0.0, "max_iter": 1000}
 
 
-def _residual(cls, shape):
+def _residual(
+    cls: type[T.InvertibleResNetBlock | T.ResidualFlowBlock], shape: tuple[int, ...]
+) -> T.InvertibleResNetBlock | T.ResidualFlowBlock:
     arg = shape[0] if len(shape) == 1 else shape
     extra = {"num_layers": 2} if len(shape) == 1 else {}
     return cls(arg, hidden_channels=6, exact=True, activation="elu", **extra, **_RESIDUAL)
@@ -178,7 +183,7 @@ def _elementwise_level(index: int, shape: tuple[int, ...]) -> T.CompositeTransfo
 
 
 def _multiscale(
-    split: str, prior: str = "standard", level=_glow_level
+    split: str, prior: str = "standard", level: LevelFactory = _glow_level
 ) -> ContributionMultiscaleFlow:
     levels = build_levels(level, (1, 4, 4), 2)
     splits = [None]
@@ -420,7 +425,7 @@ REGISTRY: dict[str, Case] = {
 NAMES = sorted(REGISTRY)
 
 
-def _params(names, *marks_for: tuple[str, pytest.MarkDecorator]):
+def _params(names: Sequence[str], *marks_for: tuple[str, pytest.MarkDecorator]) -> list[Any]:
     """``names`` as pytest params, with ``marks`` attached to the named entries."""
     marks = dict(marks_for)
     return [pytest.param(n, marks=marks[n]) if n in marks else n for n in names]
@@ -455,7 +460,11 @@ def _noise_shapes(transform: torch.nn.Module, x: torch.Tensor) -> list[tuple[int
     shapes: dict[int, tuple[int, ...]] = {}
     for coupling in couplings:
 
-        def record(inputs, given, coupling=coupling):
+        def record(
+            inputs: torch.Tensor,
+            given: torch.Tensor | None,
+            coupling: T.CrossUnitCoupling = coupling,
+        ) -> torch.Tensor:
             shapes[id(coupling)] = coupling.noise_shape(inputs)
             return inputs.new_zeros(coupling.noise_shape(inputs))
 
@@ -470,7 +479,7 @@ def _noise_shapes(transform: torch.nn.Module, x: torch.Tensor) -> list[tuple[int
 
 
 def _make(
-    name: str, seed: int = 0, dtype=torch.float64
+    name: str, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
     """A transform with non-trivial parameters, initialized (ActNorm) and in eval mode, inputs,
     and the fixed noise ``e`` of each cross-unit coupling inside it (empty for bijections)."""
@@ -502,7 +511,7 @@ def _example(noises: list[torch.Tensor], b: int) -> list[torch.Tensor]:
     return [noise[b] for noise in noises]
 
 
-def _with_noise(transform: torch.nn.Module):
+def _with_noise(transform: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """The joint map ``(x, e_1, e_2, ...) -> outputs``: the transform with each cross-unit
     coupling's noise given (no noise for bijections), for ``brute_force.joint_jacobian``."""
 
@@ -522,7 +531,7 @@ def _log_noise_density(noises: list[torch.Tensor], b: int) -> float:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_logabsdet_matches_brute_force_slogdet(name):
+def test_logabsdet_matches_brute_force_slogdet(name: str) -> None:
     """``log|det J|`` by autograd + slogdet; for noise-drawing transforms, of the joint map
     ``(x, e) -> outputs``, which equals the returned term plus ``log p*(e)`` (Eq. 8-9)."""
     transform, x, noises = _make(name)
@@ -538,7 +547,7 @@ def test_logabsdet_matches_brute_force_slogdet(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_outputs_and_logabsdet_identical_to_parent_forward(name):
+def test_outputs_and_logabsdet_identical_to_parent_forward(name: str) -> None:
     transform, x, noises = _make(name)
     with torch.no_grad(), _fixed_noise(transform, noises):
         outputs, logabsdet, diag = transform.forward_with_diag(x)
@@ -549,7 +558,7 @@ def test_outputs_and_logabsdet_identical_to_parent_forward(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_sum_invariant_with_carried_diag(name):
+def test_sum_invariant_with_carried_diag(name: str) -> None:
     transform, x, noises = _make(name)
     incoming = torch.randn_like(x)
     with torch.no_grad(), _fixed_noise(transform, noises):
@@ -564,7 +573,7 @@ def test_sum_invariant_with_carried_diag(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].triangular_order])
-def test_triangular_jacobian_diagonal_equals_diag(name):
+def test_triangular_jacobian_diagonal_equals_diag(name: str) -> None:
     case = REGISTRY[name]
     transform, x, noises = _make(name)
     order = case.triangular_order()
@@ -588,7 +597,7 @@ def test_triangular_jacobian_diagonal_equals_diag(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].logm_diagonal])
-def test_exact_residual_diag_equals_matrix_log_diagonal(name):
+def test_exact_residual_diag_equals_matrix_log_diagonal(name: str) -> None:
     """Residual blocks (exact mode): ``diag(log J)`` by scipy's ``logm`` of the brute-force
     Jacobian, not ``log|diag J|`` (``J = I + J_g`` is dense)."""
     transform, x, _ = _make(name)
@@ -607,7 +616,7 @@ def test_exact_residual_diag_equals_matrix_log_diagonal(name):
 @pytest.mark.parametrize(
     "name", [n for n in NAMES if REGISTRY[n].rearrangement or REGISTRY[n].zero_contribution]
 )
-def test_volume_preserving_rearrangements_add_nothing(name):
+def test_volume_preserving_rearrangements_add_nothing(name: str) -> None:
     transform, x, _ = _make(name)
     incoming = torch.randn_like(x)
     _, logabsdet, diag_out = transform.forward_with_diag(x, diag=incoming)
@@ -622,7 +631,7 @@ def test_volume_preserving_rearrangements_add_nothing(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].rearrangement])
-def test_rearrangements_carry_like_forward(name):
+def test_rearrangements_carry_like_forward(name: str) -> None:
     transform, x, _ = _make(name)
     outputs, _ = transform(x)
     assert torch.equal(transform.carry(x), outputs)
@@ -632,7 +641,7 @@ def test_rearrangements_carry_like_forward(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_inverse_of_forward_is_identity(name):
+def test_inverse_of_forward_is_identity(name: str) -> None:
     """Round trip. Noise-drawing transforms: the inverse drops the noise, so only the data is
     recovered (their inverse log-det is that of the bijective part, see test_cross_unit.py)."""
     transform, x, noises = _make(name)
@@ -645,7 +654,7 @@ def test_inverse_of_forward_is_identity(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip(name):
+def test_state_dict_round_trip(name: str) -> None:
     transform, x, noises = _make(name, seed=0)
     clone, _, _ = _make(name, seed=1)
     clone.load_state_dict(transform.state_dict())
@@ -659,7 +668,7 @@ def test_state_dict_round_trip(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_float32_agrees_with_float64(name):
+def test_float32_agrees_with_float64(name: str) -> None:
     transform, x, noises = _make(name)
     with torch.no_grad(), _fixed_noise(transform, noises):
         reference = transform.forward_with_diag(x)
@@ -679,7 +688,7 @@ _RQ_CDF_SHAPE_DEFECT = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("name", _params(NAMES, ("rq_cdf", _RQ_CDF_SHAPE_DEFECT)))
-def test_bad_shape_raises_clear_value_error(name):
+def test_bad_shape_raises_clear_value_error(name: str) -> None:
     transform, _, _ = _make(name)
     bad = torch.randn(BATCH, *REGISTRY[name].bad_input, dtype=torch.float64)
     with pytest.raises(ValueError, match="expected"):
@@ -687,7 +696,7 @@ def test_bad_shape_raises_clear_value_error(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_diag_of_wrong_shape_raises(name):
+def test_diag_of_wrong_shape_raises(name: str) -> None:
     transform, x, _ = _make(name)
     with pytest.raises(ValueError, match="expected diag shaped like inputs"):
         transform.forward_with_diag(x, diag=torch.zeros(BATCH + 1, *x.shape[1:]))
@@ -782,7 +791,7 @@ def _diag_aware_classes() -> dict[str, type]:
     return found
 
 
-def test_registry_covers_every_diag_aware_class():
+def test_registry_covers_every_diag_aware_class() -> None:
     import test_normflows_adapters
 
     found = _diag_aware_classes()
@@ -854,7 +863,7 @@ def _reference_attribution(weight: np.ndarray, lu_part: np.ndarray, mode: str) -
 
 
 @pytest.mark.parametrize("mode", T.ATTRIBUTIONS)
-def test_lu_linear_attribution_matches_numpy_reference(mode):
+def test_lu_linear_attribution_matches_numpy_reference(mode: str) -> None:
     transform, x, _ = _make(f"lu_linear_{mode}")
     weight = jacobian(lambda batch: transform(batch)[0], x[0]).numpy()  # y = W x + b, so J = W
     with torch.no_grad():
@@ -865,7 +874,7 @@ def test_lu_linear_attribution_matches_numpy_reference(mode):
 
 
 @pytest.mark.parametrize("mode", T.ATTRIBUTIONS)
-def test_one_by_one_attribution_matches_numpy_reference(mode):
+def test_one_by_one_attribution_matches_numpy_reference(mode: str) -> None:
     transform, x, _ = _make(f"one_by_one_{mode}")
     height, width = x.shape[2:]
     jac = jacobian(lambda batch: transform(batch)[0], x[0]).numpy()
@@ -884,7 +893,7 @@ def test_one_by_one_attribution_matches_numpy_reference(mode):
     np.testing.assert_allclose(logabsdet.numpy(), total, rtol=0, atol=1e-10)
 
 
-def test_svd_energy_is_well_defined_at_identity_init():
+def test_svd_energy_is_well_defined_at_identity_init() -> None:
     transform = T.OneByOneConvolution(4, identity_init=True).double()
     x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
     _, logabsdet, diag = transform.forward_with_diag(x)
@@ -892,12 +901,12 @@ def test_svd_energy_is_well_defined_at_identity_init():
     torch.testing.assert_close(diag.flatten(1).sum(1), logabsdet, rtol=0, atol=1e-12)
 
 
-def test_unknown_attribution_raises():
+def test_unknown_attribution_raises() -> None:
     with pytest.raises(ValueError, match="expected attribution in"):
         T.LULinear(3, attribution="eigen")
 
 
-def test_svd_attribution_keeps_no_gradient_and_lu_does():
+def test_svd_attribution_keeps_no_gradient_and_lu_does() -> None:
     transform = T.LULinear(3, identity_init=False, attribution="lu")
     _, _, diag = transform.forward_with_diag(torch.randn(2, 3))
     assert diag.requires_grad
@@ -909,13 +918,13 @@ def test_svd_attribution_keeps_no_gradient_and_lu_does():
 # --- Composite ------------------------------------------------------------------------------
 
 
-def test_composite_names_the_component_that_is_not_diag_aware():
+def test_composite_names_the_component_that_is_not_diag_aware() -> None:
     composite = T.CompositeTransform([T.ActNorm(5), NflowsAffineCoupling(_vector_mask(), _mlp)])
     with pytest.raises(TypeError, match=r"component 1.*AffineCouplingTransform"):
         composite.forward_with_diag(torch.randn(2, 5))
 
 
-def test_composite_is_a_drop_in_for_nflows_composite():
+def test_composite_is_a_drop_in_for_nflows_composite() -> None:
     torch.manual_seed(0)
     parts = [T.ActNorm(5), T.AffineCouplingTransform(_vector_mask(), _mlp), T.ReversePermutation(5)]
     ours = T.CompositeTransform(parts)
@@ -931,7 +940,7 @@ def test_composite_is_a_drop_in_for_nflows_composite():
     assert torch.equal(got[1], expected[1])
 
 
-def test_carry_positions_tracks_squeeze_and_permutation():
+def test_carry_positions_tracks_squeeze_and_permutation() -> None:
     composite = T.CompositeTransform([T.SqueezeTransform(), T.ReversePermutation(4)])
     positions = T.carry_positions(composite, (1, 2, 2))
     # Squeeze puts pixel (dy, dx) into channel 2 dy + dx; reversing the channels flips that.

@@ -92,7 +92,7 @@ def model() -> LinearGaussian:
 
 
 @pytest.fixture(scope="module")
-def points(model) -> torch.Tensor:
+def points(model: LinearGaussian) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     cov = model.W @ model.W.T + torch.diag(model.s**2)
     return (
@@ -102,7 +102,9 @@ def points(model) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("analytic_kl", [True, False])
-def test_elbo_estimate_matches_closed_form_and_is_below_exact(model, points, analytic_kl):
+def test_elbo_estimate_matches_closed_form_and_is_below_exact(
+    model: LinearGaussian, points: torch.Tensor, analytic_kl: bool
+) -> None:
     torch.manual_seed(0)
     prior = model.prior(analytic_kl)
     exact_elbo = model.exact_elbo(points)
@@ -116,7 +118,7 @@ def test_elbo_estimate_matches_closed_form_and_is_below_exact(model, points, ana
     assert (mean <= exact + 4 * se).all()
 
 
-def test_iwae_rises_towards_exact_as_k_grows(model, points):
+def test_iwae_rises_towards_exact_as_k_grows(model: LinearGaussian, points: torch.Tensor) -> None:
     torch.manual_seed(0)
     prior = model.prior()
     exact = model.exact_log_prob(points).mean()
@@ -136,7 +138,7 @@ def test_iwae_rises_towards_exact_as_k_grows(model, points):
     assert exact - means[-1] < 0.1 * (exact - means[0])  # and closes most of the gap
 
 
-def test_sampling_matches_the_marginal_moments(model):
+def test_sampling_matches_the_marginal_moments(model: LinearGaussian) -> None:
     torch.manual_seed(0)
     prior = model.prior()
     n = 20000
@@ -151,7 +153,7 @@ def test_sampling_matches_the_marginal_moments(model):
     assert ((samples.var(0) - cov.diagonal()).abs() <= 4 * var_se).all()
 
 
-def test_image_latents_flow_round_trip_and_training_step():
+def test_image_latents_flow_round_trip_and_training_step() -> None:
     torch.manual_seed(0)
     shape = (2, 4, 4)
     prior = VAEPrior(shape, 8, hidden=16)
@@ -176,7 +178,7 @@ def test_image_latents_flow_round_trip_and_training_step():
         assert prior.iwae_log_prob(z, 3).shape == (7,)
 
 
-def test_estimators_label_and_reduce(model, points):
+def test_estimators_label_and_reduce(model: LinearGaussian, points: torch.Tensor) -> None:
     torch.manual_seed(0)
     flow = Flow(T.ActNorm(D), model.prior()).double()
     with torch.no_grad():
@@ -199,7 +201,7 @@ def test_estimators_label_and_reduce(model, points):
         assert torch.equal(estimate.iwae_se, torch.zeros_like(estimate.iwae_se))
 
 
-def test_evaluate_bpd_mc_on_images():
+def test_evaluate_bpd_mc_on_images() -> None:
     from lcma_ext.data import LogitPreprocessing
 
     torch.manual_seed(0)
@@ -214,7 +216,7 @@ def test_evaluate_bpd_mc_on_images():
     assert again == result  # seeded draws
 
 
-def test_clear_errors():
+def test_clear_errors() -> None:
     with pytest.raises(ValueError, match=r"expected latent_dim \(dim\(eps\)\) an int in \[1, 16\)"):
         VAEPrior((1, 4, 4), 16)
     with pytest.raises(ValueError, match="expected latent_dim"):

@@ -276,7 +276,9 @@ def _row(context: torch.Tensor | None, b: int) -> torch.Tensor | None:
     return None if context is None else context[b : b + 1]
 
 
-def _jacobian(lazy: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None, b: int):
+def _jacobian(
+    lazy: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None, b: int
+) -> torch.Tensor:
     """Jacobian ``(D_out, D_in)`` of ``f(. | c_b)`` at example ``b``, by autograd."""
     transform = lazy(_row(context, b))
     return jacobian(lambda batch: transform(batch), x[b], vectorize=True)
@@ -295,7 +297,7 @@ def _positions(transform: td.Transform, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_outputs_and_ladj_identical_to_call_and_ladj(name):
+def test_outputs_and_ladj_identical_to_call_and_ladj(name: str) -> None:
     lazy, x, context = _make(name)
     transform = lazy(context)
     with torch.no_grad():
@@ -312,7 +314,7 @@ def test_outputs_and_ladj_identical_to_call_and_ladj(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_diag_sums_to_brute_force_slogdet(name):
+def test_diag_sums_to_brute_force_slogdet(name: str) -> None:
     lazy, x, context = _make(name)
     with torch.no_grad():
         _, ladj, diag = call_and_ladj_with_diag(lazy(context), x)
@@ -326,7 +328,7 @@ def test_diag_sums_to_brute_force_slogdet(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].kind == "diagonal"])
-def test_diag_equals_log_abs_jacobian_diagonal(name):
+def test_diag_equals_log_abs_jacobian_diagonal(name: str) -> None:
     """Elementwise, triangular and rearranging maps: ``log|J_ii|`` with the Jacobian's columns
     ordered by ``carry`` (output ``q`` against the input dimension carried to ``q``)."""
     lazy, x, context = _make(name)
@@ -363,7 +365,7 @@ def _leading_minor_pivots(matrix: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     "name", [n for n in NAMES if REGISTRY[n].kind in ("svd-energy", "svd-index", "lu")]
 )
-def test_linear_attribution_matches_numpy_reference(name):
+def test_linear_attribution_matches_numpy_reference(name: str) -> None:
     lazy, x, _ = _make(name)
     kind = REGISTRY[name].kind
     with torch.no_grad():
@@ -378,7 +380,7 @@ def test_linear_attribution_matches_numpy_reference(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_carried_diag_plus_own_share(name):
+def test_carried_diag_plus_own_share(name: str) -> None:
     lazy, x, context = _make(name)
     transform = lazy(context)
     incoming = torch.randn_like(x)
@@ -389,7 +391,7 @@ def test_carried_diag_plus_own_share(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_carry_moves_an_index_tensor_bijectively(name):
+def test_carry_moves_an_index_tensor_bijectively(name: str) -> None:
     lazy, x, context = _make(name)
     shape = REGISTRY[name].shape
     perm = _positions(lazy(context), shape)
@@ -401,7 +403,7 @@ def test_carry_moves_an_index_tensor_bijectively(name):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].bad_input])
-def test_bad_shape_raises_clear_value_error(name):
+def test_bad_shape_raises_clear_value_error(name: str) -> None:
     lazy, _, context = _make(name)
     bad = torch.randn(BATCH, *REGISTRY[name].bad_input, dtype=torch.float64)
     with pytest.raises(ValueError, match="expected"):
@@ -409,7 +411,7 @@ def test_bad_shape_raises_clear_value_error(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_diag_of_wrong_shape_raises(name):
+def test_diag_of_wrong_shape_raises(name: str) -> None:
     lazy, x, context = _make(name)
     with pytest.raises(ValueError, match="expected diag shaped like inputs"):
         call_and_ladj_with_diag(lazy(context), x, torch.zeros(BATCH + 1, *x.shape[1:]))
@@ -428,7 +430,9 @@ def test_diag_of_wrong_shape_raises(name):
     ],
     ids=["ffjord", "torch_compose", "torch_abs", "inverse_rotation"],
 )
-def test_transform_without_adapter_raises_type_error_naming_its_class(build):
+def test_transform_without_adapter_raises_type_error_naming_its_class(
+    build: Callable[[], td.Transform],
+) -> None:
     transform = build()
     with pytest.raises(TypeError, match=type(transform).__qualname__):
         call_and_ladj_with_diag(transform, torch.randn(2, 3))
@@ -436,18 +440,18 @@ def test_transform_without_adapter_raises_type_error_naming_its_class(build):
         carry(transform, torch.arange(3).view(1, 3))
 
 
-def test_unsupported_class_is_named_by_require_supported():
+def test_unsupported_class_is_named_by_require_supported() -> None:
     with pytest.raises(TypeError, match=r"zuko\.transforms\.FreeFormJacobianTransform"):
         require_supported(UNSUPPORTED["zuko.transforms.FreeFormJacobianTransform"]())
 
 
-def test_autoregressive_meta_that_is_not_elementwise_raises():
+def test_autoregressive_meta_that_is_not_elementwise_raises() -> None:
     transform = zt.AutoregressiveTransform(lambda x: zt.RotationTransform(torch.eye(3)), 3)
     with pytest.raises(TypeError, match="RotationTransform"):
         call_and_ladj_with_diag(transform, torch.randn(2, 3))
 
 
-def test_torch_affine_over_an_event_is_refused():
+def test_torch_affine_over_an_event_is_refused() -> None:
     transform = td.AffineTransform(torch.zeros(3), torch.ones(3), event_dim=1)
     with pytest.raises(ValueError, match="event_dim=0"):
         call_and_ladj_with_diag(transform, torch.randn(2, 3))
@@ -491,7 +495,9 @@ LEVELS: dict[str, tuple[Callable[[], ZukoLevel], tuple[int, ...], int]] = {
 LEVEL_NAMES = sorted(LEVELS)
 
 
-def _make_level(name: str, seed: int = 0):
+def _make_level(
+    name: str, seed: int = 0
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor | None]:
     build, shape, features = LEVELS[name]
     torch.manual_seed(seed)
     level = build().double()
@@ -507,7 +513,7 @@ def _make_level(name: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("name", LEVEL_NAMES)
-def test_zuko_level_protocol_against_brute_force(name):
+def test_zuko_level_protocol_against_brute_force(name: str) -> None:
     level, x, context = _make_level(name)
     incoming = torch.randn_like(x)
     with torch.no_grad():
@@ -530,7 +536,7 @@ def test_zuko_level_protocol_against_brute_force(name):
 
 
 @pytest.mark.parametrize("name", LEVEL_NAMES)
-def test_zuko_level_state_dict_and_shape_errors(name):
+def test_zuko_level_state_dict_and_shape_errors(name: str) -> None:
     level, x, context = _make_level(name, seed=0)
     clone, _, _ = _make_level(name, seed=1)
     clone.load_state_dict(level.state_dict())
@@ -544,7 +550,7 @@ def test_zuko_level_state_dict_and_shape_errors(name):
         level.forward_with_diag(x, context, torch.zeros(BATCH + 1, *x.shape[1:]))
 
 
-def test_zuko_level_bound_context_is_used_when_none_is_passed():
+def test_zuko_level_bound_context_is_used_when_none_is_passed() -> None:
     level, x, context = _make_level("maf_context")
     bound = level.bind(context)
     with torch.no_grad():
@@ -554,7 +560,7 @@ def test_zuko_level_bound_context_is_used_when_none_is_passed():
     assert bound.transform is level.transform  # the same zuko modules
 
 
-def test_zuko_level_refuses_a_zuko_flow_and_names_other_objects():
+def test_zuko_level_refuses_a_zuko_flow_and_names_other_objects() -> None:
     with pytest.raises(TypeError, match=r"flow\.transform"):
         ZukoLevel(zuko.flows.MAF(3), (3,))
     with pytest.raises(TypeError, match="Linear"):
@@ -566,7 +572,7 @@ ZUKO_FLOWS = ("NICE", "RealNVP", "MAF", "NSF", "NCSF", "SOSPF", "BPF", "NAF", "U
 
 
 @pytest.mark.parametrize("name", ZUKO_FLOWS)
-def test_zuko_flows_as_levels_match_brute_force(name):
+def test_zuko_flows_as_levels_match_brute_force(name: str) -> None:
     """``zuko.flows.<name>(4, 3).transform`` as one level: its map sums to ``slogdet``."""
     torch.manual_seed(0)
     level = ZukoLevel(getattr(zuko.flows, name)(4, 3).transform, (4,)).double()
@@ -582,7 +588,7 @@ def test_zuko_flows_as_levels_match_brute_force(name):
         np.testing.assert_allclose(float(logabsdet[b]), expected, rtol=1e-10, atol=1e-10)
 
 
-def test_zuko_cnf_is_refused_by_name():
+def test_zuko_cnf_is_refused_by_name() -> None:
     level = ZukoLevel(zuko.flows.CNF(4, 3).transform, (4,))
     with pytest.raises(TypeError, match="FreeFormJacobianTransform"):
         level.forward_with_diag(torch.randn(2, 4), torch.randn(2, 3))
@@ -606,7 +612,7 @@ def registered_classes() -> set[str]:
     return names
 
 
-def test_every_zuko_transform_has_an_entry_or_raises():
+def test_every_zuko_transform_has_an_entry_or_raises() -> None:
     """Every class of ``zuko.transforms`` (and the torch elementwise maps supported) is either
     built by a registry entry or listed as unsupported, and then refused by name."""
     import lcma_ext.zuko.levels

@@ -12,11 +12,14 @@ subclasses. Skipped when zuko is not installed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from zuko.lazy import LazyTransform
 
 zuko = pytest.importorskip("zuko")
 
@@ -41,10 +44,10 @@ from brute_force import jacobian, slogdet  # noqa: E402
 SPLINE = {"univariate": zuko.transforms.MonotonicRQSTransform, "shapes": [(8,), (8,), (7,)]}
 
 
-def _vector_level(context: int):
+def _vector_level(context: int) -> Callable[[int, tuple[int, ...]], Any]:
     """Three kinds of zuko levels: NSF (autoregressive splines), spline couplings, MAF."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> Any:
         features = shape[0]
         if index == 0:
             return zuko.flows.NSF(features, context, transforms=2, hidden_features=(8,)).transform
@@ -120,7 +123,7 @@ def _row(c: torch.Tensor | None, b: int) -> torch.Tensor | None:
 @pytest.mark.parametrize("prior", ["standard", "conditional"])
 @pytest.mark.parametrize("context", [0, 3])
 @pytest.mark.parametrize("split", SPLIT_NAMES)
-def test_vector_log_prob_matches_brute_force(split, context, prior):
+def test_vector_log_prob_matches_brute_force(split: str, context: int, prior: str) -> None:
     flow = _vector_flow(split, context, prior)
     x, c = torch.randn(2, 8, dtype=torch.float64), _context(context, 2)
     with torch.no_grad():
@@ -133,7 +136,7 @@ def test_vector_log_prob_matches_brute_force(split, context, prior):
 
 @pytest.mark.parametrize("context", [0, 2])
 @pytest.mark.parametrize("split", SPLIT_NAMES + GRANULAR_SPLIT_NAMES)
-def test_image_log_prob_matches_brute_force(split, context):
+def test_image_log_prob_matches_brute_force(split: str, context: int) -> None:
     flow = _image_flow(split, context)
     x, c = torch.randn(2, 1, 8, 8, dtype=torch.float64), _context(context, 2)
     with torch.no_grad():
@@ -144,7 +147,7 @@ def test_image_log_prob_matches_brute_force(split, context):
     np.testing.assert_allclose(float(log_prob[0]), expected, rtol=0, atol=1e-9)
 
 
-def test_granular_splits_differ_from_site_and_channel_splits():
+def test_granular_splits_differ_from_site_and_channel_splits() -> None:
     """On this 4x4 grid of local blocks, region_size 2 is neither site- nor channel-level."""
     indices = {}
     for split in ("lcma", "lcma-region", "lcma-channel"):
@@ -154,7 +157,7 @@ def test_granular_splits_differ_from_site_and_channel_splits():
 
 
 @pytest.mark.parametrize("kind", ["vector", "image"])
-def test_sampling_inverts_exactly(kind):
+def test_sampling_inverts_exactly(kind: str) -> None:
     if kind == "vector":
         flow, shape, c = _vector_flow("lcma", 3, "conditional"), (8,), _context(3, 4)
     else:
@@ -173,7 +176,7 @@ def test_sampling_inverts_exactly(kind):
     torch.testing.assert_close(flow(c).log_prob(samples), log_prob, rtol=0, atol=1e-9)
 
 
-def test_batch_shapes_broadcast_like_zuko():
+def test_batch_shapes_broadcast_like_zuko() -> None:
     flow = _vector_flow("random", 3, "standard")
     x, c = torch.randn(5, 4, 8, dtype=torch.float64), _context(3, 4)
     with torch.no_grad():
@@ -183,7 +186,7 @@ def test_batch_shapes_broadcast_like_zuko():
     assert log_prob.shape == (5, 4)
 
 
-def test_per_dimension_map_of_the_whole_flow_sums_to_the_log_det():
+def test_per_dimension_map_of_the_whole_flow_sums_to_the_log_det() -> None:
     flow = _vector_flow("lcma", 3, "conditional")
     x, c = torch.randn(4, 8, dtype=torch.float64), _context(3, 4)
     with torch.no_grad():
@@ -197,7 +200,7 @@ def test_per_dimension_map_of_the_whole_flow_sums_to_the_log_det():
     torch.testing.assert_close(diag.sum(-1), ladj, rtol=0, atol=1e-12)
 
 
-def test_the_flow_is_the_core_multiscale_flow_of_the_zuko_modules():
+def test_the_flow_is_the_core_multiscale_flow_of_the_zuko_modules() -> None:
     flow = _vector_flow("checkerboard", 0, "conditional")
     core = flow.transform.transform
     assert isinstance(core, ContributionMultiscaleFlow)
@@ -207,7 +210,7 @@ def test_the_flow_is_the_core_multiscale_flow_of_the_zuko_modules():
     assert {id(p) for p in core.parameters()} <= trained
 
 
-def test_state_dict_round_trip_and_split_kind_mismatch():
+def test_state_dict_round_trip_and_split_kind_mismatch() -> None:
     flow = _vector_flow("lcma", 0, "standard")
     clone = _vector_flow("lcma", 0, "standard")
     with torch.no_grad():
@@ -222,7 +225,7 @@ def test_state_dict_round_trip_and_split_kind_mismatch():
         other.load_state_dict(flow.state_dict())
 
 
-def test_clear_errors():
+def test_clear_errors() -> None:
     flow = _vector_flow("channel", 3, "standard")
     with pytest.raises(ValueError, match="expected inputs of event shape"):
         flow(_context(3, 2)).log_prob(torch.randn(2, 7, dtype=torch.float64))
@@ -243,7 +246,7 @@ def test_clear_errors():
 def _zuko_style_flows() -> dict[str, zuko.lazy.Flow]:
     """``F(3, 5)`` as zuko's test_flows builds its flows: 3 features, 5 context features."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> LazyTransform:
         return zuko.flows.MAF(shape[0], 5, transforms=2).transform
 
     return {
@@ -254,7 +257,7 @@ def _zuko_style_flows() -> dict[str, zuko.lazy.Flow]:
 
 
 @pytest.mark.parametrize("name", ["multiscale", "multiscale_lcma", "nms"])
-def test_zuko_test_flows_assertions(tmp_path: Path, name: str):
+def test_zuko_test_flows_assertions(tmp_path: Path, name: str) -> None:
     """zuko 1.6 tests/test_flows.py::test_flows, on our Flow subclasses (float32 as there)."""
     torch.manual_seed(0)
     flow = _zuko_style_flows()[name]
@@ -323,7 +326,7 @@ def test_zuko_test_flows_assertions(tmp_path: Path, name: str):
     assert repr(flow)
 
 
-def test_zuko_test_multivariate_transforms_assertions():
+def test_zuko_test_multivariate_transforms_assertions() -> None:
     """zuko 1.6 tests/test_transforms.py::test_multivariate_transforms, on NflowsBijection (the
     multi-scale transform and an image level)."""
     torch.manual_seed(0)

@@ -8,6 +8,8 @@ installed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -35,10 +37,10 @@ SHAPE = (6,)
 LEVELS = 3
 
 
-def _level(context: int):
+def _level(context: int) -> Callable[[int, tuple[int, ...]], MaskedAutoregressiveTransform]:
     """One autoregressive transform per level: a triangular Jacobian, nothing moved."""
 
-    def level(index: int, shape: tuple[int, ...]):
+    def level(index: int, shape: tuple[int, ...]) -> MaskedAutoregressiveTransform:
         return MaskedAutoregressiveTransform(shape[0], context, hidden_features=(8,))
 
     return level
@@ -74,7 +76,7 @@ def _brute_force_maps(nms: NMSFlow, x: torch.Tensor, c: torch.Tensor | None) -> 
 
 
 @pytest.mark.parametrize("context", [0, 3])
-def test_contributions_match_brute_force(context):
+def test_contributions_match_brute_force(context: int) -> None:
     nms, x, c = _trained_nms(context)
     maps = estimate_contributions(nms, x, _level(context), context=c, batch_size=5, progress=False)
     expected = _brute_force_maps(nms, x, c)
@@ -84,7 +86,7 @@ def test_contributions_match_brute_force(context):
     assert all(isinstance(level, ZukoLevel) for level in maps.levels)
 
 
-def test_unconditional_estimate_is_the_core_estimator_on_the_zuko_levels():
+def test_unconditional_estimate_is_the_core_estimator_on_the_zuko_levels() -> None:
     nms, x, _ = _trained_nms(0)
     levels = [_level(0)(index, shape) for index, shape in enumerate([(6,), (3,), (1,)])]
     maps = estimate_contributions(nms, [(x[:7], None), (x[7:], None)], levels, progress=False)
@@ -98,7 +100,7 @@ def test_unconditional_estimate_is_the_core_estimator_on_the_zuko_levels():
 
 
 @pytest.mark.parametrize("split", ["lcma", "high"])
-def test_multiscale_flow_uses_the_maps_splits(split):
+def test_multiscale_flow_uses_the_maps_splits(split: str) -> None:
     nms, x, c = _trained_nms(3)
     factor_out = "low" if split == "lcma" else "high"
     maps = estimate_contributions(
@@ -114,7 +116,7 @@ def test_multiscale_flow_uses_the_maps_splits(split):
     assert sorted(kept.tolist()) == sorted(ranked.tolist())
 
 
-def test_estimation_restores_training_modes_and_leaves_weights():
+def test_estimation_restores_training_modes_and_leaves_weights() -> None:
     nms, x, _ = _trained_nms(0)
     nms.train()
     state = {key: value.clone() for key, value in nms.state_dict().items()}
@@ -123,7 +125,7 @@ def test_estimation_restores_training_modes_and_leaves_weights():
     assert all(torch.equal(state[key], value) for key, value in nms.state_dict().items())
 
 
-def test_images_with_squeeze_placement_end_to_end():
+def test_images_with_squeeze_placement_end_to_end() -> None:
     torch.manual_seed(0)
     level = image_level_factory(context=2, hidden=4, steps=1)
     nms = build_nms_flow(level, (1, 8, 8), 2, placement="squeeze").double()
@@ -145,7 +147,7 @@ def test_images_with_squeeze_placement_end_to_end():
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
 
 
-def test_nflows_levels_from_core_contributions_are_refused():
+def test_nflows_levels_from_core_contributions_are_refused() -> None:
     torch.manual_seed(0)
     factory = make_level_factory("glow", "tiny", hidden=4, steps=1)
     nms = build_nms_transform(factory, (1, 4, 4), 2)
@@ -157,7 +159,7 @@ def test_nflows_levels_from_core_contributions_are_refused():
     assert flow().log_prob(torch.randn(3, 1, 4, 4)).shape == (3,)
 
 
-def test_clear_errors():
+def test_clear_errors() -> None:
     nms, x, c = _trained_nms(3)
     flow = build_multiscale_flow(_level(3), SHAPE, LEVELS, "channel")
     with pytest.raises(TypeError, match="MultiscaleFlow"):

@@ -317,7 +317,8 @@ def load_patches_dataset(
         )
     rng = np.random.default_rng(seed)
     photos = load_sample_images().images
-    train, test = [], []
+    train: list[np.ndarray[Any, Any]] = []
+    test: list[np.ndarray[Any, Any]] = []
     for index, photo in enumerate(photos):
         height, width, _ = photo.shape
         boundary = int(width * train_fraction)
@@ -330,7 +331,10 @@ def load_patches_dataset(
             cols = rng.integers(lo, hi + 1, size=n)
             for r, c in zip(rows, cols):
                 out.append(photo[r : r + patch_size, c : c + patch_size])
-    to_tensor = lambda patches: torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2)  # noqa: E731
+
+    def to_tensor(patches: list[np.ndarray[Any, Any]]) -> Tensor:
+        return torch.from_numpy(np.stack(patches)).permute(0, 3, 1, 2)
+
     return ImageDataset("patches", to_tensor(train).contiguous(), to_tensor(test).contiguous(), 256)
 
 
@@ -365,7 +369,8 @@ def _center_crop_resize(image: Any, crop: int | None, size: int | None) -> Any:
             side = min(width, height)
             left, top = (width - side) // 2, (height - side) // 2
             image = image.crop((left, top, left + side, top + side))
-        image = image.resize((size, size), Image.BICUBIC)
+        # Pillow's types lack the constant that Pillow < 9.1 (no Image.Resampling) also has
+        image = image.resize((size, size), Image.BICUBIC)  # type: ignore[attr-defined]
     return image
 
 
@@ -617,7 +622,7 @@ def _read_image(
 
     try:
         with open(path, "rb") as handle:
-            image = Image.open(handle)
+            image: Image.Image = Image.open(handle)
             image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ValueError(
@@ -770,7 +775,7 @@ def load_image_folder(
 
 def load_vision_dataset(
     name: str,
-    data_root: str | Path,
+    data_root: str | Path | None,
     limit: int | None = None,
     image_size: int | None = None,
     seed: int = 0,

@@ -19,6 +19,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -52,7 +53,7 @@ class GeneratorPermutationSampler(Sampler[int]):
         return self.num
 
 
-class ImageBatches(Dataset):
+class ImageBatches(Dataset[Tensor]):
     """A tensor of images indexed by whole batches: ``dataset[[i, j, ...]]`` is one stacked batch.
 
     Args:
@@ -84,7 +85,7 @@ def image_loader(
     distributed: bool = False,
     num_workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
+) -> DataLoader[Tensor]:
     """A ``DataLoader`` of shuffled whole batches of ``images``.
 
     Args:
@@ -126,7 +127,10 @@ def set_loader_epoch(loader: object, epoch: int) -> None:
 
     ``DistributedSampler`` needs it for a new order every epoch; other samplers ignore it.
     """
-    candidates = [getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)]
+    candidates: list[Any] = [
+        getattr(loader, "sampler", None),
+        getattr(loader, "batch_sampler", None),
+    ]
     candidates += [getattr(c, "sampler", None) for c in list(candidates)]
     for candidate in candidates:
         if hasattr(candidate, "set_epoch"):

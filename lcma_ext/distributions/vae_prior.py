@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +54,9 @@ def _mlp(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     )
     # Zero output layer: at initialization q = p(eps) = N(0, I) and p(z | eps) = N(0, I) (up to
     # min_scale), so the flow starts from the standard-normal prior's objective.
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
+    last = cast(nn.Linear, net[-1])  # the output layer built just above
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(cast(Tensor, last.bias))  # built with bias=True
     return net
 
 

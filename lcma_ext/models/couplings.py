@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from nflows.transforms.base import Transform
@@ -35,7 +35,12 @@ class RealNVPAffineCouplingTransform(AffineCouplingTransform):
         inputs: ``(B, D)`` or ``(B, C, H, W)``; the mask acts on dim 1.
     """
 
-    def __init__(self, mask, transform_net_create_fn, unconditional_transform=None):
+    def __init__(
+        self,
+        mask: Tensor | Sequence[int],
+        transform_net_create_fn: Callable[[int, int], nn.Module],
+        unconditional_transform: Callable[[int], Transform] | None = None,
+    ) -> None:
         super().__init__(mask, transform_net_create_fn, unconditional_transform)
         self.rescale = nn.Parameter(torch.ones(self.num_transform_features))
 
@@ -100,13 +105,17 @@ class CheckerboardAffineCouplingTransform(DiagMixin, Transform):
         j = torch.arange(width, device=like.device).view(1, -1)
         return ((i + j) % 2 == self.parity).to(like.dtype).view(1, 1, height, width)
 
-    def _params(self, identity: Tensor, mask: Tensor, context: Tensor | None):
+    def _params(
+        self, identity: Tensor, mask: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
         params = self.net(identity, context)
         shift, raw = params[:, : self.num_channels], params[:, self.num_channels :]
         log_scale = (1.0 - mask) * self.rescale.view(1, -1, 1, 1) * torch.tanh(raw)
         return (1.0 - mask) * shift, log_scale
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check(inputs)
         mask = self.mask(inputs.shape[2], inputs.shape[3], inputs)
         shift, log_scale = self._params(inputs * mask, mask, context)

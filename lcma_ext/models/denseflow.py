@@ -29,8 +29,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 from nflows.distributions import StandardNormal
@@ -130,21 +130,23 @@ class DenseFlowBlock(DiagMixin, Transform):
         outputs, logabsdet, _ = self._run(inputs, context, None)
         return outputs, logabsdet
 
-    def _run(self, inputs, context, diag):
+    def _run(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         with_diag = diag is not None
         if with_diag:
             hidden, total, diag = self.squeeze.forward_with_diag(inputs, context, diag)
         else:
             hidden, total = self.squeeze(inputs, context)
         previous: list[Tensor] = []  # unit outputs z_{i-1}, ..., z_1 (newest first)
-        for index, unit in enumerate(self.units):
+        for index, unit in enumerate(cast("Iterable[T.CompositeTransform]", self.units)):
             if with_diag:
                 hidden, logabsdet, diag = unit.forward_with_diag(hidden, context, diag)
             else:
                 hidden, logabsdet = unit(hidden, context)
             total = total + logabsdet
             if index < len(self.couplings):
-                coupling = self.couplings[index]
+                coupling = cast(T.CrossUnitCoupling, self.couplings[index])
                 latent = hidden
                 if with_diag:
                     hidden, term, diag = coupling.forward_with_diag(
@@ -161,21 +163,27 @@ class DenseFlowBlock(DiagMixin, Transform):
         hidden, total = inputs, inputs.new_zeros(inputs.shape[0])
         for index in range(len(self.units) - 1, -1, -1):
             if index < len(self.couplings):
-                hidden, _ = self.couplings[index].inverse(hidden, context)
-            hidden, logabsdet = self.units[index].inverse(hidden, context)
+                hidden, _ = cast(T.CrossUnitCoupling, self.couplings[index]).inverse(
+                    hidden, context
+                )
+            unit = cast(T.CompositeTransform, self.units[index])
+            hidden, logabsdet = unit.inverse(hidden, context)
             total = total + logabsdet
         hidden, logabsdet = self.squeeze.inverse(hidden, context)
         return hidden, total + logabsdet
 
-    def _forward_with_diag(self, inputs, context, diag):
-        return self._run(inputs, context, check_diag(inputs, diag))
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        outputs, logabsdet, diag_out = self._run(inputs, context, check_diag(inputs, diag))
+        return outputs, logabsdet, cast(Tensor, diag_out)  # given a diag, _run returns one
 
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         tensor = self.squeeze.carry(tensor)
-        for index, unit in enumerate(self.units):
+        for index, unit in enumerate(cast("Iterable[T.CompositeTransform]", self.units)):
             tensor = unit.carry(tensor)
             if index < len(self.couplings):
-                tensor = self.couplings[index].carry(tensor)
+                tensor = cast(T.CrossUnitCoupling, self.couplings[index]).carry(tensor)
         return tensor
 
 

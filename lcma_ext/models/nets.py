@@ -12,6 +12,9 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -92,7 +95,7 @@ class ConvResNet(nn.Module):
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> Tensor:
         hidden = self.initial(inputs)
-        for first, second in self.blocks:
+        for first, second in cast("Iterable[nn.ModuleList]", self.blocks):
             hidden = hidden + second(F.relu(first(F.relu(hidden))))
         return self.final(F.relu(hidden))
 

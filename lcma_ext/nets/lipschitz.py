@@ -40,6 +40,7 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -276,7 +277,8 @@ class SpectralNormConv2d(_SpectralNormMixin, nn.Conv2d):
         if self.spatial_shape is None:
             return torch.mv(weight.flatten(1).t(), u)
         image = u.view(1, self.out_channels, *self.spatial_shape)
-        return F.conv_transpose2d(image, weight, padding=self.padding).reshape(-1)
+        padding = cast(tuple[int, ...], self.padding)  # built from an int, never a string
+        return F.conv_transpose2d(image, weight, padding=padding).reshape(-1)
 
     def forward(self, inputs: Tensor) -> Tensor:
         if inputs.dim() != 4 or inputs.shape[1] != self.in_channels:

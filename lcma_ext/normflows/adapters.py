@@ -20,6 +20,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import normflows as nf
 import torch
@@ -54,7 +55,7 @@ def per_sample_log_det(log_det: Tensor | float, z: Tensor) -> Tensor:
     return log_det.expand(z.shape[0]) if log_det.dim() == 0 else log_det
 
 
-def _actnorm(flow: nf.flows.ActNorm, z: Tensor, diag: Tensor):
+def _actnorm(flow: nf.flows.ActNorm, z: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if z.dim() != flow.s.dim() or any(
         size not in (1, got) for size, got in zip(flow.s.shape[1:], z.shape[1:])
     ):
@@ -82,7 +83,9 @@ def _invertible_1x1_attribution(flow: nf.flows.Invertible1x1Conv, attribution: s
     return svd_attribution(weight, attribution)
 
 
-def _invertible_1x1(flow: nf.flows.Invertible1x1Conv, z: Tensor, diag: Tensor, attribution: str):
+def _invertible_1x1(
+    flow: nf.flows.Invertible1x1Conv, z: Tensor, diag: Tensor, attribution: str
+) -> tuple[Tensor, Tensor, Tensor]:
     if z.dim() != 4 or z.shape[1] != flow.num_channels:
         raise ValueError(
             f"Invertible1x1Conv: expected (B, {flow.num_channels}, H, W); got {tuple(z.shape)}"
@@ -93,7 +96,9 @@ def _invertible_1x1(flow: nf.flows.Invertible1x1Conv, z: Tensor, diag: Tensor, a
     return outputs, log_det, diag + shares.view(1, -1, 1, 1)
 
 
-def _coupling_elementwise(coupling: nf.flows.AffineCoupling, z1: Tensor, z2: Tensor):
+def _coupling_elementwise(
+    coupling: nf.flows.AffineCoupling, z1: Tensor, z2: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """normflows ``AffineCoupling.inverse`` on ``[z1, z2]``, plus the elementwise log-det."""
     try:
         param = coupling.param_map(z1)
@@ -133,7 +138,9 @@ def _coupling_elementwise(coupling: nf.flows.AffineCoupling, z1: Tensor, z2: Ten
     )
 
 
-def _affine_coupling_block(block: nf.flows.AffineCouplingBlock, z: Tensor, diag: Tensor):
+def _affine_coupling_block(
+    block: nf.flows.AffineCouplingBlock, z: Tensor, diag: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     split, coupling, merge = block.flows  # Split, AffineCoupling, Merge (noise -> data order)
     (z1, z2), _ = merge.inverse(z)
     (d1, d2), _ = merge.inverse(diag)
@@ -146,7 +153,7 @@ def _affine_coupling_block(block: nf.flows.AffineCouplingBlock, z: Tensor, diag:
     return outputs, log_det_tot + log_det, diag_out
 
 
-def _rearrangement(flow: nf.flows.Flow, z: Tensor, diag: Tensor):
+def _rearrangement(flow: nf.flows.Flow, z: Tensor, diag: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     outputs, log_det = flow.inverse(z)
     return outputs, per_sample_log_det(log_det, z), carry_data_to_noise(flow, diag)
 
@@ -319,7 +326,9 @@ class Invertible1x1Conv(_NormflowsDiagMixin, nf.flows.Invertible1x1Conv):
             ``use_lu=True``); see :mod:`lcma_ext.transforms.lu`.
     """
 
-    def __init__(self, num_channels, use_lu=False, attribution: str = DEFAULT_ATTRIBUTION):
+    def __init__(
+        self, num_channels: int, use_lu: bool = False, attribution: str = DEFAULT_ATTRIBUTION
+    ) -> None:
         super().__init__(num_channels, use_lu=use_lu)
         if attribution == "lu" and not use_lu:
             raise ValueError("attribution='lu' expected use_lu=True; got use_lu=False")
@@ -342,7 +351,7 @@ class GlowBlock(_NormflowsDiagMixin, nf.flows.GlowBlock):
         attribution: How its 1x1 convolution shares ``log|det W|`` among channels.
     """
 
-    def __init__(self, *args, attribution: str = DEFAULT_ATTRIBUTION, **kwargs):
+    def __init__(self, *args: Any, attribution: str = DEFAULT_ATTRIBUTION, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.attribution = check_attribution(attribution)
 

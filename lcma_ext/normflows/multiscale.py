@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import normflows as nf
 import torch
@@ -94,7 +95,7 @@ class NormflowsLevel(DiagMixin, nflows_base.Transform):
         """Data to noise: each flow's ``inverse``, last flow first; ``(outputs, log_det)``."""
         _check_context(context, type(self).__name__)
         log_det = inputs.new_zeros(inputs.shape[0])
-        for flow in reversed(self.flows):
+        for flow in reversed(cast("Sequence[nf.flows.Flow]", self.flows)):
             inputs, step = flow.inverse(inputs)
             log_det = log_det + per_sample_log_det(step, inputs)
         return inputs, log_det
@@ -108,13 +109,15 @@ class NormflowsLevel(DiagMixin, nflows_base.Transform):
             log_det = log_det + per_sample_log_det(step, inputs)
         return inputs, log_det
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         _check_context(context, type(self).__name__)
         return data_to_noise_with_diag(self.flows, inputs, diag)
 
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         """The level's data-to-noise rearrangement of ``tensor`` (squeezes, permutations)."""
-        for flow in reversed(self.flows):
+        for flow in reversed(cast("Sequence[nf.flows.Flow]", self.flows)):
             tensor = carry_data_to_noise(flow, tensor)
         return tensor
 
@@ -196,7 +199,9 @@ class NMSFlow(nf.NormalizingFlow):
         return -torch.mean(self.log_prob(x))
 
 
-def split_levels(flows: Sequence[nf.flows.Flow], level_sizes: Sequence[int]) -> list[list]:
+def split_levels(
+    flows: Sequence[nf.flows.Flow], level_sizes: Sequence[int]
+) -> list[list[nf.flows.Flow]]:
     """Cut a normflows-ordered list of flows into levels, data side (list end) first."""
     levels, end = [], len(flows)
     for size in level_sizes:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import normflows as nf
 from torch import Tensor, nn
@@ -81,7 +81,7 @@ def _wrap(level_factory: LevelFactory) -> Callable[[int, tuple[int, ...]], Normf
     return factory
 
 
-def takes_labels(distribution: nn.Module) -> bool:
+def takes_labels(distribution: nf.distributions.BaseDistribution) -> bool:
     """Whether a normflows base distribution is class-conditional: ``log_prob(z, y)``.
 
     True when its ``log_prob`` has a required argument after ``z`` (normflows'
@@ -310,10 +310,12 @@ def estimate_model_contributions(
         )
     placement = placement or recorded_placement or "post_squeeze"
     transform = _nms_transform(nms_model, levels, shape, placement)
+    multiscale_levels: Callable[[int, tuple[int, ...]], NormflowsLevel] | list[NormflowsLevel]
     if callable(levels) and not isinstance(levels, nn.Module):
         multiscale_levels = _wrap(levels)
-    else:
-        multiscale_levels = [NormflowsLevel(level) for level in levels]
+    else:  # the levels as lists of flows
+        flow_lists = cast("Sequence[Sequence[nf.flows.Flow]]", levels)
+        multiscale_levels = [NormflowsLevel(level) for level in flow_lists]
     # the core runs (and restores the modes of) every flow of the model, wrapped
     return core_contributions.estimate_contributions(
         transform,

@@ -38,7 +38,9 @@ class _ResidualWrapper(nf.flows.Flow):
 
     _block_class: type = residual.ResidualFlowBlock
 
-    def __init__(self, shape: int | Sequence[int], hidden_channels: int = 32, **kwargs: Any):
+    def __init__(
+        self, shape: int | Sequence[int], hidden_channels: int = 32, **kwargs: Any
+    ) -> None:
         super().__init__()
         self.block = self._block_class(shape, hidden_channels, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from nflows.transforms import autoregressive as nflows_autoregressive
 from nflows.utils import torchutils
+from torch import Tensor
 from torch.nn import functional as F
 
 from lcma_ext.transforms.base import DiagMixin, check_ndim
@@ -31,7 +32,9 @@ class MaskedAffineAutoregressiveTransform(
         inputs: ``(B, features)``.
     """
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         check_ndim(inputs, (2,), type(self).__name__)
         if inputs.shape[1] != self.features:
             raise ValueError(

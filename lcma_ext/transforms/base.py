@@ -135,7 +135,9 @@ class CompositeTransform(DiagMixin, nflows_base.CompositeTransform):
     first component that is not diag-aware.
     """
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         outputs = inputs
         total_logabsdet = inputs.new_zeros(inputs.shape[0])
         for index, transform in enumerate(self._transforms):
@@ -144,7 +146,7 @@ class CompositeTransform(DiagMixin, nflows_base.CompositeTransform):
             total_logabsdet += logabsdet
         return outputs, total_logabsdet, diag
 
-    def carry(self, tensor, context=None):
+    def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         for index, transform in enumerate(self._transforms):
             component = require_diag_aware(transform, f"CompositeTransform component {index}")
             tensor = component.carry(tensor, context)

@@ -13,10 +13,12 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from nflows.transforms import coupling as nflows_coupling
 from nflows.utils import torchutils
-from torch import Tensor
+from torch import Tensor, nn
 
 from lcma_ext.transforms.base import DiagMixin, check_ndim, require_diag_aware
 from lcma_ext.transforms.nonlinearities import PiecewiseRationalQuadraticCDF
@@ -35,10 +37,21 @@ class _CouplingDiagMixin(DiagMixin):
     transformed half and its elementwise log|derivative| (not summed).
     """
 
-    def _elementwise_forward(self, inputs: Tensor, transform_params: Tensor):
+    # set by the nflows CouplingTransform this mixin is combined with
+    features: int
+    identity_features: Tensor
+    transform_features: Tensor
+    transform_net: nn.Module
+    unconditional_transform: nn.Module | None
+
+    def _elementwise_forward(
+        self, inputs: Tensor, transform_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         check_ndim(inputs, (2, 4), type(self).__name__)
         if inputs.shape[1] != self.features:
             raise ValueError(
@@ -79,7 +92,9 @@ class AffineCouplingTransform(_CouplingDiagMixin, nflows_coupling.AffineCoupling
         inputs: ``(B, D)`` or ``(B, C, H, W)``; the mask acts on dim 1.
     """
 
-    def _elementwise_forward(self, inputs, transform_params):
+    def _elementwise_forward(
+        self, inputs: Tensor, transform_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         scale, shift = self._scale_and_shift(transform_params)
         log_scale = torch.log(scale)
         return inputs * scale + shift, log_scale
@@ -91,7 +106,9 @@ class AdditiveCouplingTransform(_CouplingDiagMixin, nflows_coupling.AdditiveCoup
     Volume preserving: every contribution is 0 (unless an unconditional transform is set).
     """
 
-    def _elementwise_forward(self, inputs, transform_params):
+    def _elementwise_forward(
+        self, inputs: Tensor, transform_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         scale, shift = self._scale_and_shift(transform_params)
         log_scale = torch.log(scale)
         return inputs * scale + shift, log_scale
@@ -110,17 +127,17 @@ class PiecewiseRationalQuadraticCouplingTransform(
 
     def __init__(
         self,
-        mask,
-        transform_net_create_fn,
-        num_bins=10,
-        tails=None,
-        tail_bound=1.0,
-        apply_unconditional_transform=False,
-        img_shape=None,
-        min_bin_width=nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_BIN_WIDTH,
-        min_bin_height=nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_BIN_HEIGHT,
-        min_derivative=nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_DERIVATIVE,
-    ):
+        mask: Tensor | Sequence[int],
+        transform_net_create_fn: Callable[[int, int], nn.Module],
+        num_bins: int = 10,
+        tails: str | None = None,
+        tail_bound: float = 1.0,
+        apply_unconditional_transform: bool = False,
+        img_shape: Sequence[int] | None = None,
+        min_bin_width: float = nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_BIN_WIDTH,
+        min_bin_height: float = nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_BIN_HEIGHT,
+        min_derivative: float = nflows_coupling.splines.rational_quadratic.DEFAULT_MIN_DERIVATIVE,
+    ) -> None:
         super().__init__(
             mask,
             transform_net_create_fn,
@@ -145,7 +162,9 @@ class PiecewiseRationalQuadraticCouplingTransform(
                 min_derivative=min_derivative,
             )
 
-    def _elementwise_forward(self, inputs, transform_params):
+    def _elementwise_forward(
+        self, inputs: Tensor, transform_params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         if inputs.dim() == 4:
             b, c, h, w = inputs.shape
             transform_params = transform_params.reshape(b, c, -1, h, w).permute(0, 1, 3, 4, 2)

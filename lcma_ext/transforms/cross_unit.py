@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,9 @@ def default_conditioner(in_channels: int, out_channels: int, hidden: int = 32) -
         nn.SiLU(),
         nn.Conv2d(hidden, out_channels, 3, padding=1),
     )
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
+    last = cast(nn.Conv2d, net[-1])  # the output layer built just above
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(cast(Tensor, last.bias))  # built with bias=True
     return net
 
 
@@ -67,8 +69,9 @@ def _vector_conditioner(in_features: int, out_features: int, hidden: int = 32) -
         nn.SiLU(),
         nn.Linear(hidden, out_features),
     )
-    nn.init.zeros_(net[-1].weight)
-    nn.init.zeros_(net[-1].bias)
+    last = cast(nn.Linear, net[-1])  # the output layer built just above
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(cast(Tensor, last.bias))  # built with bias=True
     return net
 
 
@@ -221,7 +224,9 @@ class CrossUnitCoupling(DiagMixin, Transform):
         noise_diag = log_sigma + self._neg_log_base(noise)
         return outputs, noise_diag.flatten(1).sum(1), torch.cat([diag, noise_diag], dim=1)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         return self.forward_with_diag(inputs, context, diag)
 
     def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:

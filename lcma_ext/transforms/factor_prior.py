@@ -35,6 +35,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -96,7 +97,7 @@ class ConditionalGaussianPrior(nn.Module):
         self.logscale_factor = float(logscale_factor)
         features = self.factored_shape[0]
         if len(self.kept_shape) == 3:
-            self.net: nn.Module = nn.Conv2d(
+            self.net: nn.Conv2d | nn.Linear = nn.Conv2d(
                 self.kept_shape[0], 2 * features, kernel_size, padding=kernel_size // 2
             )
             self.logs = nn.Parameter(torch.zeros(2 * features, 1, 1))
@@ -104,7 +105,7 @@ class ConditionalGaussianPrior(nn.Module):
             self.net = nn.Linear(self.kept_shape[0], 2 * features)
             self.logs = nn.Parameter(torch.zeros(2 * features))
         nn.init.zeros_(self.net.weight)
-        nn.init.zeros_(self.net.bias)
+        nn.init.zeros_(cast(Tensor, self.net.bias))  # built with bias=True
 
     def _check(self, tensor: Tensor, shape: tuple[int, ...], name: str) -> None:
         if tuple(tensor.shape[1:]) != shape:

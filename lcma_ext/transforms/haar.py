@@ -148,7 +148,9 @@ class HaarSqueezeTransform(SqueezeTransform):
         b, _, c, h, w = blocks.shape
         return blocks.reshape(b, 4 * c, h, w)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         outputs, logabsdet = self.forward(inputs, context)
         return outputs, logabsdet, self.carry(diag)
 

@@ -82,12 +82,12 @@ class LULinear(DiagMixin, nflows_lu.LULinear):
 
     def __init__(
         self,
-        features,
-        using_cache=False,
-        identity_init=True,
-        eps=1e-3,
+        features: int,
+        using_cache: bool = False,
+        identity_init: bool = True,
+        eps: float = 1e-3,
         attribution: str = "svd-energy",
-    ):
+    ) -> None:
         super().__init__(features, using_cache=using_cache, identity_init=identity_init, eps=eps)
         self.attribution = check_attribution(attribution)
 
@@ -97,7 +97,9 @@ class LULinear(DiagMixin, nflows_lu.LULinear):
             return torch.log(self.upper_diag)
         return svd_attribution(self.weight(), self.attribution)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         check_ndim(inputs, (2,), type(self).__name__)
         if inputs.shape[1] != self.features:
             raise ValueError(
@@ -126,11 +128,11 @@ class OneByOneConvolution(DiagMixin, nflows_conv.OneByOneConvolution):
 
     def __init__(
         self,
-        num_channels,
-        using_cache=False,
-        identity_init=True,
+        num_channels: int,
+        using_cache: bool = False,
+        identity_init: bool = True,
         attribution: str = "svd-energy",
-    ):
+    ) -> None:
         super().__init__(num_channels, using_cache=using_cache, identity_init=identity_init)
         self.attribution = check_attribution(attribution)
 
@@ -143,11 +145,13 @@ class OneByOneConvolution(DiagMixin, nflows_conv.OneByOneConvolution):
             return torch.log(self.upper_diag)
         return svd_attribution(self.weight(), self.attribution)
 
-    def carry(self, tensor, context=None):
+    def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         check_ndim(tensor, (4,), type(self).__name__)
         return torch.index_select(tensor, 1, self.permutation._permutation)
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         check_ndim(inputs, (4,), type(self).__name__)
         if inputs.shape[1] != self.features:
             raise ValueError(

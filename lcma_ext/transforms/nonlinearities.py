@@ -9,6 +9,7 @@ from __future__ import annotations
 from nflows.transforms import nonlinearities as nflows_nonlinearities
 from nflows.transforms import splines
 from nflows.utils import torchutils
+from torch import Tensor
 
 from lcma_ext.transforms.base import DiagMixin
 
@@ -22,7 +23,9 @@ class PiecewiseRationalQuadraticCDF(DiagMixin, nflows_nonlinearities.PiecewiseRa
     log-derivative of its spline. Same constructor as nflows.
     """
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         batch_size = inputs.shape[0]
         share = nflows_nonlinearities._share_across_batch
         if self.tails is None:

@@ -44,7 +44,9 @@ class ActNorm(DiagMixin, nflows_normalization.ActNorm):
         spatial = inputs.shape[2] * inputs.shape[3] if inputs.dim() == 4 else 1
         return outputs, spatial * torch.sum(self.log_scale) * outputs.new_ones(inputs.shape[0])
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         check_ndim(inputs, (2, 4), type(self).__name__)
         if inputs.shape[1] != self.log_scale.shape[0]:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nflows.transforms import reshape as nflows_reshape
+from torch import Tensor
 
 from lcma_ext.transforms.base import DiagMixin, check_ndim
 
@@ -19,7 +20,7 @@ class SqueezeTransform(DiagMixin, nflows_reshape.SqueezeTransform):
         inputs: ``(B, C, H, W)`` with ``H`` and ``W`` divisible by ``factor``.
     """
 
-    def _check(self, tensor):
+    def _check(self, tensor: Tensor) -> None:
         check_ndim(tensor, (4,), "SqueezeTransform")
         h, w = tensor.shape[2:]
         if h % self.factor or w % self.factor:
@@ -27,11 +28,13 @@ class SqueezeTransform(DiagMixin, nflows_reshape.SqueezeTransform):
                 f"SqueezeTransform: expected H and W divisible by {self.factor}; got {h}x{w}"
             )
 
-    def carry(self, tensor, context=None):
+    def carry(self, tensor: Tensor, context: Tensor | None = None) -> Tensor:
         self._check(tensor)
         return nflows_reshape.SqueezeTransform.forward(self, tensor)[0]
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check(inputs)
         outputs, logabsdet = self.forward(inputs, context)
         return outputs, logabsdet, self.carry(diag)

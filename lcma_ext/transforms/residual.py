@@ -71,6 +71,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from nflows.transforms.base import Transform
@@ -165,7 +166,8 @@ def _functional_vjp(net: nn.Module, x: Tensor) -> tuple[Tensor, VectorJacobian]:
     with ``create_graph=True``; ``torch.autograd.grad`` and ``requires_grad_`` would break the
     graph instead.
     """
-    g, pullback = torch.func.vjp(net, x)
+    # torch types vjp's result as if has_aux (a third value) could be set
+    g, pullback = torch.func.vjp(net, x)  # type: ignore[misc]
     return g, lambda w: pullback(w)[0]
 
 
@@ -237,7 +239,9 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, block, x, plan, *params):  # type: ignore[override]
+    def forward(
+        ctx: Any, block: _ResidualBlock, x: Tensor, plan: _Plan, *params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             x_leaf = x.detach().requires_grad_(True)
             g = block.net(x_leaf)
@@ -255,7 +259,7 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
         return g.detach(), logdet.detach()
 
     @staticmethod
-    def backward(ctx, grad_g, grad_logdet):  # type: ignore[override]
+    def backward(ctx: Any, grad_g: Tensor, grad_logdet: Tensor) -> tuple[Tensor | None, ...]:
         g, x_leaf, params = ctx.g, ctx.x_leaf, ctx.params
         weights = grad_logdet.view(-1, *([1] * (x_leaf.dim() - 1))) / len(ctx.probes)
         with torch.enable_grad():
@@ -268,7 +272,7 @@ class _MemoryEfficientNeumann(torch.autograd.Function):
         return (None, grads[0], None, *grads[1:])
 
 
-@torch.compiler.disable
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it unannotated
 def _autograd_logdet_eagerly(
     block: _ResidualBlock, x: Tensor, want_diag: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -422,7 +426,8 @@ class _ResidualBlock(DiagMixin, Transform):
         neumann = self._neumann(differentiable)
         if neumann and self._uses_memory_efficient() and not want_diag:
             params = [p for p in self.net.parameters() if p.requires_grad]
-            g, logdet = _MemoryEfficientNeumann.apply(self, x, plan, *params)
+            # torch leaves Function.apply unannotated
+            g, logdet = _MemoryEfficientNeumann.apply(self, x, plan, *params)  # type: ignore[no-untyped-call]
             return g, logdet, None
         with torch.enable_grad():
             x_in = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -473,10 +478,12 @@ class _ResidualBlock(DiagMixin, Transform):
         g, logdet, _ = self._logdet(inputs, want_diag=False)
         return inputs + g, logdet
 
-    def _forward_with_diag(self, inputs, context, diag):
+    def _forward_with_diag(
+        self, inputs: Tensor, context: Tensor | None, diag: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         self._check_inputs(inputs, context)
         g, logdet, own = self._logdet(inputs, want_diag=True)
-        return inputs + g, logdet, diag + own
+        return inputs + g, logdet, diag + cast(Tensor, own)  # want_diag: never None
 
     # --- inverse ----------------------------------------------------------------------------------
 
@@ -560,7 +567,7 @@ class InvertibleResNetBlock(_ResidualBlock):
         *,
         n_terms: int = 5,
         eval_n_terms: int = 20,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(shape, hidden_channels, **kwargs)
         self.n_terms = _check_positive_int(n_terms, "n_terms")
@@ -623,7 +630,7 @@ class ResidualFlowBlock(_ResidualBlock):
         poisson_lambda: float = 2.0,
         neumann_grad: bool = True,
         memory_efficient: bool = True,
-        **kwargs,
+        **kwargs: Any,
     ) -> None:
         super().__init__(shape, hidden_channels, **kwargs)
         self.n_exact_terms = _check_positive_int(n_exact_terms, "n_exact_terms", 0)

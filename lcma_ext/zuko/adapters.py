@@ -187,7 +187,7 @@ def _elementwise(transform: td.Transform, x: Tensor, diag: Tensor) -> DiagResult
             f"{type(transform).__name__}: expected an elementwise transform (event_dim=0) for a "
             f"per-dimension log-det; got event_dim={transform.domain.event_dim}"
         )
-    y, ladj = transform.call_and_ladj(x)
+    y, ladj = transform.call_and_ladj(x)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
     own = torch.broadcast_to(torch.as_tensor(ladj, dtype=y.dtype, device=y.device), y.shape)
     return y, ladj, diag + own
 
@@ -234,7 +234,7 @@ def _linear_weight(transform: td.Transform) -> Tensor:
     if isinstance(transform, zt.RotationTransform):
         weight = transform.R
     else:
-        weight = transform.L @ transform.U
+        weight = transform.L @ transform.U  # type: ignore[attr-defined]  # zuko's LULinearTransform
     if weight.dim() != 2:
         raise ValueError(
             f"{type(transform).__name__}: expected one (D, D) matrix for an attribution; got a "
@@ -265,19 +265,19 @@ def _linear(transform: td.Transform, x: Tensor, diag: Tensor, attribution: str) 
             f"{type(transform).__name__}: expected {size} features in the last dimension; got "
             f"shape {tuple(x.shape)}"
         )
-    y, ladj = transform.call_and_ladj(x)
+    y, ladj = transform.call_and_ladj(x)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
     return y, ladj, diag + _linear_shares(transform, attribution).to(diag.dtype)
 
 
-def _inverse(transform: td._InverseTransform, x: Tensor, diag: Tensor, attr: str) -> DiagResult:
+def _inverse(transform: td.Transform, x: Tensor, diag: Tensor, attr: str) -> DiagResult:
     forward = transform.inv
     if isinstance(forward, zt.PermutationTransform):
         order = _permutation_order(forward, x)
-        y, ladj = transform.call_and_ladj(x)
+        y, ladj = transform.call_and_ladj(x)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
         return y, ladj, diag[..., torch.argsort(order)]
     if not _is_triangular_in_place(forward):
         raise _unsupported(transform, f"the inverse of {_name(forward)}")
-    y, ladj = transform.call_and_ladj(x)
+    y, ladj = transform.call_and_ladj(x)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
     # inverse of a triangular map g at x: diagonal 1 / g'_ii(y), so -(g's own map at y)
     _, _, own = call_and_ladj_with_diag(forward, y, torch.zeros_like(y), attr)
     return y, ladj, diag - own

@@ -247,12 +247,12 @@ class ZukoLevel(DiagMixin, nflows_base.Transform):
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data to noise: ``(outputs, logabsdet)``, zuko's ``call_and_ladj``."""
         self._check(inputs)
-        outputs, ladj = self._transform(context).call_and_ladj(inputs)
+        outputs, ladj = self._transform(context).call_and_ladj(inputs)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
         return outputs, _per_example(ladj, inputs)
 
     def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Noise to data: ``(outputs, logabsdet)`` of the inverse transform."""
-        outputs, ladj = self._transform(context).inv.call_and_ladj(inputs)
+        outputs, ladj = self._transform(context).inv.call_and_ladj(inputs)  # type: ignore[attr-defined]  # zuko adds it to torch's Transform
         return outputs, _per_example(ladj, inputs)
 
     def _forward_with_diag(

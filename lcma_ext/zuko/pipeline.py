@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,9 @@ LevelFactory = Callable[[int, tuple[int, ...]], Any]
 BaseFactory = Callable[[tuple[int, ...]], LazyDistribution]
 
 
-def _wrap(level_factory: LevelFactory, attribution: str) -> Callable[[int, tuple], ZukoLevel]:
+def _wrap(
+    level_factory: LevelFactory, attribution: str
+) -> Callable[[int, tuple[int, ...]], ZukoLevel]:
     """The factory as the core expects it: one diag-aware :class:`ZukoLevel` per level."""
 
     def factory(index: int, shape: tuple[int, ...]) -> ZukoLevel:
@@ -277,7 +279,7 @@ def estimate_contributions(
     ]
     count = sum(maps.num_examples for maps in per_batch)
     data_maps = [
-        sum(maps.data_maps[index] * maps.num_examples for maps in per_batch) / count
+        cast(Tensor, sum(maps.data_maps[index] * maps.num_examples for maps in per_batch)) / count
         for index in range(len(nms_levels) - 1)
     ]
     return ContributionMaps(
