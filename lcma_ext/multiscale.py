@@ -196,6 +196,8 @@ def walk_levels(
                 factored, kept = split.output_shapes(output)
             factored, kept = _as_shape(factored), _as_shape(kept)
         yield LevelShapes(index, level, shape, positions, factored, kept)
+        if last:
+            return  # no next level: its input shape is not needed (and may not exist)
         shape = kept if kept is not None else _nms_next_shape(output, placement)
 
 
