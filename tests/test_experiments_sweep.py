@@ -236,10 +236,63 @@ def test_update_science_cost_block_lists_every_data_driven_arm_of_the_runs(
     assert _update_science().main([str(out), "--cost", "--doc", str(doc)]) == 2  # no results.json
 
 
+def _recipe_run(folder: Path, recipe: dict[str, Any], bpd: dict[str, list[float]]) -> Path:
+    """A results.json of the fields update_science --recipe reads (not a trained run)."""
+    config = {"dataset": "patches", "model": "realnvp", "size": "tiny", "levels": 4}
+    config |= {"epochs": 10, "nms_epochs": 10, "seeds": [0, 1, 2], "batch_size": 64, **recipe}
+    best = min(bpd, key=lambda arm: statistics.fmean(bpd[arm]))
+    arms: dict[str, Any] = {}
+    for arm, values in bpd.items():
+        diffs = [a - b for a, b in zip(values, bpd[best], strict=True)]
+        # interval and verdict as given (the renderer copies them; stats are tested elsewhere)
+        versus = {"reference": best, "mean": statistics.fmean(diffs), "ci95": [0.065, 0.115]}
+        versus["verdict"] = "worse"
+        arms[arm] = {"bpd_per_seed": values, "vs_best_static": None if arm == best else versus}
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps({"config": config, "arms": arms}))
+    return folder
+
+
+def test_update_science_recipe_block_compares_two_recipes_per_arm(tmp_path: Path) -> None:
+    before = _recipe_run(
+        tmp_path / "before",
+        {"lr": 1e-3, "grad_clip": 100.0},
+        {"channel": [4.7, 4.9, 4.8], "lcma": [4.8, 5.1, 4.9]},
+    )
+    after = _recipe_run(
+        tmp_path / "after",
+        {"lr": 1e-2, "grad_clip": 20.0, "warmup_steps": 100, "lr_schedule": "cosine"},
+        {"channel": [3.96, 3.92, 3.95], "lcma": [4.05, 4.02, 4.03]},
+    )
+    doc = tmp_path / "science.md"
+    doc.write_text("intro\n<!-- recipe:start -->\nold\n<!-- recipe:end -->\nend\n")
+    assert _update_science().main(["--recipe", str(before), str(after), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "`--recipe legacy`" in text
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in text.splitlines()}
+    channel, lcma = rows["| channel"], rows["| lcma"]
+    std = statistics.stdev
+    assert channel[1] == f"{statistics.fmean([4.7, 4.9, 4.8]):.4f} ± {std([4.7, 4.9, 4.8]):.4f}"
+    ratio = std([3.96, 3.92, 3.95]) / std([4.7, 4.9, 4.8])
+    assert channel[3] == f"{ratio:.2f}" and "is the best static split" in channel[5]
+    diffs = [0.09, 0.10, 0.08]  # lcma − channel after: every seed worse, the interval above 0
+    assert lcma[6] == f"{statistics.fmean(diffs):+.4f} vs channel, [+0.0650, +0.1150], **worse** |"
+    # folders that differ in more than the recipe are refused with one line
+    other = json.loads((after / "results.json").read_text())
+    other["config"]["epochs"] = 30
+    (after / "results.json").write_text(json.dumps(other))
+    assert _update_science().main(["--recipe", str(before), str(after), "--doc", str(doc)]) == 2
+
+
 def test_docs_science_md_has_one_generated_block_per_marker() -> None:
     """The page update_science.py fills: its blocks exist once, and no figure is typed there."""
     text = (BENCHMARKS.parent / "docs" / "science.md").read_text()
-    generated = {"sweep": "### lcma-ext sweep", "gpu": "### lcma-ext sweep", "cost": "| model |"}
+    generated = {
+        "sweep": "### lcma-ext sweep",
+        "gpu": "### lcma-ext sweep",
+        "cost": "| model |",
+        "recipe": "| arm | before:",
+    }
     for marker, heading in generated.items():
         assert text.count(f"<!-- {marker}:start -->") == text.count(f"<!-- {marker}:end -->") == 1
         block = text.split(f"<!-- {marker}:start -->")[1].split(f"<!-- {marker}:end -->")[0]
