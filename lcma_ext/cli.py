@@ -205,7 +205,7 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     )
     add(
         "--out",
-        type=Path,
+        type=_folder,
         default=None,
         help="run folder (default: runs/<command>-<dataset>-<model>-<size>[-quick])",
     )
@@ -517,6 +517,13 @@ def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The :class:`SweepConfig` of parsed ``sweep`` arguments (``--out``: the sweep folder)."""
     base = config_from_args(argparse.Namespace(**{**vars(args), "command": "run", "out": None}))
     return SweepConfig(base, sizes=args.sizes, epoch_budgets=args.epoch_budgets, out=args.out)
+
+
+def _folder(text: str) -> Path:
+    """``--out``: a folder name (an empty one would write the run into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder name; got {text!r}")
+    return Path(text)
 
 
 def _one_line(error: BaseException) -> str:

@@ -358,7 +358,7 @@ class ContributionMaps:
                 factor_out=state["factor_out"],
                 num_examples=int(state["num_examples"]),
             )
-            maps.tracked  # noqa: B018 - maps that do not track are refused here, named
+            maps.tracked()  # maps that do not track are refused here, named
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
             detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
             raise CorruptFileError(path, expected, f"inconsistent content ({detail})") from error

@@ -48,6 +48,7 @@ class CorruptFileError(ValueError):
 
     def __init__(self, path: str | Path, expected: str, detail: str) -> None:
         self.path = Path(path)
+        self.detail = detail
         super().__init__(f"expected {expected} in {str(path)!r}; got {detail}")
 
 

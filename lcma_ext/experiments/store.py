@@ -602,7 +602,7 @@ class RunStore:
                 path, "a checkpoint written by save_checkpoint", device, weights_only=False
             )
         except CorruptFileError as error:
-            raise StateFileError(path, error.__cause__ or _detail(error)) from error
+            raise StateFileError(path, error.__cause__ or error.detail) from error
         if not isinstance(state, dict):
             raise StateFileError(path, "not a checkpoint of lcma-ext")
         self.verify(path, stamp)
@@ -652,7 +652,7 @@ class RunStore:
             self.verify(path, stamp)
             return ContributionMaps.load(path)
         except CorruptFileError as error:
-            raise StateFileError(path, error.__cause__ or _detail(error)) from error
+            raise StateFileError(path, error.__cause__ or error.detail) from error
 
     def save_maps(self, maps: ContributionMaps) -> None:
         """Write ``contributions.pt`` with the folder's stamp."""
@@ -697,10 +697,6 @@ def foreign_weights(path: Path, error: BaseException) -> RunMismatchError:
         f"{str(path)!r} holds the weights of another model ({first}); delete it and rerun the "
         "same command to redo that step"
     )
-
-
-def _detail(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def _check_same_config(
