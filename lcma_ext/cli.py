@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcma_ext.data import DATASETS
-from lcma_ext.distributed import world
+from lcma_ext.distributed import lost_peer, world
 from lcma_ext.experiments import (
     ARMS,
     GRANULARITY_ARMS,
@@ -567,6 +567,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lcma-ext: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        if not (world().distributed and lost_peer(error)):
+            raise
+        print(
+            f"lcma-ext {args.command}: error: rank {world().rank}: another process of this "
+            f"torchrun job stopped ({_one_line(error)[:100]}...); rerun the same torchrun "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

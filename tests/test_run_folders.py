@@ -335,3 +335,22 @@ def test_a_full_disk_names_the_file_and_the_rerun_resumes(tmp_path, capsys, monk
     monkeypatch.setattr(torch, "save", save)
     _ok(capsys, _run(out))
     assert (out / "results.json").is_file()
+
+
+def test_a_killed_ddp_rank_leaves_one_line_per_surviving_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    worker = Path(__file__).parent / "workers" / "ddp_kill.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--monitor-interval", "2", "--nproc_per_node", "2"]
+    command += [str(worker), *_run(tmp_path / "run")]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode != 0
+    survivor = [line for line in done.stderr.splitlines() if "lcma-ext run: error:" in line]
+    assert len(survivor) == 1, done.stderr
+    assert "rank 0: another process of this torchrun job stopped" in survivor[0]
+    assert "rerun the same torchrun command to resume" in survivor[0]
+    assert "[rank0]: Traceback" not in done.stderr and "rank 0 exit status 1" in done.stderr
