@@ -354,3 +354,46 @@ def test_a_killed_ddp_rank_leaves_one_line_per_surviving_process(tmp_path):
     assert "rank 0: another process of this torchrun job stopped" in survivor[0]
     assert "rerun the same torchrun command to resume" in survivor[0]
     assert "[rank0]: Traceback" not in done.stderr and "rank 0 exit status 1" in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# folders of earlier versions
+
+
+def _as_earlier_version(out: Path) -> None:
+    """Remove what fingerprints added: provenance.json and every file's stamp."""
+    (out / "provenance.json").unlink()
+    for path in out.rglob("*.pt"):
+        state = torch.load(path, weights_only=False)
+        state.pop("stamp", None)
+        torch.save(state, path)
+    for path in (out / "runs").glob("*.json"):
+        summary = json.loads(path.read_text())
+        summary.pop("stamp", None)
+        path.write_text(json.dumps(summary))
+
+
+def test_a_folder_of_an_earlier_version_resumes_with_one_warning(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    out = _copy(a, tmp_path)
+    _as_earlier_version(out)
+    (out / "runs" / "lcma_seed0.json").unlink()
+    err = _ok(capsys, _run(out))
+    warnings = [line for line in err.splitlines() if "earlier version" in line]
+    assert len(warnings) == 1 and "used unverified" in warnings[0]
+    assert _bpd(out, "lcma_seed0") == _bpd(a, "lcma_seed0")
+    assert json.loads((out / "provenance.json").read_text())["unverified_files"] is True
+    assert "stamp" in json.loads((out / "runs" / "lcma_seed0.json").read_text())
+    _ok(capsys, _run(out))  # and again: the unstamped files stay accepted
+
+
+def test_an_earlier_versions_folder_is_read_with_one_warning(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    out = _copy(a, tmp_path)
+    _as_earlier_version(out)
+    err = _ok(capsys, ["evaluate", str(out)])
+    assert len([line for line in err.splitlines() if "earlier version" in line]) == 1
+    rows = json.loads((out / "evaluation.json").read_text())["rows"]
+    recorded = {row["arm"]: row["recorded_bpd"] for row in rows}
+    assert recorded["lcma"] == _bpd(a, "lcma_seed0")
+    assert json.loads((out / "results.json").read_text())["arms"]["lcma"]["bpd_per_seed"]
