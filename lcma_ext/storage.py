@@ -17,6 +17,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -97,12 +98,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise DiskFullError(path) from error
         raise
     except RuntimeError as error:  # torch.save reports a failed write as a RuntimeError
-        if _disk_full_cause(error):
+        if _disk_full_cause(error) or (_write_failed(error) and _nearly_full(path.parent)):
             raise DiskFullError(path) from error
+        if _write_failed(error):
+            detail = " ".join(str(error).split())[-120:]
+            raise OSError(
+                errno.EIO, f"could not write {str(path)!r} ({detail}); rerun the same command"
+            ) from error
         raise
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+#: Free bytes below which a failed write is put down to a full disk.
+_NEARLY_FULL = 16 * 2**20
+
+
+def _write_failed(error: BaseException) -> bool:
+    """True for torch's C++ writer failing to write (it gives no ``errno``)."""
+    return "PytorchStreamWriter failed" in str(error) or "file write failed" in str(error)
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL
+    except OSError:
+        return False
 
 
 def _disk_full_cause(error: BaseException) -> bool:

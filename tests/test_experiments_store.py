@@ -72,13 +72,17 @@ def test_a_full_disk_in_torchs_writer_names_the_file(tmp_path, monkeypatch):
 
     import torch
 
+    from lcma_ext import storage
     from lcma_ext.storage import DiskFullError, atomic_save
 
     def full(obj: object, path: object) -> None:
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(RuntimeError, match="file write failed"):  # not a full disk: as it was
+    with pytest.raises(OSError, match=r"could not write .*a\.pt.*file write failed"):  # disk ok
+        atomic_save({}, tmp_path / "a.pt")
+    monkeypatch.setattr(storage, "_NEARLY_FULL", 2**62)  # as if the disk were full
+    with pytest.raises(DiskFullError):
         atomic_save({}, tmp_path / "a.pt")
 
     def no_space(obj: object, path: object) -> None:

@@ -70,15 +70,10 @@ from lcma_ext.plotting import (
     save_image_grid,
 )
 from lcma_ext.sampling import sample_images
+from lcma_ext.training import TrainConfig, TrainResult, evaluate_bpd, train_flow
 
 if TYPE_CHECKING:
     from lcma_ext.contributions import ContributionMaps
-from lcma_ext.training import (
-    TrainConfig,
-    TrainResult,
-    evaluate_bpd,
-    train_flow,
-)
 
 __all__ = [
     "CONTRIBUTION_EXAMPLES",

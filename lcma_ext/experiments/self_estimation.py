@@ -332,8 +332,9 @@ class PhasedTrainer:
                 )
         phases = self.phases(job)
         first = self._first_phase(job, len(phases))
-        if self._path(job, first).is_file():
-            _load(job, self._path(job, first), device)  # named before training resumes from it
+        for phase in range(first, len(phases)):  # named before training resumes from one
+            if self._path(job, phase).is_file():
+                _load(job, self._path(job, phase), device)
         switches = [_load(job, self._path(job, p, "switch"), device) for p in range(1, first + 1)]
         flow = job.flow
         if switches:

@@ -343,9 +343,15 @@ class Provenance:
 
 
 def build_nms_flow(model: str, size: str, shape: tuple[int, int, int], levels: int) -> Flow:
-    """The NMS flow of a run (untrained), as the runner builds it: ``levels`` levels of
-    ``model``/``size`` on images of ``shape``, no split (:func:`lcma_ext.pipeline.
-    build_nms_transform`). Its weights come from torch's global generator (seed it first).
+    """The untrained NMS flow of a run, as the runner builds it (the one place it is built).
+
+    ``levels`` levels of ``model`` / ``size`` on images of ``shape``, no split
+    (:func:`lcma_ext.pipeline.build_nms_transform`), in an nflows ``Flow`` with a standard
+    normal base. Its weights come from torch's global generator: seed it first (the runner
+    uses ``torch.manual_seed(0)``), or fork it to leave it alone.
+
+    Shapes:
+        shape: ``(C, H, W)`` of the images.
     """
     from lcma_ext.models import build_flow, make_level_factory
     from lcma_ext.pipeline import build_nms_transform
@@ -503,6 +509,11 @@ class RunStore:
 
     def _check_same_run(self, stored: Provenance, new: Provenance) -> None:
         old, now, path = stored.identity, new.identity, str(self.provenance_path)
+        if old.config != now.config:  # config.json matched, or was missing
+            raise RunMismatchError(
+                f"expected the configuration recorded in {path!r}; got another one (its "
+                f"config.json was deleted or edited): choose another --out"
+            )
         for which, before, after in (
             ("training", old.train_data, now.train_data),
             ("test", old.test_data, now.test_data),
