@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lcma_ext.data import DATASETS
-from lcma_ext.distributed import world
+from lcma_ext.distributed import lost_peer, world
 from lcma_ext.experiments import (
     ARMS,
     GRANULARITY_ARMS,
@@ -205,7 +205,7 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     )
     add(
         "--out",
-        type=Path,
+        type=_folder,
         default=None,
         help="run folder (default: runs/<command>-<dataset>-<model>-<size>[-quick])",
     )
@@ -520,6 +520,13 @@ def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
     return SweepConfig(base, sizes=args.sizes, epoch_budgets=args.epoch_budgets, out=args.out)
 
 
+def _folder(text: str) -> Path:
+    """``--out``: a folder name (an empty one would write the run into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder name; got {text!r}")
+    return Path(text)
+
+
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -561,6 +568,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lcma-ext: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        if not (world().distributed and lost_peer(error)):
+            raise
+        print(
+            f"lcma-ext {args.command}: error: rank {world().rank}: another process of this "
+            f"torchrun job stopped ({_one_line(error)[:100]}...); rerun the same torchrun "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

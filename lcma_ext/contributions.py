@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -48,7 +48,7 @@ from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
 from lcma_ext.flows import eval_mode, flow_parts
 from lcma_ext.multiscale import LevelFactory, build_levels, walk_levels
 from lcma_ext.splits import FACTOR_OUT, PLACEMENTS, MapLayout, Split, SplitSpec, with_layout
-from lcma_ext.storage import CorruptFileError, atomic_save, load_torch_file
+from lcma_ext.storage import CorruptFileError, atomic_save, load_stamped, stamped
 from lcma_ext.transforms.base import require_diag_aware
 
 __all__ = ["ContributionMaps", "TrackedSplits", "estimate_contributions", "track_splits"]
@@ -316,11 +316,12 @@ class ContributionMaps:
                     "before building them, or pass remap=True"
                 )
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, identity: Mapping[str, Any] | None = None) -> None:
         """Write a small file of plain tensors, lists, strings and numbers, atomically.
 
         It loads with ``torch.load(path, weights_only=True)`` (no pickled classes); the
-        in-memory ``levels`` are not saved.
+        in-memory ``levels`` are not saved. The file carries a checksum of its content and
+        ``identity`` (:func:`lcma_ext.storage.stamped`), e.g. a run folder's fingerprints.
         """
         state = {
             "format": _FORMAT,
@@ -332,7 +333,7 @@ class ContributionMaps:
             "data_maps": [t.detach().cpu() for t in self.data_maps],
             "level_positions": [t.cpu() for t in self.level_positions],
         }
-        atomic_save(state, path)
+        atomic_save(stamped(state, identity), path)
 
     @classmethod
     def load(cls, path: str | Path) -> ContributionMaps:
@@ -340,11 +341,12 @@ class ContributionMaps:
 
         Raises:
             FileNotFoundError: if there is no such file.
-            CorruptFileError: (a ``ValueError``) if the file is corrupt, truncated, not a
-                contributions file or of an unknown version; the message names the file.
+            CorruptFileError: (a ``ValueError``) if the file is corrupt, truncated, changed on
+                disk (checksum), not a contributions file, of an unknown version, or maps that
+                do not track; the message names the file.
         """
         expected = "an lcma-ext contributions file"
-        state = load_torch_file(path, expected)
+        state, _ = load_stamped(path, expected)
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise CorruptFileError(path, expected, "another kind of file")
         if state.get("version") not in _READABLE_VERSIONS:
@@ -352,7 +354,7 @@ class ContributionMaps:
                 path, f"{expected} of version {_READABLE_VERSIONS}", f"{state.get('version')!r}"
             )
         try:
-            return cls(
+            maps = cls(
                 input_shape=tuple(state["input_shape"]),
                 placement=state["placement"],
                 data_maps=list(state["data_maps"]),
@@ -360,8 +362,11 @@ class ContributionMaps:
                 factor_out=state["factor_out"],
                 num_examples=int(state["num_examples"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
-            raise CorruptFileError(path, expected, f"inconsistent content ({error})") from error
+            maps.tracked()  # maps that do not track are refused here, named
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as error:
+            detail = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            raise CorruptFileError(path, expected, f"inconsistent content ({detail})") from error
+        return maps
 
 
 #: The fields of :class:`ContributionMaps` its tracked result is derived from.

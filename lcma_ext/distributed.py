@@ -33,8 +33,12 @@ __all__ = [
     "broadcast_object",
     "init_from_env",
     "launched_by_torchrun",
+    "lost_peer",
     "world",
 ]
+
+#: Words of the errors a collective raises when another process of the job is gone.
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "gloo")
 
 T = TypeVar("T")
 
@@ -115,6 +119,17 @@ def init_from_env(device: str | torch.device) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True when ``error`` is a collective's failure because another process stopped.
+
+    gloo reports a killed rank to the survivors as a ``RuntimeError`` (``Connection reset by
+    peer``); torch's own ``DistError`` family covers the other backends.
+    """
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(word in str(error) for word in _PEER_LOST)
 
 
 def barrier() -> None:

@@ -76,7 +76,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -94,7 +94,7 @@ from lcma_ext.data.preprocess import LogitPreprocessing
 from lcma_ext.distributed import World, all_gather_objects, all_reduce_sum, barrier, world
 from lcma_ext.flows import flow_dtype_device
 from lcma_ext.models.nets import scale_parameters
-from lcma_ext.storage import atomic_save, load_torch_file
+from lcma_ext.storage import atomic_save, load_stamped, stamped
 
 __all__ = [
     "DEFAULT_RECIPE",
@@ -578,23 +578,33 @@ def _eval_batches(data: ImageBatchesLike, batch_size: int) -> Iterator[Tensor]:
             yield _images(batch)
 
 
-def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """``torch.save(state, path)`` atomically (write to a temporary file, then rename)."""
-    atomic_save(state, path)
+def save_checkpoint(
+    path: str | Path, *, identity: Mapping[str, Any] | None = None, **state: Any
+) -> None:
+    """``torch.save(state, path)`` atomically (write to a temporary file, then rename).
+
+    The file carries a stamp (:func:`lcma_ext.storage.stamped`): a checksum of ``state``, which
+    :func:`load_checkpoint` verifies, and ``identity`` (e.g. a run folder's fingerprints).
+    """
+    atomic_save(stamped(state, identity), path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
+    The stamp's checksum is verified and the stamp left out of the returned state (a checkpoint
+    of an earlier version, without one, loads as it is).
+
     Raises:
-        ValueError: if ``path`` does not exist, or is corrupt or truncated (the message names
-            the file; the ``torch.load`` error is the ``__cause__``).
+        ValueError: if ``path`` does not exist, or is corrupt, truncated or changed on disk (its
+            content does not match its checksum); the message names the file (the
+            ``torch.load`` error is the ``__cause__``).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"expected a checkpoint file; got {str(path)!r} (not found)")
     expected = "a checkpoint written by save_checkpoint"
-    return load_torch_file(path, expected, map_location, weights_only=False)
+    return load_stamped(path, expected, map_location, weights_only=False)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,6 +793,7 @@ def train_flow(
     test_data: ImageBatchesLike | None = None,
     checkpoint_path: str | Path | None = None,
     desc: str = "train",
+    checkpoint_identity: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``flow`` by maximum likelihood on integer images, resuming from a checkpoint.
 
@@ -801,6 +812,9 @@ def train_flow(
             training resumes from it (model, optimizer, learning-rate schedule, EMA, epoch,
             curves, every random state).
         desc: Label of the progress bar.
+        checkpoint_identity: Recorded in every checkpoint's stamp (see
+            :func:`save_checkpoint`), e.g. the run folder's fingerprints; verifying it before a
+            resume is the caller's business.
 
     Returns:
         The :class:`TrainResult`. The flow holds the evaluation weights: the EMA parameters
@@ -931,6 +945,7 @@ def train_flow(
             if where.is_main:
                 save_checkpoint(
                     checkpoint,
+                    identity=checkpoint_identity,
                     model=flow.state_dict(),
                     optimizer=optimizer.state_dict(),
                     recipe=recipe.to_dict(),

@@ -197,11 +197,12 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for name in ("data_maps", "maps", "level_positions", "factored_positions", "kept_positions"):
         assert all(torch.equal(a, b) for a, b in zip(getattr(loaded, name), getattr(maps, name)))
     assert all(torch.equal(a.index, b.index) for a, b in zip(loaded.splits(), maps.splits()))
-    # only what was measured is stored; the rest is derived
+    # only what was measured is stored (and a checksum of it); the rest is derived
     assert set(raw) == {
         "format", "version", "input_shape", "placement", "factor_out", "num_examples",
-        "data_maps", "level_positions",
+        "data_maps", "level_positions", "stamp",
     }  # fmt: skip
+    assert set(raw["stamp"]) == {"checksum"}
     torch.save({"format": "other"}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="expected an lcma-ext contributions file"):
         ContributionMaps.load(tmp_path / "other.pt")

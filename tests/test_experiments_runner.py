@@ -220,8 +220,10 @@ def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path: Path) -> None:
         assert f"| {name} |" in text and "seed 0 (diverged)" in text
         row = next(r for r in cell_rows(stored) if r["arm"] == name)
         assert row["n"] == 0 and row["vs_best_static"]["verdict"] == "no evidence"
-        rows = evaluate_run(out)  # the diverged arm left no checkpoint
-        assert {r["arm"] for r in rows} == {"nms", "lcma", "channel"}
+        rows = evaluate_run(out)  # the diverged arm left no checkpoint: named, not rescored
+        assert {r["arm"] for r in rows} == {"nms", "lcma", "channel", name}
+        missing = next(r for r in rows if r["arm"] == name)
+        assert missing["bpd_kind"] == "no checkpoint" and missing["rescored_bpd"] is None
         json.loads((out / "evaluation.json").read_text(), parse_constant=_refuse)
     finally:
         del registry._REGISTRY[name]

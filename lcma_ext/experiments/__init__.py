@@ -12,7 +12,8 @@ Modules: :mod:`~lcma_ext.experiments.config` (:class:`ExperimentConfig`),
 :mod:`~lcma_ext.experiments.arms` (the arm registry), :mod:`~lcma_ext.experiments.runner`
 (:func:`run_comparison`, :func:`run_level_ablation`, :func:`load_arm`),
 :mod:`~lcma_ext.experiments.stats`, :mod:`~lcma_ext.experiments.report`,
-:mod:`~lcma_ext.experiments.store` (atomic writes, corrupt-file errors),
+:mod:`~lcma_ext.experiments.store` (the run store: :class:`RunStore`, the run folder's files,
+fingerprints and one-line errors),
 :mod:`~lcma_ext.experiments.sweep` (:func:`run_sweep`: a grid over size and epochs),
 :mod:`~lcma_ext.experiments.self_estimation` (the ``lcma-self`` and ``lcma-reestimate`` arms),
 :mod:`~lcma_ext.experiments.cost` (what choosing a split costs),
@@ -41,7 +42,13 @@ from lcma_ext.experiments.runner import (
     run_level_ablation,
 )
 from lcma_ext.experiments.stats import aggregate
-from lcma_ext.experiments.store import ExperimentError, NMSDivergedError, StateFileError
+from lcma_ext.experiments.store import (
+    ExperimentError,
+    NMSDivergedError,
+    RunMismatchError,
+    RunStore,
+    StateFileError,
+)
 from lcma_ext.experiments.sweep import SweepConfig, load_sweep, run_sweep, sweep_markdown
 
 __all__ = [
@@ -55,6 +62,8 @@ __all__ = [
     "ExperimentConfig",
     "ExperimentError",
     "NMSDivergedError",
+    "RunMismatchError",
+    "RunStore",
     "StateFileError",
     "SweepConfig",
     "aggregate",

@@ -25,7 +25,13 @@ from typing import Any
 
 import torch
 
-from lcma_ext.data import DATASETS, VISION_DATASETS, dataset_slug, npz_path
+from lcma_ext.data import (
+    DATASETS,
+    VISION_DATASETS,
+    check_dataset_options,
+    dataset_slug,
+    npz_path,
+)
 from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
 from lcma_ext.training import (
     DEFAULT_RECIPE,
@@ -225,6 +231,8 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         if self.out is not None:
+            if not str(self.out).strip():  # Path("") would be the current folder
+                raise ValueError(f"expected out to name a run folder; got {str(self.out)!r}")
             self.out = Path(self.out)
         if self.data_root is not None:
             self.data_root = Path(self.data_root)
@@ -352,6 +360,7 @@ class ExperimentConfig:
             raise ValueError(
                 f"expected dataset in {', '.join(DATASETS)} or npz:PATH; got {self.dataset!r}"
             )
+        check_dataset_options(self.dataset, self.image_size)
         counts = {
             "levels": (self.levels, 2),
             "epochs": (self.epochs, 1),

@@ -34,20 +34,19 @@ from nflows.flows import Flow
 
 from lcma_ext.data import ImageDataset, LogitPreprocessing
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
-from lcma_ext.experiments.runner import (
-    MC_SAMPLES,
-    _load_state,
-    _read_summary,
-    _stored_config,
-    load_arm,
-    load_run_data,
+from lcma_ext.experiments.runner import MC_SAMPLES, load_arm, load_run_data
+from lcma_ext.experiments.store import (
+    ExperimentError,
+    RunStore,
+    atomic_path,
+    warn,
+    write_json,
+    write_text,
 )
-from lcma_ext.experiments.store import ExperimentError, atomic_path, write_json, write_text
 from lcma_ext.flows import flow_dtype_device
-from lcma_ext.models import build_flow, make_level_factory
 from lcma_ext.plotting import sample_title, save_image_grid
 from lcma_ext.sampling import MODES, interpolate, sample
-from lcma_ext.training import EVAL_NOISE_SEED, evaluate_bpd, evaluation_state_dict
+from lcma_ext.training import EVAL_NOISE_SEED, evaluate_bpd
 
 __all__ = ["evaluate_run", "evaluation_markdown", "interpolate_run", "sample_run"]
 
@@ -66,11 +65,10 @@ def _run_folder(run_dir: str | Path) -> Path:
     return path
 
 
-def _recorded(run_dir: Path, arm: str, seed: int) -> dict[str, Any] | None:
+def _recorded(store: RunStore, arm: str, seed: int) -> dict[str, Any] | None:
     """The run summary ``runs/<arm>_seed<k>.json`` (``runs/nms.json`` for ``"nms"``), if any."""
-    name = "nms" if arm == "nms" else f"{arm}_seed{seed}"
-    path = run_dir / "runs" / f"{name}.json"
-    return _read_summary(path) if path.is_file() else None
+    path = store.summary_path("nms" if arm == "nms" else f"{arm}_seed{seed}")
+    return store.read_summary(path) if path.is_file() else None
 
 
 def _title(arm: str, seed: int, temperature: float, summary: dict[str, Any] | None) -> str:
@@ -109,14 +107,14 @@ def sample_run(
         lcma_ext.experiments.ExperimentError: for a missing run folder, arm or seed.
         ValueError: for a negative temperature or ``num < 1``.
     """
-    run_dir = _run_folder(run_dir)
-    record, _ = _stored_config(run_dir)
+    store = RunStore.open(_run_folder(run_dir))
+    record, _ = store.stored_config()
     flow = load_arm(run_dir, arm, seed, device=device)
     preprocessing = LogitPreprocessing(record["levels_of_data"], record["alpha"])
     images = sample(flow, num, temperature, preprocessing=preprocessing, seed=noise_seed)
-    default = run_dir / f"samples_{arm}_seed{seed}_T{temperature:g}.png"
+    default = store.root / f"samples_{arm}_seed{seed}_T{temperature:g}.png"
     path = Path(out) if out is not None else default
-    title = _title(arm, seed, temperature, _recorded(run_dir, arm, seed))
+    title = _title(arm, seed, temperature, _recorded(store, arm, seed))
     with atomic_path(path) as tmp:
         save_image_grid(images, tmp, title=title)
     return path
@@ -183,7 +181,7 @@ def interpolate_run(
     data, preprocessing = load_run_data(run_dir, data_root)
     x0, x1 = _test_pairs(data, preprocessing, pairs, flow)
     images = interpolate(flow, x0, x1, steps, mode, preprocessing=preprocessing)
-    summary = _recorded(run_dir, arm, seed)
+    summary = _recorded(RunStore.open(run_dir), arm, seed)
     bpd = "unfinished run" if summary is None else f"test {summary['test_bpd']:.3f} bits/dim"
     title = f"{arm}, seed {seed}: {mode} interpolation of test images, {bpd}"
     path = Path(out) if out is not None else run_dir / f"interpolation_{arm}_seed{seed}_{mode}.png"
@@ -201,19 +199,6 @@ def _score(flow: Flow, data: ImageDataset, preprocessing: LogitPreprocessing, qu
     return evaluate_bpd(flow, data.test, preprocessing), bpd_kind(flow)
 
 
-def _load_nms(run_dir: Path, record: dict[str, Any], device: str) -> Flow:
-    """The NMS flow of ``checkpoints/nms.pt``, rebuilt as the runner built it."""
-    from lcma_ext.pipeline import build_nms_transform
-
-    _, config = _stored_config(run_dir, device=device)
-    shape = tuple(record["shape"])
-    with torch.random.fork_rng(devices=[]):
-        factory = make_level_factory(config.model, config.size)
-        flow = build_flow(build_nms_transform(factory, shape, record["levels"]), shape)
-    flow.load_state_dict(evaluation_state_dict(_load_state(run_dir / "checkpoints" / "nms.pt")))
-    return flow.to(config.torch_device).eval()
-
-
 def _checkpoints(run_dir: Path) -> list[tuple[str, int]]:
     """``(arm, seed)`` of every checkpoint, the NMS first, then by arm and seed."""
     folder = run_dir / "checkpoints"
@@ -221,6 +206,17 @@ def _checkpoints(run_dir: Path) -> list[tuple[str, int]]:
     named = [_RUN_NAME.match(path.stem) for path in found]
     runs = sorted((m["arm"], int(m["seed"])) for m in named if m is not None)
     return ([("nms", 0)] if (folder / "nms.pt").is_file() else []) + runs
+
+
+def _missing(store: RunStore, found: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``(arm, seed)`` of every run with a summary but no checkpoint (deleted or lost)."""
+    folder = store.root / "runs"
+    summaries = [] if not folder.is_dir() else sorted(folder.glob("*_seed*.json"))
+    named = [_RUN_NAME.match(path.stem) for path in summaries]
+    runs = sorted((m["arm"], int(m["seed"])) for m in named if m is not None)
+    have = set(found)
+    extra = [("nms", 0)] if store.summary_path("nms").is_file() else []
+    return [run for run in extra + runs if run not in have]
 
 
 def evaluate_run(
@@ -245,14 +241,17 @@ def evaluate_run(
 
     Returns:
         One row per checkpoint: ``arm``, ``seed``, ``bpd_kind``, ``recorded_bpd`` (``None``
-        without a summary), ``rescored_bpd`` and ``difference``.
+        without a summary), ``rescored_bpd`` and ``difference``; then one row per run with a
+        summary but no checkpoint (``bpd_kind`` ``"no checkpoint"``, ``rescored_bpd``
+        ``None``), each also named in a warning.
 
     Raises:
         lcma_ext.experiments.ExperimentError: for a missing run folder or one without
             checkpoints.
     """
     run_dir = _run_folder(run_dir)
-    record, config = _stored_config(run_dir)
+    store = RunStore.open(run_dir)
+    record, config = store.stored_config(device=device)
     runs = _checkpoints(run_dir)
     if not runs:
         raise ExperimentError(f"expected checkpoints in {str(run_dir / 'checkpoints')!r}; got none")
@@ -260,16 +259,25 @@ def evaluate_run(
     rows = []
     for arm, seed in runs:
         if arm == "nms":
-            flow = _load_nms(run_dir, record, device)
+            flow = store.load_nms(config, tuple(record["shape"]), record["levels"])
         else:
             flow = load_arm(run_dir, arm, seed, device)
         bpd, kind = _score(flow, data, preprocessing, config.quick)
-        summary = _recorded(run_dir, arm, seed)
+        summary = _recorded(store, arm, seed)
         recorded = None if summary is None else summary["test_bpd"]
         difference = None if recorded is None else bpd - recorded
         rows.append(
             {"arm": arm, "seed": seed, "bpd_kind": kind, "recorded_bpd": recorded,
              "rescored_bpd": bpd, "difference": difference}
+        )  # fmt: skip
+    for arm, seed in _missing(store, runs):
+        name = "nms" if arm == "nms" else f"{arm}_seed{seed}"
+        warn(f"{arm} seed {seed} is left out: {str(store.checkpoint_path(name))!r} is missing")
+        summary = _recorded(store, arm, seed)
+        recorded = None if summary is None else summary["test_bpd"]
+        rows.append(
+            {"arm": arm, "seed": seed, "bpd_kind": "no checkpoint", "recorded_bpd": recorded,
+             "rescored_bpd": None, "difference": None}
         )  # fmt: skip
     folder = Path(out) if out is not None else run_dir
     folder.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from lcma_ext.data import ImageDataset, LogitPreprocessing
     from lcma_ext.experiments.config import ExperimentConfig
+    from lcma_ext.experiments.store import RunStore
     from lcma_ext.training import TrainConfig, TrainResult
 
 __all__ = ["ArmJob", "ArmTrainer"]
@@ -50,6 +51,9 @@ class ArmJob:
         desc: Label of progress bars.
         writes: Whether this process writes the run folder (rank 0).
         say: Print a status line (honours ``progress``).
+        store: The run folder: the trainer loads its files with ``store.load_state``
+            (verified) and writes them with ``store.save_state`` / ``identity=store.stamp``
+            (stamped); ``None`` outside a run folder (plain, unverified files).
     """
 
     config: ExperimentConfig
@@ -64,6 +68,7 @@ class ArmJob:
     desc: str
     writes: bool = True
     say: Callable[[str], None] = print
+    store: RunStore | None = None
 
 
 class ArmTrainer(Protocol):

@@ -35,6 +35,8 @@ __all__ = [
     "comparison_cells",
     "comparisons_markdown",
     "diagnostics_markdown",
+    "flag_cell",
+    "format_number",
     "prior_notes",
     "results_markdown",
     "uniform_bpd",
@@ -90,7 +92,8 @@ def versions() -> dict[str, str]:
     }
 
 
-def _fmt(value: float | None, digits: int = 4, signed: bool = False) -> str:
+def format_number(value: float | None, digits: int = 4, signed: bool = False) -> str:
+    """``value`` with ``digits`` decimals (``signed``: with its sign); ``"nan"`` when not finite."""
     if value is None or not math.isfinite(value):
         return "nan"
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
@@ -118,8 +121,8 @@ def diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {index} | {entry['blocks']} | {entry['ties']} | {entry['near_ties']} "
             f"| {entry['differs_from_channel']:.3f} | {entry['differs_from_checkerboard']:.3f} "
-            f"| {entry['differs_from_group_modal']:.3f} | {_fmt(agrees, 3)} "
-            f"| {_fmt(entropy, 3)} |"
+            f"| {entry['differs_from_group_modal']:.3f} | {format_number(agrees, 3)} "
+            f"| {format_number(entropy, 3)} |"
         )
     return [*lines, ""]
 
@@ -188,7 +191,7 @@ def _interval(interval: Sequence[float] | None) -> str:
     if interval is None:
         return "no interval (< 2 seeds)"
     low, high = interval
-    return f"[{_fmt(low, 4, signed=True)}, {_fmt(high, 4, signed=True)}]"
+    return f"[{format_number(low, 4, signed=True)}, {format_number(high, 4, signed=True)}]"
 
 
 def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
@@ -197,7 +200,7 @@ def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
     if comparison is None:
         return "—", "—"
     cell = (
-        f"{_fmt(comparison['mean'], 4, signed=True)} {_interval(comparison['ci95'])} vs "
+        f"{format_number(comparison['mean'], 4, signed=True)} {_interval(comparison['ci95'])} vs "
         f"{comparison['reference']}"
     )
     return cell, comparison["verdict"]
@@ -215,8 +218,8 @@ def comparisons_markdown(results: dict[str, Any]) -> list[str]:
             seeds = comparison.get("seeds_for_1pct")
             rows.append(
                 f"| {arm} | {comparison['reference']} ({what}) | {comparison['n']} "
-                f"| {_fmt(comparison['mean'], 4, signed=True)} "
-                f"| {_fmt(comparison.get('std'), 4)} | {_interval(comparison['ci95'])} "
+                f"| {format_number(comparison['mean'], 4, signed=True)} "
+                f"| {format_number(comparison.get('std'), 4)} | {_interval(comparison['ci95'])} "
                 f"| {comparison['verdict']} | {'—' if seeds is None else seeds} |"
             )
     if not rows:
@@ -238,7 +241,7 @@ def comparisons_markdown(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _flags(entry: dict[str, Any], uniform: float | None) -> str:
+def flag_cell(entry: dict[str, Any], uniform: float | None) -> str:
     """The ``flagged`` cell: diverged / outlier seeds, a diverged NMS, the uniform baseline."""
     flags = []
     reasons = entry.get("diverged_reasons") or [""] * len(entry["seeds"])
@@ -299,9 +302,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     for arm, entry in arms.items():
         diffs = entry.get(f"paired_diff_vs_{reference}", [])
-        paired = ", ".join(_fmt(d, 3, signed=True) for d in diffs) if arm != reference else "—"
+        paired = (
+            ", ".join(format_number(d, 3, signed=True) for d in diffs) if arm != reference else "—"
+        )
         delta = (
-            _fmt(entry.get("diff_of_means_vs_reference", math.nan), 4, signed=True)
+            format_number(entry.get("diff_of_means_vs_reference", math.nan), 4, signed=True)
             if arm != reference
             else "—"
         )
@@ -309,11 +314,11 @@ def results_markdown(results: dict[str, Any]) -> str:
         static, static_verdict = comparison_cells(entry.get("vs_best_static"))
         lines.append(
             f"| {arm} | {entry.get('bpd_kind', 'exact')} "
-            f"| {_fmt(entry['bpd_mean'])} ± {_fmt(entry['bpd_std'])} "
-            f"| {_fmt(entry['bpd_median'])} | {delta} | {paired} | {wins} "
+            f"| {format_number(entry['bpd_mean'])} ± {format_number(entry['bpd_std'])} "
+            f"| {format_number(entry['bpd_median'])} | {delta} | {paired} | {wins} "
             f"| {static} | {static_verdict} "
             f"| {entry['parameters']:,} | {entry['train_time_s_mean']:.1f} "
-            f"| {_flags(entry, uniform)} |"
+            f"| {flag_cell(entry, uniform)} |"
         )
     lines += [""]
     lines += comparisons_markdown({**results, "arms": arms})
@@ -334,13 +339,13 @@ def results_markdown(results: dict[str, Any]) -> str:
         status = f" — diverged ({nms.get('diverged_reason') or 'non-finite'})" * nms_diverged
         lines.append(
             f"NMS flow (no split, seed 0, {config['nms_epochs']} epochs): "
-            f"{_fmt(nms['test_bpd'])} bpd{status}."
+            f"{format_number(nms['test_bpd'])} bpd{status}."
         )
     if uniform is not None:
         levels = config.get("levels_of_data")
         lines.append(
-            f"Uniform baseline: {_fmt(uniform)} bpd (log2 of the {levels} pixel levels, a model "
-            "that learned nothing); an arm within "
+            f"Uniform baseline: {format_number(uniform)} bpd (log2 of the {levels} pixel levels, "
+            "a model that learned nothing); an arm within "
             f"{UNIFORM_MARGIN} of it or above is flagged."
         )
     lines += _clip_notes(arms)

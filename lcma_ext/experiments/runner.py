@@ -1,22 +1,12 @@
-"""The runner: ``run_comparison``, ``run_level_ablation``, ``load_arm``, and the run store.
+"""The runner: ``run_comparison``, ``run_level_ablation``, ``load_arm``, ``load_run_data``.
 
-The run store is the ``out`` folder::
-
-    config.json                 the configuration (a rerun must match it)
-    runs/nms.json               NMS pre-training summary
-    runs/<arm>_seed<k>.json     one finished run: test bits/dim, flags, curves
-    checkpoints/nms.pt          NMS flow (with the metadata ``lcma-ext contributions`` needs)
-    checkpoints/<arm>_seed<k>.pt  model, optimizer, epoch, random state (after every epoch)
-    contributions.pt            the NMS contribution maps
-    runs/contributions.json     seconds of their estimation (the cost of offline LCMA)
-    checkpoints/phases/         per-phase files of arms that train themselves (lcma-self ...)
-    results.json, results.md    the comparison; contributions_level<l>.png, samples_*.png,
-                                learning_curves.png
-
-Every file is written atomically (:mod:`lcma_ext.experiments.store`). A rerun with the same
-configuration skips finished runs (their summaries), resumes an unfinished one from its last
-epoch (its checkpoint), and rewrites the results. A corrupt or truncated state file raises
-:class:`~lcma_ext.experiments.store.StateFileError` naming the file; deleting it and rerunning
+Its files are the run folder ``out`` (:class:`~lcma_ext.experiments.store.RunStore`: the
+configuration, the provenance with the fingerprints of the data and launcher, run summaries,
+checkpoints, contributions, results and figures). A rerun with the same configuration, data and
+launcher skips finished runs (their summaries), resumes an unfinished one from its last epoch
+(its checkpoint), and rewrites the results. A corrupt, truncated or foreign state file raises
+:class:`~lcma_ext.experiments.store.StateFileError` or
+:class:`~lcma_ext.experiments.store.RunMismatchError` naming the file; deleting it and rerunning
 redoes that step.
 
 Reproducibility: the NMS flow is built after ``torch.manual_seed(0)``; every arm builder calls
@@ -28,20 +18,28 @@ the first 2048 training images with dequantization noise seed 7; runs are traine
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from nflows.flows import Flow
 
-from lcma_ext.data import ImageDataset, LogitPreprocessing, load_dataset
+from lcma_ext.data import (
+    NPZ_PREFIX,
+    VISION_DATASETS,
+    ImageDataset,
+    LogitPreprocessing,
+    check_dataset_size,
+    load_dataset,
+    npz_path,
+)
 from lcma_ext.distributed import barrier, init_from_env, world
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
 from lcma_ext.experiments.arms import arm_prior, arm_spec, build_arm, restore_arm
-from lcma_ext.experiments.config import ExperimentConfig, recipe_options, stored_recipe
+from lcma_ext.experiments.config import ExperimentConfig
 from lcma_ext.experiments.cost import pipeline_cost
 from lcma_ext.experiments.jobs import ArmJob
 from lcma_ext.experiments.report import uniform_bpd, versions, write_results
@@ -49,13 +47,22 @@ from lcma_ext.experiments.stats import STATIC_ARMS, aggregate
 from lcma_ext.experiments.store import (
     ExperimentError,
     NMSDivergedError,
-    StateFileError,
+    Provenance,
+    RunIdentity,
+    RunStore,
     atomic_path,
+    build_nms_flow,
+    config_fingerprint,
+    current_launch,
+    data_fingerprints,
+    data_source,
+    foreign_weights,
+    load_weights,
     read_json,
-    strict_json,
+    warn,
     write_json,
 )
-from lcma_ext.models import build_flow, count_parameters, make_level_factory
+from lcma_ext.models import count_parameters, make_level_factory
 from lcma_ext.plotting import (
     plot_contributions,
     plot_learning_curves,
@@ -63,16 +70,10 @@ from lcma_ext.plotting import (
     save_image_grid,
 )
 from lcma_ext.sampling import sample_images
-from lcma_ext.training import (
-    RECIPE_FIELDS,
-    TrainConfig,
-    TrainResult,
-    evaluate_bpd,
-    evaluation_state_dict,
-    load_checkpoint,
-    save_checkpoint,
-    train_flow,
-)
+from lcma_ext.training import TrainConfig, TrainResult, evaluate_bpd, train_flow
+
+if TYPE_CHECKING:
+    from lcma_ext.contributions import ContributionMaps
 
 __all__ = [
     "CONTRIBUTION_EXAMPLES",
@@ -97,6 +98,10 @@ MC_SAMPLES = 128
 NMS_UNIFORM_FACTOR = 2.0
 #: Sampling temperatures of the sample grids (seed 0 of every arm).
 TEMPERATURES = (1.0, 0.7)
+#: A model draws a warning when it has more parameters than this times the training values
+#: (images x dimensions), or when its checkpoints would exceed :data:`LARGE_CHECKPOINT_BYTES`.
+PARAMETERS_PER_VALUE = 100
+LARGE_CHECKPOINT_BYTES = 2**30
 
 
 class _Run:
@@ -120,6 +125,7 @@ class _Run:
         self.out = config.out_dir
         self.seeds = config.seed_list
         self.record = config.record(self.data, self.preprocessing.alpha, self.num_levels)
+        self.store = RunStore(self.out)
 
     def train_config(self, epochs: int, seed: int) -> TrainConfig:
         """The optimizer settings and training recipe of every arm and of the NMS."""
@@ -146,72 +152,46 @@ class _Run:
 
 
 # ----------------------------------------------------------------------------------------------
-# the run store
+# the run folder
+
+
+def _provenance(run: _Run) -> Provenance:
+    """The run's fingerprints (of its record, data and launcher) and its data source."""
+    train, test = data_fingerprints(run.data)
+    launcher, world_size = current_launch()
+    identity = RunIdentity(config_fingerprint(run.record), train, test, launcher, world_size)
+    source = data_source(run.config.dataset, run.config.data_root)
+    return Provenance(identity, source, run.data.shape[0])
 
 
 def _prepare_out(run: _Run) -> None:
-    """Create ``out`` (one-line error when unusable) and check or write ``config.json``."""
-    out = run.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError("not writable")
-    except OSError as error:
-        reason = error.strerror or str(error)
-        if isinstance(error, FileExistsError) or (out.exists() and not out.is_dir()):
-            reason = "a file, not a folder"
-        raise ExperimentError(
-            f"expected --out to be a folder this user can write; got {str(out)!r} ({reason})"
-        ) from None
-    path = out / "config.json"
-    if path.is_file():
-        stored = read_json(path)
-        config = run.record
-        if not isinstance(stored, dict):
-            raise StateFileError(path, "not a JSON object")
-        if stored != _json_roundtrip(config):
-            changed = sorted(k for k in set(stored) | set(config) if stored.get(k) != config.get(k))
-            hint = "choose another --out"
-            if set(changed) & set(RECIPE_FIELDS):
-                options = recipe_options(stored_recipe(stored))
-                hint = f"{options} reproduces its training recipe; or choose another --out"
-            raise ExperimentError(
-                f"expected --out to hold runs of the same configuration or nothing; got "
-                f"{str(out)!r} with different {', '.join(changed)} ({hint})"
-            )
-    elif run.writes:
-        write_json(path, run.record)
-    barrier()
+    """Create ``out``; check or write ``config.json`` and ``provenance.json``."""
+    run.store.create(run.record, _provenance(run), run.writes)
 
 
-def _json_roundtrip(value: Any) -> Any:
-    """``value`` as ``write_json`` stores it and ``read_json`` reads it back."""
-    import json
-
-    return json.loads(json.dumps(strict_json(value), allow_nan=False))
-
-
-def _load_state(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint; :class:`StateFileError` when it is corrupt or truncated."""
-    try:
-        state = load_checkpoint(path, device)
-    except ValueError as error:
-        if not path.is_file():
-            raise ExperimentError(str(error)) from None
-        raise StateFileError(path, error.__cause__ or error) from error
-    if not isinstance(state, dict) or "model" not in state:
-        raise StateFileError(path, "not a checkpoint of lcma-ext")
-    return state
+def _describe_data(run: _Run) -> None:
+    """Print the data's summary line and warn about splits too small to mean much."""
+    run.say(f"data: {run.data.summary()}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        messages = check_dataset_size(run.data, run.config.batch_size)
+    for message in messages:
+        warn(message)
 
 
-def _read_summary(path: Path) -> dict[str, Any]:
-    """A run summary; its ``test_bpd`` as a float (a JSON ``null``, a non-finite score: NaN)."""
-    summary = read_json(path)
-    if not isinstance(summary, dict) or "test_bpd" not in summary:
-        raise StateFileError(path, "not a run summary")
-    if summary["test_bpd"] is None:
-        summary["test_bpd"] = math.nan
-    return summary
+def _check_model_size(run: _Run, flow: Flow) -> None:
+    """Warn when the model dwarfs the data (parameters, or the size of every checkpoint)."""
+    parameters = count_parameters(flow)
+    values = int(run.data.train.shape[0]) * run.data.num_dims
+    copies = 3 + bool(run.config.training_recipe.ema_decay)  # weights, Adam's 2 moments, EMA
+    checkpoint_bytes = parameters * copies * 4
+    if parameters > PARAMETERS_PER_VALUE * values or checkpoint_bytes > LARGE_CHECKPOINT_BYTES:
+        warn(
+            f"{run.config.model} ({run.config.size}) has {parameters / 1e6:.1f} M parameters for "
+            f"{run.data.train.shape[0]} training images of {run.data.num_dims} values "
+            f"({parameters / values:.0f} per value), about {checkpoint_bytes / 1e9:.2f} GB per "
+            "checkpoint; a smaller --size suits this data"
+        )
 
 
 def _summary(run: _Run, arm: str, seed: int, flow: Flow, result: TrainResult) -> dict[str, Any]:
@@ -279,21 +259,19 @@ def _check_nms(run: _Run, summary: dict[str, Any]) -> None:
 
 def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
     """Pre-train the NMS flow (seed 0) or load it; returns ``(flow, summary)``."""
-    from lcma_ext.pipeline import build_nms_transform
-
-    config = run.config
-    factory = make_level_factory(config.model, config.size)
+    config, store = run.config, run.store
     torch.manual_seed(0)
-    transform = build_nms_transform(factory, run.data.shape, run.num_levels)
-    flow = build_flow(transform, run.data.shape).to(run.device)
-    checkpoint = run.out / "checkpoints" / "nms.pt"
-    summary_path = run.out / "runs" / "nms.json"
+    flow = build_nms_flow(config.model, config.size, run.data.shape, run.num_levels)
+    flow = flow.to(run.device)
+    _check_model_size(run, flow)
+    checkpoint = store.checkpoint_path("nms")
+    summary_path = store.summary_path("nms")
     if summary_path.is_file() and checkpoint.is_file():  # no checkpoint: pre-train again
-        summary = _nms_verdict(run, _read_summary(summary_path))
+        summary = _nms_verdict(run, store.read_summary(summary_path))
         _check_nms(run, summary)
-        flow.load_state_dict(evaluation_state_dict(_load_state(checkpoint, run.device)))
+        load_weights(flow, store.load_state(checkpoint, run.device), checkpoint)
         return flow, summary
-    if checkpoint.is_file() and "optimizer" not in _load_state(checkpoint):
+    if checkpoint.is_file() and "optimizer" not in store.load_state(checkpoint):
         barrier()  # every rank has looked before rank 0 removes it
         if run.writes:
             checkpoint.unlink()  # the weights a diverged first epoch left, not a resumable state
@@ -306,18 +284,20 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
         test_data=run.data.test,
         checkpoint_path=checkpoint,
         desc="nms",
+        checkpoint_identity=store.stamp,
     )
     summary = _nms_verdict(run, _summary(run, "nms", 0, flow, result))
     if summary["diverged"]:
         # Keep the last finished epoch's weights (or, when the first epoch diverged, these):
         # the same flow a rerun would load.
         if checkpoint.is_file():
-            flow.load_state_dict(evaluation_state_dict(_load_state(checkpoint, run.device)))
+            load_weights(flow, store.load_state(checkpoint, run.device), checkpoint)
         elif run.writes:
-            save_checkpoint(checkpoint, model=flow.state_dict(), result=result.to_dict(), epoch=0)
+            state = {"model": flow.state_dict(), "result": result.to_dict(), "epoch": 0}
+            store.save_state(checkpoint, state)
     if run.writes:
         _save_meta(run, checkpoint)
-        write_json(summary_path, summary)
+        store.write_summary(summary_path, summary)
     barrier()
     _check_nms(run, summary)
     return flow, summary
@@ -325,7 +305,7 @@ def _train_nms(run: _Run) -> tuple[Flow, dict[str, Any]]:
 
 def _save_meta(run: _Run, checkpoint: Path) -> None:
     """Add what ``lcma-ext contributions`` and :func:`load_arm` need to rebuild the NMS flow."""
-    state = _load_state(checkpoint)
+    state = run.store.load_state(checkpoint)
     config = run.config
     state["meta"] = {
         "dataset": config.dataset,
@@ -335,7 +315,7 @@ def _save_meta(run: _Run, checkpoint: Path) -> None:
         "limit": config.data_limit,
         "image_size": config.image_size,
     }
-    save_checkpoint(checkpoint, **state)
+    run.store.save_state(checkpoint, state)
 
 
 def _contribution_data(data: ImageDataset, preprocessing: LogitPreprocessing, device) -> Any:
@@ -346,34 +326,13 @@ def _contribution_data(data: ImageDataset, preprocessing: LogitPreprocessing, de
     return y.to(device)
 
 
-def _load_maps(path: Path):
-    from lcma_ext.contributions import ContributionMaps
-
-    try:
-        return ContributionMaps.load(path)
-    except FileNotFoundError:
-        raise ExperimentError(
-            f"expected {str(path)!r} from the NMS step; got no such file"
-        ) from None
-    except Exception as error:  # a corrupt file: torch, pickle or format errors
-        raise StateFileError(path, error.__cause__ or error) from error
-
-
-def _save_maps(maps, path: Path) -> None:
-    if not world().is_main:
-        return
-    with atomic_path(path) as tmp:
-        maps.save(tmp)
-
-
-def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
+def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False) -> ContributionMaps:
     """Estimate (or load) the contribution maps of the NMS flow and plot them per split."""
     from lcma_ext.contributions import estimate_contributions
 
-    path = run.out / "contributions.pt"
     barrier()  # every rank sees the same files
-    if path.is_file():
-        maps = _load_maps(path)
+    if run.store.maps_path.is_file():
+        maps = run.store.load_maps()
     else:
         nms_flow.eval()
         begin = time.perf_counter()
@@ -392,8 +351,8 @@ def _contributions(run: _Run, nms_flow: Flow, nms_diverged: bool = False):
                 f"the diverged NMS flow has no usable contributions ({error}); try a smaller "
                 f"--lr (now {run.config.training_recipe.lr:g}) with another --out"
             ) from error
-        _save_maps(maps, path)  # every rank estimated the same maps; rank 0 writes them
-        if run.writes:
+        if run.writes:  # every rank estimated the same maps; rank 0 writes them
+            run.store.save_maps(maps)
             timing = {"estimate_time_s": time.perf_counter() - begin}
             write_json(run.out / "runs" / "contributions.json", timing)
     if run.writes:
@@ -423,7 +382,7 @@ def _plot_contributions(maps, out: Path, overwrite: bool = False) -> list[Path]:
 # arms
 
 
-def _build(run: _Run, arm: str, maps, seed: int) -> Flow:
+def _build(run: _Run, arm: str, maps: ContributionMaps, seed: int) -> Flow:
     return build_arm(run.arm_config, arm, maps, seed).to(run.device)
 
 
@@ -458,21 +417,22 @@ def _job(run: _Run, arm: str, seed: int, flow: Flow, checkpoint: Path) -> ArmJob
         desc=f"{arm} seed {seed}",
         writes=run.writes,
         say=run.say,
+        store=run.store,
     )
 
 
-def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
+def _run_arm(run: _Run, arm: str, maps: ContributionMaps, seed: int) -> dict[str, Any]:
     """Train one arm for one seed (or load its finished result)."""
-    name = f"{arm}_seed{seed}"
-    summary_path = run.out / "runs" / f"{name}.json"
-    checkpoint = run.out / "checkpoints" / f"{name}.pt"
+    name, store = f"{arm}_seed{seed}", run.store
+    summary_path = store.summary_path(name)
+    checkpoint = store.checkpoint_path(name)
     flow = None
     barrier()  # the rank that writes has finished the previous arm's files
     if summary_path.is_file():
-        summary = _read_summary(summary_path)
+        summary = store.read_summary(summary_path)
     else:
         if checkpoint.is_file():
-            _load_state(checkpoint)  # a corrupt one is named before training resumes from it
+            store.load_state(checkpoint)  # a corrupt or foreign one is named before a resume
         flow = _build(run, arm, maps, seed)
         trainer, extra = arm_spec(arm).trainer, {}
         if trainer is None:
@@ -484,12 +444,13 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
                 test_data=run.data.test,
                 checkpoint_path=checkpoint,
                 desc=f"{arm} seed {seed}",
+                checkpoint_identity=store.stamp,
             )
         else:
             flow, result, extra = trainer.train(_job(run, arm, seed, flow, checkpoint))
         summary = {**_summary(run, arm, seed, flow, result), **extra}
         if run.writes:
-            write_json(summary_path, summary)
+            store.write_summary(summary_path, summary)
         status = "DIVERGED" if summary["diverged"] else f"{summary['test_bpd']:.4f} bpd"
         run.say(f"  {arm:>14} seed {seed}: {status} ({summary['train_time_s']:.1f} s)")
     if (
@@ -500,7 +461,7 @@ def _run_arm(run: _Run, arm: str, maps, seed: int) -> dict[str, Any]:
         if flow is None:
             flow = _build(run, arm, maps, seed)
             if checkpoint.is_file():
-                flow = restore_arm(arm, flow, _load_state(checkpoint, run.device))
+                flow = restore_arm(arm, flow, store.load_state(checkpoint, run.device))
         _save_samples(run, arm, flow, summary)
     return summary
 
@@ -563,6 +524,7 @@ def _compare(config: ExperimentConfig, command: str) -> dict[str, Any]:
             f"{run.num_levels} levels, arms {','.join(arms)}, seeds {run.seeds}, "
             f"{config.train_epochs} epochs (NMS {config.nms_train_epochs}) -> {run.out}"
         )
+    _describe_data(run)
     nms_flow, nms = _train_nms(run)
     maps = _contributions(run, nms_flow, bool(nms["diverged"]))
     del nms_flow
@@ -613,28 +575,6 @@ def run_level_ablation(config: ExperimentConfig) -> dict[str, Any]:
 # reading a run folder back
 
 
-def _stored_config(run_dir: Path, **overrides: Any) -> tuple[dict[str, Any], ExperimentConfig]:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ExperimentError(
-            f"expected a run folder of lcma-ext run or ablate-levels; got {str(run_dir)!r} "
-            "without config.json"
-        )
-    record = read_json(path)
-    try:
-        config = ExperimentConfig.from_record(record, out=run_dir, progress=False, **overrides)
-    except (KeyError, TypeError) as error:
-        raise StateFileError(path, f"missing {error}") from error
-    return record, config
-
-
-def _nms_meta(run_dir: Path) -> dict[str, Any]:
-    checkpoint = run_dir / "checkpoints" / "nms.pt"
-    if not checkpoint.is_file():
-        return {}
-    return _load_state(checkpoint).get("meta") or {}
-
-
 def load_run_data(
     run_dir: str | Path, data_root: str | Path | None = None
 ) -> tuple[ImageDataset, LogitPreprocessing]:
@@ -644,13 +584,19 @@ def load_run_data(
         run_dir: The ``out`` folder of a run.
         data_root: For torchvision datasets (not stored in the run folder).
     """
-    run_dir = Path(run_dir)
-    record, config = _stored_config(run_dir)
+    store = RunStore.open(run_dir)
+    record, config = store.stored_config()
+    dataset, root = config.dataset, data_root
+    provenance = store.provenance
+    if provenance is not None and npz_path(dataset) is not None:
+        dataset = NPZ_PREFIX + provenance.source  # the absolute path, wherever the reader is
+    elif provenance is not None and root is None and config.dataset in VISION_DATASETS:
+        root = provenance.source
     data = load_dataset(
-        config.dataset,
-        data_root=data_root,
+        dataset,
+        data_root=root,
         limit=config.data_limit,
-        image_size=_nms_meta(run_dir).get("image_size"),
+        image_size=store.nms_meta().get("image_size"),
     )
     if [int(data.train.shape[0]), int(data.test.shape[0])] != [
         record["num_train"],
@@ -658,8 +604,9 @@ def load_run_data(
     ]:
         raise ExperimentError(
             f"expected {record['num_train']}/{record['num_test']} train/test images as in "
-            f"{str(run_dir / 'config.json')!r}; got {data.train.shape[0]}/{data.test.shape[0]}"
+            f"{str(store.config_path)!r}; got {data.train.shape[0]}/{data.test.shape[0]}"
         )
+    store.check_data(data, data_source(dataset, root))
     return data, LogitPreprocessing(data.levels)
 
 
@@ -683,8 +630,9 @@ def load_arm(run_dir: str | Path, arm: str, seed: int, device: str = "cpu") -> F
         ``runs/<arm>_seed<seed>.json``'s ``test_bpd``.
     """
     run_dir = Path(run_dir)
-    record, config = _stored_config(run_dir, device=device)
-    checkpoint = run_dir / "checkpoints" / f"{arm}_seed{seed}.pt"
+    store = RunStore.open(run_dir)
+    record, config = store.stored_config(device=device)
+    checkpoint = store.checkpoint_path(f"{arm}_seed{seed}")
     if seed not in record["seeds"] or not checkpoint.is_file():
         found = sorted(p.stem for p in (run_dir / "checkpoints").glob("*_seed*.pt"))
         raise ExperimentError(
@@ -692,10 +640,14 @@ def load_arm(run_dir: str | Path, arm: str, seed: int, device: str = "cpu") -> F
             f" got {arm!r} seed {seed}"
         )
     arm_spec(arm)
-    maps = _load_maps(run_dir / "contributions.pt")
+    maps = store.load_maps()
     with torch.random.fork_rng(devices=[]):
         flow = build_arm(config, arm, maps, seed)
-    flow = restore_arm(arm, flow, _load_state(checkpoint))
+    state = store.load_state(checkpoint)
+    try:
+        flow = restore_arm(arm, flow, state)
+    except (RuntimeError, KeyError) as error:  # load_state_dict: another model's weights
+        raise foreign_weights(checkpoint, error) from None
     return flow.to(config.torch_device).eval()
 
 
@@ -713,10 +665,12 @@ def plot_checkpoint_contributions(
     (default: the checkpoint's folder) and returns the PNG paths.
     """
     from lcma_ext.contributions import estimate_contributions
-    from lcma_ext.pipeline import build_nms_transform
 
     checkpoint = Path(checkpoint)
-    state = _load_state(checkpoint)
+    store = RunStore(checkpoint.parent.parent)  # checkpoints/nms.pt of a run folder
+    if store.provenance_path.is_file():
+        store = RunStore.open(store.root)
+    state = store.load_state(checkpoint)
     meta = state.get("meta")
     if meta is None:
         raise ExperimentError(
@@ -728,14 +682,14 @@ def plot_checkpoint_contributions(
         meta["dataset"], data_root=data_root, limit=meta["limit"], image_size=meta["image_size"]
     )
     factory = make_level_factory(meta["model"], meta["size"])
-    transform = build_nms_transform(factory, data.shape, meta["levels"])
-    flow = build_flow(transform, data.shape).to(torch_device)
-    flow.load_state_dict(evaluation_state_dict(state))
-    flow.eval()
+    flow = build_nms_flow(meta["model"], meta["size"], data.shape, meta["levels"])
+    load_weights(flow, state, checkpoint)
+    flow = flow.to(torch_device).eval()
     y = _contribution_data(data, LogitPreprocessing(data.levels), torch_device)
     maps = estimate_contributions(flow._transform, y, factory, data.shape, progress=progress)
     out = Path(out) if out is not None else checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
     paths = _plot_contributions(maps, out, overwrite=True)
-    _save_maps(maps, out / "contributions.pt")
+    if world().is_main:
+        maps.save(out / "contributions.pt")
     return paths

@@ -300,13 +300,30 @@ class PhasedTrainer:
         """The ``(start, end)`` epochs of ``job``'s phases."""
         return phase_bounds(job.train_config.epochs, job.config.reestimate_epochs, self.repeat)
 
+    def _first_phase(self, job: ArmJob, num_phases: int) -> int:
+        """The phase to resume in: the last with a checkpoint whose switches are all there.
+
+        A phase whose switch file is missing (e.g. deleted as corrupt) is redone from the end
+        of the phase before: the switch is measured again from the same weights, so the
+        maps, and every later figure, are the ones the first attempt had.
+        """
+        first = 0
+        for phase in range(1, num_phases):
+            if (
+                not self._path(job, phase).is_file()
+                or not self._path(job, phase, "switch").is_file()
+            ):
+                break
+            first = phase
+        return first
+
     # -- training -----------------------------------------------------------------------------
 
     def train(self, job: ArmJob) -> tuple[Flow, TrainResult, dict[str, Any]]:
         """Train ``job`` phase by phase (resuming from its files); see the module docstring."""
         device = next(job.flow.parameters()).device
         if job.checkpoint.is_file():  # finished before the runner wrote its summary
-            state = _load(job.checkpoint, device)
+            state = _load(job, job.checkpoint, device)
             if "self_estimation" in state:
                 return (
                     self.restore(job.flow, state),
@@ -314,8 +331,11 @@ class PhasedTrainer:
                     state["self_estimation"],
                 )
         phases = self.phases(job)
-        first = max((p for p in range(len(phases)) if self._path(job, p).is_file()), default=0)
-        switches = [_load(self._path(job, p, "switch"), device) for p in range(1, first + 1)]
+        first = self._first_phase(job, len(phases))
+        for phase in range(first, len(phases)):  # named before training resumes from one
+            if self._path(job, phase).is_file():
+                _load(job, self._path(job, phase), device)
+        switches = [_load(job, self._path(job, p, "switch"), device) for p in range(1, first + 1)]
         flow = job.flow
         if switches:
             flow = switched_flow(flow, switches[-1]["layout_maps"], job.data.shape)
@@ -338,6 +358,7 @@ class PhasedTrainer:
                 test_data=job.data.test,
                 checkpoint_path=self._path(job, phase),
                 desc=f"{job.desc} phase {phase}",
+                checkpoint_identity=_identity(job),
             )
             if result.diverged:
                 break
@@ -345,6 +366,7 @@ class PhasedTrainer:
         if job.writes:
             save_checkpoint(
                 job.checkpoint,
+                identity=_identity(job),
                 model=flow.state_dict(),
                 layout_maps=switches[-1]["layout_maps"] if switches else None,
                 input_shape=list(job.data.shape),
@@ -361,7 +383,7 @@ class PhasedTrainer:
         path = self._path(job, phase, "switch")
         device = next(flow.parameters()).device
         if path.is_file():
-            switch = _load(path, device)
+            switch = _load(job, path, device)
         else:
             begin = time.perf_counter()
             maps, splits = self_contributions(_multiscale(flow), job.contribution_data)
@@ -383,7 +405,7 @@ class PhasedTrainer:
                 "diagnostics": _summary_diagnostics(maps, old.placement),
             }
             if job.writes:
-                save_checkpoint(path, **switch)
+                save_checkpoint(path, identity=_identity(job), **switch)
             barrier()
             job.say(
                 f"  {job.arm:>14} seed {job.seed}: split re-chosen at epoch {start} "
@@ -393,12 +415,12 @@ class PhasedTrainer:
         new = switched_flow(flow, switch["layout_maps"], job.data.shape)
         checkpoint = self._path(job, phase)
         if not checkpoint.is_file():
-            state = _load(self._path(job, phase - 1), device)
+            state = _load(job, self._path(job, phase - 1), device)
             # the raw weights go on (the flow holds the evaluated ones), with the new split;
             # optimizer, schedule, EMA, random states and curves go on too
             state["model"] = _switched_state(new, state["model"])
             if job.writes:
-                save_checkpoint(checkpoint, **state)
+                save_checkpoint(checkpoint, identity=_identity(job), **state)
             barrier()
         return new, switch
 
@@ -445,8 +467,16 @@ def _switched_state(new: Flow, raw: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def _load(path: Path, device: torch.device) -> dict[str, Any]:
-    """A phase file; :class:`StateFileError` (naming it) when it is corrupt or truncated."""
+def _identity(job: ArmJob) -> dict[str, Any] | None:
+    """What every file of ``job`` carries in its stamp (the run folder's fingerprints)."""
+    return None if job.store is None else job.store.stamp
+
+
+def _load(job: ArmJob, path: Path, device: torch.device) -> dict[str, Any]:
+    """A phase file, verified against the run folder (:meth:`RunStore.load_state`); without a
+    run folder, :class:`StateFileError` (naming it) when it is corrupt or truncated."""
+    if job.store is not None:
+        return job.store.load_state(path, device)
     try:
         return load_checkpoint(path, device)
     except ValueError as error:

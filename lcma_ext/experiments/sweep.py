@@ -43,7 +43,9 @@ from typing import Any
 
 from lcma_ext.experiments.config import SELF_ARMS, ExperimentConfig
 from lcma_ext.experiments.cost import selection_share
-from lcma_ext.experiments.report import _flags, _fmt, comparison_cells
+from lcma_ext.experiments.report import comparison_cells
+from lcma_ext.experiments.report import flag_cell as _flags
+from lcma_ext.experiments.report import format_number as _fmt
 from lcma_ext.experiments.runner import run_comparison
 from lcma_ext.experiments.stats import compared_arms, finite, finite_values, standard_error
 from lcma_ext.experiments.store import (
