@@ -48,7 +48,7 @@ def test_arm_names_and_reference() -> None:
         ({"epochs": 0}, "expected epochs as an integer >= 1; got 0"),
         ({"seeds": 1.5}, "expected seeds as an integer >= 1"),
         ({"levels": 1}, "expected levels as an integer >= 2"),
-        ({"lr": -1.0}, "expected lr as a positive number"),
+        ({"lr": -1.0}, "expected lr as a number > 0"),
         ({"outlier_gap": float("nan")}, "expected outlier_gap as a positive number"),
         ({"batch_size": 0}, "expected batch_size as an integer >= 1"),
         ({"region_size": 0}, "expected region_size as an integer >= 1"),

@@ -341,8 +341,8 @@ def test_the_documented_recipes_are_the_code_s() -> None:
     for name, recipe in RECIPES.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
-        warmup, schedule, clip, ema = cells[1:5]
-        assert int(warmup.split()[0]) == recipe.warmup_steps, name
+        lr, warmup, schedule, clip, ema = cells[1:6]
+        assert float(lr) == recipe.lr and int(warmup.split()[0]) == recipe.warmup_steps, name
         assert schedule == recipe.lr_schedule and float(clip) == recipe.grad_clip, name
         assert float(ema.split()[0]) == recipe.ema_decay, name
 
