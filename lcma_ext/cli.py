@@ -35,11 +35,6 @@ from pathlib import Path
 from lcma_ext.data import DATASETS
 from lcma_ext.distributed import world
 from lcma_ext.experiments import (
-    ARMS,
-    GRANULARITY_ARMS,
-    LATENT_ARMS,
-    SELF_ARMS,
-    VAE_ARMS,
     ExperimentConfig,
     SweepConfig,
     plot_checkpoint_contributions,
@@ -50,18 +45,23 @@ from lcma_ext.experiments import (
     sweep_markdown,
 )
 from lcma_ext.experiments.config import (
-    CONDITIONAL_ARMS,
     DEFAULTS,
     FALLBACK_DEFAULTS,
     PRECISION_CHOICES,
-    PRIOR_SUFFIX,
-    PRIORS,
     QUICK,
-    REGION_SIZE,
+)
+from lcma_ext.experiments.registry import (
+    ARMS,
+    CONDITIONAL_ARMS,
+    LISTED_ARMS,
+    PRIOR_SUFFIX,
+    VAE_ARMS,
+    parse_arms,
 )
 from lcma_ext.experiments.sweep import SWEEP_ARMS, SWEEP_EPOCHS, SWEEP_SIZES
 from lcma_ext.models import MODELS, SIZE_NAMES
 from lcma_ext.training import DEFAULT_RECIPE, LR_SCHEDULES, RECIPES
+from lcma_ext.transforms import PRIORS
 
 __all__ = ["build_parser", "config_from_args", "main", "sweep_config_from_args"]
 
@@ -112,20 +112,6 @@ def _positive_float(text: str) -> float:
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
     return value
-
-
-def _arms(text: str) -> tuple[str, ...]:
-    from lcma_ext.experiments import registered_arms
-    from lcma_ext.experiments.config import parse_arms
-
-    arms = parse_arms(text)
-    if not arms or any(a not in registered_arms() for a in arms):
-        known = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {known} (a split arm may end in "
-            f"{PRIOR_SUFFIX}); got {text!r}"
-        )
-    return arms
 
 
 def _per_dataset(key: str) -> str:
@@ -330,17 +316,17 @@ def _add_arm_options(parser: argparse.ArgumentParser, arms: tuple[str, ...]) -> 
     """``--arms`` (default ``arms``), ``--region-size`` and ``--reestimate-every``."""
     parser.add_argument(
         "--arms",
-        type=_arms,
+        type=parse_arms,
         default=arms,
         help=f"comma-separated arms (default: {','.join(arms)}); also "
-        f"{','.join(a for a in ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS if a not in arms)}"
+        f"{','.join(a for a in LISTED_ARMS if a not in arms)}"
         f", flow-vae (= {','.join(VAE_ARMS)}); a split arm ending in {PRIOR_SUFFIX} "
         f"({','.join(CONDITIONAL_ARMS[:3])}, ...) has Glow's conditional prior",
     )
     parser.add_argument(
         "--region-size",
         type=_int_at_least(1),
-        default=REGION_SIZE,
+        default=ExperimentConfig.region_size,
         help="tile side of the *-region arms, capped at each split's grid (default: %(default)s)",
     )
     parser.add_argument(
@@ -497,7 +483,7 @@ def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
         quick=args.quick,
         progress=not args.no_progress,
         arms=getattr(args, "arms", ARMS),
-        region_size=getattr(args, "region_size", REGION_SIZE),
+        region_size=getattr(args, "region_size", ExperimentConfig.region_size),
         allow_diverged_nms=args.allow_diverged_nms,
         precision=args.precision,
         compile=args.compile,

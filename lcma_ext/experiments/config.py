@@ -26,7 +26,21 @@ from typing import Any
 import torch
 
 from lcma_ext.data import DATASETS, VISION_DATASETS, dataset_slug, npz_path
-from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
+from lcma_ext.experiments.registry import (
+    ARMS,
+    LISTED_ARMS,
+    MAX_ABLATION_SPLITS,
+    PRIOR_SUFFIX,
+    ArmName,
+    ablation_choices,
+    arm_name,
+    arm_prior,
+    choice_name,
+    parse_arms,
+    registered_arms,
+)
+from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, level_shapes, max_num_levels
+from lcma_ext.splits import DEFAULT_REGION_SIZE, region_tile
 from lcma_ext.training import (
     DEFAULT_RECIPE,
     LEGACY_RECIPE,
@@ -38,53 +52,20 @@ from lcma_ext.training import (
 from lcma_ext.transforms.factor_prior import PRIORS
 
 __all__ = [
-    "ARMS",
     "COMMANDS",
-    "CONDITIONAL_ARMS",
     "DEFAULTS",
     "FALLBACK_DEFAULTS",
-    "GRANULARITY_ARMS",
-    "LATENT_ARMS",
-    "PRIORS",
-    "PRIOR_SUFFIX",
     "QUICK",
-    "RECIPES",
     "REFERENCE_ARM",
-    "REGION_SIZE",
-    "SELF_ARMS",
-    "VAE_ARMS",
     "ExperimentConfig",
-    "base_arm",
-    "parse_arms",
     "recipe_options",
     "stored_recipe",
 ]
 
 #: The commands an :class:`ExperimentConfig` describes.
 COMMANDS = ("run", "ablate-levels")
-#: The split arms ``run`` trains by default.
-ARMS = ("lcma", "channel", "checkerboard", "random", "high")
-#: Arms that ``arms`` also accepts (not run by default): LCMA with a coarser granularity.
-GRANULARITY_ARMS = ("lcma-channel", "lcma-region", "high-channel", "high-region")
-#: Default ``region_size`` of the ``*-region`` arms (sites of each split's block grid).
-REGION_SIZE = 4
 #: The arm every other arm is compared with (the first arm when it is not run).
 REFERENCE_ARM = "channel"
-#: Flow-VAE arms (paper 001 Sec. 3.1): the ``channel`` arm's flow with a VAE prior of
-#: dim(eps) = D / R for ``flow-vae-R``; ``flow-vae`` in ``arms`` means all three.
-VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
-#: Latent-shaping arms (not run by default), see docs/latent_shaping.md.
-LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
-#: Arms whose split is re-chosen from the contributions of the model being trained (not run by
-#: default), see :mod:`lcma_ext.experiments.self_estimation` and docs/science.md.
-SELF_ARMS = ("lcma-self", "lcma-reestimate")
-#: Most split points ``ablate-levels`` accepts (2^4 = 16 arms).
-MAX_ABLATION_SPLITS = 4
-#: An arm name ending in this is the split arm before it with Glow's conditional prior of the
-#: factored halves (``lcma+cond``), whatever ``prior`` says: one run compares both priors.
-PRIOR_SUFFIX = "+cond"
-#: The split arms with Glow's conditional prior (not run by default).
-CONDITIONAL_ARMS = tuple(arm + PRIOR_SUFFIX for arm in (*ARMS, *GRANULARITY_ARMS))
 
 #: Per-dataset defaults (chosen so the digits default finishes in 10 minutes on a 2-core CPU).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -109,22 +90,6 @@ KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
     "celeba": (3, 64, 64),
 }
-
-
-def base_arm(name: str) -> str:
-    """The arm without the :data:`PRIOR_SUFFIX`: ``"lcma+cond"`` -> ``"lcma"``."""
-    return name.removesuffix(PRIOR_SUFFIX)
-
-
-def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
-    """``"lcma,flow-vae"`` or a sequence -> a tuple of arm names (``flow-vae`` expanded, deduped).
-
-    Names are not checked here (see :meth:`ExperimentConfig.validate`).
-    """
-    items = arms.split(",") if isinstance(arms, str) else list(arms)
-    names = tuple(str(a).strip() for a in items if str(a).strip())
-    names = tuple(x for a in names for x in (VAE_ARMS if a == "flow-vae" else (a,)))
-    return tuple(dict.fromkeys(names))
 
 
 def _positive_int(value: Any, minimum: int = 1) -> bool:
@@ -166,7 +131,8 @@ class ExperimentConfig:
         outlier_gap: Flag a run more than this many bits/dim above its arm's median.
         quick: Smoke run: 512 images, 2 seeds, 3 epochs (explicit values still win).
         progress: Show progress bars and status lines.
-        arms: ``run`` only: the arms to train (:func:`parse_arms` accepts ``"a,b"``).
+        arms: ``run`` only: the arms to train
+            (:func:`~lcma_ext.experiments.registry.parse_arms` accepts ``"a,b"``).
         region_size: Tile side of the ``*-region`` arms, capped at each split's grid.
         allow_diverged_nms: Go on after a diverged NMS pre-training (every arm built from its
             contributions is then labelled as such); by default a diverged NMS stops the run.
@@ -175,13 +141,15 @@ class ExperimentConfig:
         compile: Train through ``torch.compile``.
         workers: ``DataLoader`` worker processes.
         hflip: Random horizontal flips of the training images (off by default).
-        reestimate_every: Epochs ``E`` of each phase of the :data:`SELF_ARMS` (``lcma-self``
-            switches its split once after ``E`` epochs, ``lcma-reestimate`` every ``E``
-            epochs); ``None``: a third of the epochs, at least 1 (:attr:`reestimate_epochs`).
+        reestimate_every: Epochs ``E`` of each phase of the self-estimated arms
+            (:data:`~lcma_ext.experiments.registry.SELF_ARMS`: ``lcma-self`` switches its split
+            once after ``E`` epochs, ``lcma-reestimate`` every ``E`` epochs); ``None``: a
+            third of the epochs, at least 1 (:attr:`reestimate_epochs`).
         prior: Prior of the factored halves of the split arms: ``"standard"`` (default, the
             standard normal) or ``"conditional"`` (Glow's learned Gaussian given the kept half,
             :class:`lcma_ext.transforms.ConditionalGaussianPrior`). The ``+cond`` arms
-            (:data:`CONDITIONAL_ARMS`) have the conditional prior either way.
+            (:data:`~lcma_ext.experiments.registry.CONDITIONAL_ARMS`) have the conditional
+            prior either way.
         recipe: The training recipe of every arm and of the NMS pre-training, a name of
             :data:`lcma_ext.training.RECIPES` (``"default"``; ``"legacy"``: the recipe of
             versions up to 0.2, Adam at a constant lr, the gradient norm clipped at 100, no
@@ -209,7 +177,7 @@ class ExperimentConfig:
     quick: bool = False
     progress: bool = True
     arms: tuple[str, ...] = ARMS
-    region_size: int = REGION_SIZE
+    region_size: int = DEFAULT_REGION_SIZE
     allow_diverged_nms: bool = False
     precision: str = "fp32"
     compile: bool = False
@@ -323,15 +291,17 @@ class ExperimentConfig:
     def arm_names(self, num_levels: int) -> tuple[str, ...]:
         """The arms this configuration trains, in training order."""
         if self.command == "ablate-levels":
-            from lcma_ext.experiments.arms import ablation_choices, choice_name
-
             return tuple(choice_name(c) for c in ablation_choices(num_levels - 1))
         return self.arms
+
+    def arm(self, name: str) -> ArmName:
+        """The parse of arm ``name`` under this configuration (its ``region_size``)."""
+        return arm_name(name, self.region_size)
 
     def reference_arm(self, num_levels: int) -> str:
         """The arm the paired differences are taken against."""
         if self.command == "ablate-levels":
-            return "-".join(("low",) * (num_levels - 1))
+            return choice_name(("low",) * (num_levels - 1))
         return REFERENCE_ARM if REFERENCE_ARM in self.arms else self.arms[0]
 
     # ------------------------------------------------------------------------------------------
@@ -392,21 +362,19 @@ class ExperimentConfig:
             self.check_shape(shape)
 
     def _validate_arms(self) -> None:
-        from lcma_ext.experiments.arms import registered_arms
-
         known = registered_arms()
         unknown = [a for a in self.arms if a not in known]
         if not self.arms or unknown:
-            listed = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
             raise ValueError(
-                f"expected arms as a comma-separated subset of {listed} (or flow-vae); got "
+                f"expected arms as a comma-separated subset of {','.join(LISTED_ARMS)} (or "
+                f"flow-vae; a split arm may end in {PRIOR_SUFFIX}); got "
                 f"{','.join(self.arms) or 'none'!r}"
             )
         if "haar" in self.arms and self.model not in ("realnvp", "glow"):
             raise ValueError(
                 f"expected --model realnvp or glow for the haar arm; got {self.model!r}"
             )
-        self_arms = [a for a in self.arms if a in SELF_ARMS]
+        self_arms = [a for a in self.arms if arm_name(a).kind == "self"]
         if self_arms and self.reestimate_epochs >= self.train_epochs:
             raise ValueError(
                 f"expected --reestimate-every below --epochs ({self.train_epochs}) for "
@@ -416,8 +384,6 @@ class ExperimentConfig:
 
     def _validate_prior(self) -> None:
         """Every arm must take ``prior`` (``ablate-levels``' arms all do)."""
-        from lcma_ext.experiments.arms import arm_prior
-
         if self.command != "run":
             return
         fixed = [arm for arm in self.arms if arm_prior(self, arm) != self.prior]
@@ -446,16 +412,18 @@ class ExperimentConfig:
                 f"expected at most {MAX_ABLATION_SPLITS} split points (16 arms) for "
                 f"ablate-levels; got {num_levels - 1} (pass a smaller --levels)"
             )
-        if self.command == "run" and any(base_arm(a).endswith("-region") for a in self.arms):
-            _, h, w = shape
-            for split in range(num_levels - 1):  # post-squeeze grid of split point ``split``
-                h, w = h // 2, w // 2
-                size = min(self.region_size, h, w)
-                if h % size or w % size:
+        if self.command == "run" and any(self.arm(a).has_region_split for a in self.arms):
+            for step in level_shapes(shape, num_levels):
+                if not step.is_split_point:
+                    continue
+                try:
+                    region_tile(step.output_shape, self.region_size)
+                except ValueError:
+                    _, h, w = step.output_shape  # the split point's grid of local blocks
                     raise ValueError(
                         f"expected --region-size to divide the {h}x{w} block grid of split "
-                        f"point {split} (capped at the grid); got {self.region_size}"
-                    )
+                        f"point {step.index} (capped at the grid); got {self.region_size}"
+                    ) from None
 
     # ------------------------------------------------------------------------------------------
     # the stored configuration
@@ -492,7 +460,9 @@ class ExperimentConfig:
             "limit": self.limit,
             "quick": self.quick,
             # only when not the default, so that existing run folders still match
-            **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
+            **(
+                {"region_size": self.region_size} if self.region_size != DEFAULT_REGION_SIZE else {}
+            ),
             **({"reestimate_every": self.reestimate_every} if self.reestimate_every else {}),
             **({"prior": self.prior} if self.prior != "standard" else {}),
             **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
@@ -519,7 +489,7 @@ class ExperimentConfig:
             "lr": record["lr"],
             "limit": record.get("limit"),
             "quick": record.get("quick", False),
-            "region_size": record.get("region_size", REGION_SIZE),
+            "region_size": record.get("region_size", DEFAULT_REGION_SIZE),
             "reestimate_every": record.get("reestimate_every"),
             "prior": record.get("prior", "standard"),
             **{key: record.get(key, default) for key, default in SCALE_OUT.items()},

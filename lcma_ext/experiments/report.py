@@ -26,7 +26,8 @@ import torch
 
 from lcma_ext.distributions import RESIDUAL_KINDS
 from lcma_ext.experiments.cost import cost_markdown
-from lcma_ext.experiments.stats import STATIC_ARMS, compared_arms
+from lcma_ext.experiments.registry import STATIC_ARMS
+from lcma_ext.experiments.stats import compared_arms
 from lcma_ext.experiments.store import write_json, write_text
 
 __all__ = [

@@ -9,9 +9,10 @@ of an arm is its bits/dim minus the reference arm's on the same seed.
 
 - the run's reference arm (``vs_reference``; ``channel`` by default), and
 - the **best static split of the same prior** (``vs_best_static``): the arm with the best mean
-  bits/dim among :data:`STATIC_ARMS` (``channel``, ``checkerboard``, ``random``, ``high``) of
-  that run whose factored halves have the same prior as the arm's (the ``+cond`` twins for the
-  ``+cond`` arms, every split arm under ``--prior conditional``), see :func:`best_static`.
+  bits/dim among :data:`~lcma_ext.experiments.registry.STATIC_ARMS` (``channel``,
+  ``checkerboard``, ``random``, ``high``) of that run whose factored halves have the same prior
+  as the arm's (the ``+cond`` twins for the ``+cond`` arms, every split arm under
+  ``--prior conditional``), see :func:`best_static`.
 
 For each: the paired differences ``d_s = bpd(arm, s) - bpd(other, s)`` over the seeds both ran
 (non-finite pairs left out, ``n`` finite pairs), their mean ``m`` and sample standard deviation
@@ -36,12 +37,11 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from lcma_ext.experiments.config import base_arm
+from lcma_ext.experiments.registry import STATIC_ARMS, base_arm
 
 __all__ = [
     "CONFIDENCE",
     "RELATIVE_EFFECT",
-    "STATIC_ARMS",
     "VERDICTS",
     "add_comparisons",
     "aggregate",
@@ -59,8 +59,6 @@ __all__ = [
     "verdict",
 ]
 
-#: The static splits whose best (per prior) every arm is compared with.
-STATIC_ARMS = ("channel", "checkerboard", "random", "high")
 #: Confidence level of the paired intervals.
 CONFIDENCE = 0.95
 #: The difference ``seeds_for_1pct`` is sized for, relative to the compared arm's mean bpd.

@@ -41,8 +41,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcma_ext.experiments.config import SELF_ARMS, ExperimentConfig
+from lcma_ext.experiments.config import ExperimentConfig
 from lcma_ext.experiments.cost import selection_share
+from lcma_ext.experiments.registry import SELF_ARMS
 from lcma_ext.experiments.report import _flags, _fmt, comparison_cells
 from lcma_ext.experiments.runner import run_comparison
 from lcma_ext.experiments.stats import compared_arms, finite, finite_values, standard_error
