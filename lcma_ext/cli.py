@@ -26,6 +26,7 @@ codes: 0 done, 2 a user error (bad option, unusable ``--out``, corrupt state fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import textwrap
@@ -49,6 +50,7 @@ from lcma_ext.experiments.config import (
     FALLBACK_DEFAULTS,
     PRECISION_CHOICES,
     QUICK,
+    recipe_flags,
 )
 from lcma_ext.experiments.registry import (
     ARMS,
@@ -60,7 +62,7 @@ from lcma_ext.experiments.registry import (
 )
 from lcma_ext.experiments.sweep import SWEEP_ARMS, SWEEP_EPOCHS, SWEEP_SIZES
 from lcma_ext.models import MODELS, SIZE_NAMES
-from lcma_ext.training import DEFAULT_RECIPE, LR_SCHEDULES, RECIPES
+from lcma_ext.training import DEFAULT_RECIPE, LEGACY_RECIPE, LR_SCHEDULES, RECIPE_FIELDS, RECIPES
 from lcma_ext.transforms import PRIORS
 
 __all__ = ["build_parser", "config_from_args", "main", "sweep_config_from_args"]
@@ -261,20 +263,32 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     )
 
 
-def _unit_interval(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {value}")
-    return value
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+
+
+#: Help of the options that override one field of the recipe (another field: a generic line).
+_RECIPE_HELP = {
+    "warmup_steps": "optimizer steps of the linear learning-rate warm-up",
+    "lr_schedule": f"{' or '.join(LR_SCHEDULES)} (cosine: to 0 over the run's steps after the "
+    "warm-up)",
+    "grad_clip": "max global gradient norm, 0 disables; clipped steps are counted in each run's "
+    "summary",
+    "ema_decay": "decay of the EMA of the weights that is scored and sampled, 0 disables",
+}
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
-    """``--recipe`` and the four options that override one of its fields."""
-    recipes = "; ".join(
-        f"{name}: warm-up {r.warmup_steps} steps, {r.lr_schedule} lr, clip {r.grad_clip:g}, "
-        f"EMA {r.ema_decay:g}"
-        for name, r in RECIPES.items()
-    )
+    """``--recipe`` and an option per field of it that ``ExperimentConfig`` overrides.
+
+    The options follow :data:`lcma_ext.training.RECIPE_FIELDS` (a recipe field that is an
+    ``ExperimentConfig`` field with a default of its own, such as ``lr``, has its own option);
+    their values are checked once, by :class:`lcma_ext.training.Recipe`.
+    """
+    recipes = "; ".join(f"{name}: {' '.join(recipe_flags(r))}" for name, r in RECIPES.items())
     add = parser.add_argument
     add(
         "--recipe",
@@ -283,33 +297,17 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
         help=f"training recipe of every arm and the NMS ({recipes}; legacy is the recipe of "
         "versions up to 0.2) (default: %(default)s)",
     )
-    add(
-        "--warmup-steps",
-        type=_int_at_least(0),
-        default=None,
-        help="optimizer steps of the linear learning-rate warm-up (default: the recipe's)",
-    )
-    add(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=None,
-        help="constant, or cosine to 0 over the run's steps after the warm-up (default: the "
-        "recipe's)",
-    )
-    add(
-        "--grad-clip",
-        type=_non_negative_float,
-        default=None,
-        help="max global gradient norm, 0 disables; clipped steps are counted in each run's "
-        "summary (default: the recipe's)",
-    )
-    add(
-        "--ema-decay",
-        type=_unit_interval,
-        default=None,
-        help="decay of the EMA of the weights that is scored and sampled, 0 disables (default: "
-        "the recipe's)",
-    )
+    legacy = LEGACY_RECIPE.to_dict()
+    for item in dataclasses.fields(ExperimentConfig):
+        if item.name in RECIPE_FIELDS and item.default is None:
+            kind = type(legacy[item.name])
+            add(
+                f"--{item.name.replace('_', '-')}",
+                type=_int_at_least(0) if kind is int else _number if kind is float else str,
+                default=None,
+                help=_RECIPE_HELP.get(item.name, f"the recipe's {item.name}")
+                + " (default: the recipe's)",
+            )
 
 
 def _add_arm_options(parser: argparse.ArgumentParser, arms: tuple[str, ...]) -> None:
@@ -462,41 +460,15 @@ def _inspect(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The :class:`ExperimentConfig` of parsed ``run`` / ``ablate-levels`` arguments."""
-    return ExperimentConfig(
-        command=args.command,
-        dataset=args.dataset,
-        model=args.model,
-        size=getattr(args, "size", ExperimentConfig.size),
-        levels=args.levels,
-        epochs=getattr(args, "epochs", None),
-        nms_epochs=args.nms_epochs,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        out=args.out,
-        data_root=args.data_root,
-        limit=args.limit,
-        image_size=args.image_size,
-        outlier_gap=args.outlier_gap,
-        quick=args.quick,
-        progress=not args.no_progress,
-        arms=getattr(args, "arms", ARMS),
-        region_size=getattr(args, "region_size", ExperimentConfig.region_size),
-        allow_diverged_nms=args.allow_diverged_nms,
-        precision=args.precision,
-        compile=args.compile,
-        workers=args.workers,
-        hflip=args.hflip,
-        reestimate_every=getattr(args, "reestimate_every", None),
-        prior=getattr(args, "prior", ExperimentConfig.prior),
-        recipe=args.recipe,
-        warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-    )
+    """The :class:`ExperimentConfig` of parsed ``run`` / ``ablate-levels`` arguments.
+
+    Every field is the option of the same name (``--no-progress`` gives ``progress``); a field
+    without an option in this command (``--arms`` for ``ablate-levels``, ``--size`` and
+    ``--epochs`` for ``sweep``) keeps its default.
+    """
+    values = {**vars(args), "progress": not args.no_progress}
+    fields = dataclasses.fields(ExperimentConfig)
+    return ExperimentConfig(**{f.name: values[f.name] for f in fields if f.name in values})
 
 
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:

@@ -255,3 +255,20 @@ def test_a_diverged_nms_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys)
     assert "NMS pre-training diverged" in err and "--allow-diverged-nms" in err
     assert "not found" not in err
+
+
+def test_config_from_args_follows_the_fields() -> None:
+    """Every field of ExperimentConfig is an option of ``run``; the defaults agree."""
+    import dataclasses
+
+    from lcma_ext.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run"])
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    assert fields - set(vars(args)) == {"progress"}  # given as --no-progress
+    assert config_from_args(args) == ExperimentConfig()
+    argv = ["ablate-levels", "--no-progress", "--ema-decay", "0.5", "--levels", "3"]
+    ablate = config_from_args(build_parser().parse_args(argv))
+    assert ablate == ExperimentConfig(
+        command="ablate-levels", progress=False, ema_decay=0.5, levels=3
+    )

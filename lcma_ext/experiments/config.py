@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ __all__ = [
     "QUICK",
     "REFERENCE_ARM",
     "ExperimentConfig",
+    "recipe_flags",
     "recipe_options",
     "stored_recipe",
 ]
@@ -78,9 +79,16 @@ QUICK: dict[str, int] = {"epochs": 3, "nms_epochs": 3, "seeds": 2, "limit": 512}
 
 #: ``precision`` choices (the keys of :data:`lcma_ext.training.PRECISIONS`).
 PRECISION_CHOICES = tuple(PRECISIONS)
-#: Training options recorded in ``config.json`` only when not these defaults (so run folders of
-#: earlier versions still match).
-SCALE_OUT: dict[str, Any] = {"precision": "fp32", "compile": False, "hflip": False}
+#: How ``config.json`` stores a field of :class:`ExperimentConfig` (its ``metadata[_STORED]``):
+#: always (resolved: the epochs, seeds and levels the run used), and a record without it is
+#: corrupt; always, but a record without it means the default; only when not the default (the
+#: fields newer than ``config.json``, so run folders of earlier versions still match). A field
+#: without it is not part of a run's identity (where it runs, what it shows, the recipe, which
+#: ``config.json`` stores resolved).
+_STORED = "stored"
+_ALWAYS = {_STORED: "always"}
+_OPTIONAL = {_STORED: "optional"}
+_CHANGED = {_STORED: "changed"}
 
 #: Event shapes known without loading the data (not ``imagefolder``'s).
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -158,33 +166,33 @@ class ExperimentConfig:
             (``None``: the recipe's value); see :class:`lcma_ext.training.Recipe`.
     """
 
-    command: str = "run"
-    dataset: str = "digits"
-    model: str = "realnvp"
-    size: str = "tiny"
-    levels: int | None = None
-    epochs: int | None = None
-    nms_epochs: int | None = None
-    seeds: int | None = None
-    batch_size: int = 64
-    lr: float = 1e-3
+    command: str = field(default="run", metadata=_ALWAYS)
+    dataset: str = field(default="digits", metadata=_ALWAYS)
+    model: str = field(default="realnvp", metadata=_ALWAYS)
+    size: str = field(default="tiny", metadata=_ALWAYS)
+    levels: int | None = field(default=None, metadata=_ALWAYS)
+    epochs: int | None = field(default=None, metadata=_ALWAYS)
+    nms_epochs: int | None = field(default=None, metadata=_ALWAYS)
+    seeds: int | None = field(default=None, metadata=_ALWAYS)
+    batch_size: int = field(default=64, metadata=_ALWAYS)
+    lr: float = field(default=1e-3, metadata=_ALWAYS)
     device: str = "cpu"
     out: Path | None = None
     data_root: Path | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=_OPTIONAL)
     image_size: int | None = None
     outlier_gap: float = 0.5
-    quick: bool = False
+    quick: bool = field(default=False, metadata=_OPTIONAL)
     progress: bool = True
     arms: tuple[str, ...] = ARMS
-    region_size: int = DEFAULT_REGION_SIZE
+    region_size: int = field(default=DEFAULT_REGION_SIZE, metadata=_CHANGED)
     allow_diverged_nms: bool = False
-    precision: str = "fp32"
-    compile: bool = False
+    precision: str = field(default="fp32", metadata=_CHANGED)
+    compile: bool = field(default=False, metadata=_CHANGED)
     workers: int = 0
-    hflip: bool = False
-    reestimate_every: int | None = None
-    prior: str = "standard"
+    hflip: bool = field(default=False, metadata=_CHANGED)
+    reestimate_every: int | None = field(default=None, metadata=_CHANGED)
+    prior: str = field(default="standard", metadata=_CHANGED)
     recipe: str = DEFAULT_RECIPE
     warmup_steps: int | None = None
     lr_schedule: str | None = None
@@ -439,17 +447,19 @@ class ExperimentConfig:
         from lcma_ext.training import TrainConfig
 
         recipe = self.training_recipe
-        return {
-            "command": self.command,
-            "dataset": self.dataset,
-            "model": self.model,
-            "size": self.size,
+        resolved = {
             "levels": num_levels,
             "epochs": self.train_epochs,
             "nms_epochs": self.nms_train_epochs,
             "seeds": self.seed_list,
-            "batch_size": self.batch_size,
-            "lr": self.lr,
+        }
+        stored: dict[str, dict[str, Any]] = {"always": {}, "optional": {}, "changed": {}}
+        for item in dataclasses.fields(self):
+            kind, value = item.metadata.get(_STORED), getattr(self, item.name)
+            if kind is not None and (kind != "changed" or value != item.default):
+                stored[kind][item.name] = resolved.get(item.name, value)
+        return {
+            **stored["always"],
             "l2_scale": TrainConfig().l2_scale,
             "grad_clip": recipe.grad_clip,
             "alpha": alpha,
@@ -457,47 +467,30 @@ class ExperimentConfig:
             "shape": list(data.shape),
             "num_train": int(data.train.shape[0]),
             "num_test": int(data.test.shape[0]),
-            "limit": self.limit,
-            "quick": self.quick,
-            # only when not the default, so that existing run folders still match
-            **(
-                {"region_size": self.region_size} if self.region_size != DEFAULT_REGION_SIZE else {}
-            ),
-            **({"reestimate_every": self.reestimate_every} if self.reestimate_every else {}),
-            **({"prior": self.prior} if self.prior != "standard" else {}),
-            **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
+            **stored["optional"],
+            **stored["changed"],  # only when not the default
             **_recipe_record(recipe),
         }
 
-    def _scale_out(self) -> dict[str, Any]:
-        return {"precision": self.precision, "compile": self.compile, "hflip": self.hflip}
-
     @classmethod
     def from_record(cls, record: dict[str, Any], **overrides: Any) -> ExperimentConfig:
-        """The configuration of a stored ``config.json`` (``out``, ``data_root`` etc. given)."""
-        seeds = record["seeds"]
-        fields = {
-            "command": record["command"],
-            "dataset": record["dataset"],
-            "model": record["model"],
-            "size": record["size"],
-            "levels": record["levels"],
-            "epochs": record["epochs"],
-            "nms_epochs": record["nms_epochs"],
-            "seeds": len(seeds),
-            "batch_size": record["batch_size"],
-            "lr": record["lr"],
-            "limit": record.get("limit"),
-            "quick": record.get("quick", False),
-            "region_size": record.get("region_size", DEFAULT_REGION_SIZE),
-            "reestimate_every": record.get("reestimate_every"),
-            "prior": record.get("prior", "standard"),
-            **{key: record.get(key, default) for key, default in SCALE_OUT.items()},
-            **stored_recipe(record).to_dict(),
-            "recipe": "legacy",
-        }
-        fields.update(overrides)
-        return cls(**fields)
+        """The configuration of a stored ``config.json`` (``out``, ``data_root`` etc. given).
+
+        The training recipe is the stored one (:func:`stored_recipe`) under ``--recipe legacy``.
+
+        Raises:
+            KeyError: for a record without a field that every ``config.json`` has.
+        """
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            kind = item.metadata.get(_STORED)
+            if kind == "always":
+                values[item.name] = record[item.name]
+            elif kind is not None:
+                values[item.name] = record.get(item.name, item.default)
+        values["seeds"] = len(values["seeds"])  # stored as the list of seeds
+        values.update({**stored_recipe(record).to_dict(), "recipe": "legacy", **overrides})
+        return cls(**values)
 
 
 def _recipe_record(recipe: Recipe) -> dict[str, Any]:
@@ -517,18 +510,23 @@ def stored_recipe(record: dict[str, Any]) -> Recipe:
     return Recipe(**{key: record.get(key, value) for key, value in legacy.items()})
 
 
+def recipe_flags(recipe: Recipe, against: Recipe | None = None) -> list[str]:
+    """``["--warmup-steps 100", ...]``: an option per field of ``recipe`` (:data:`RECIPE_FIELDS`),
+    or per field that differs from ``against``."""
+    base = None if against is None else against.to_dict()
+    return [
+        f"--{key.replace('_', '-')} {value:g}"
+        if isinstance(value, float)
+        else f"--{key.replace('_', '-')} {value}"
+        for key, value in recipe.to_dict().items()
+        if base is None or value != base[key]
+    ]
+
+
 def recipe_options(recipe: Recipe) -> str:
     """The command-line options that give ``recipe``: ``--recipe NAME`` when it is a named one,
     else ``--recipe legacy`` and the fields that differ from it."""
     for name, named in RECIPES.items():
         if named == recipe:
             return f"--recipe {name}"
-    legacy = LEGACY_RECIPE.to_dict()
-    changed = [
-        f"--{key.replace('_', '-')} {value:g}"
-        if isinstance(value, float)
-        else f"--{key.replace('_', '-')} {value}"
-        for key, value in recipe.to_dict().items()
-        if value != legacy[key]
-    ]
-    return " ".join(["--recipe legacy", *changed])
+    return " ".join(["--recipe legacy", *recipe_flags(recipe, LEGACY_RECIPE)])
