@@ -89,7 +89,8 @@ from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
 from lcma_ext.distributed import barrier
 from lcma_ext.experiments.jobs import ArmJob
 from lcma_ext.experiments.store import StateFileError
-from lcma_ext.multiscale import ContributionMultiscaleFlow
+from lcma_ext.flows import eval_mode, flow_parts
+from lcma_ext.multiscale import ContributionMultiscaleFlow, SplitPoint
 from lcma_ext.splits import Split, SplitSpec
 from lcma_ext.training import (
     TrainResult,
@@ -142,7 +143,7 @@ def phase_bounds(epochs: int, every: int, repeat: bool) -> list[tuple[int, int]]
 
 
 def _multiscale(flow: Flow) -> ContributionMultiscaleFlow:
-    transform = flow._transform
+    transform = flow_parts(flow).transform
     if not isinstance(transform, ContributionMultiscaleFlow):
         raise TypeError(
             f"expected a flow around a ContributionMultiscaleFlow; got {type(transform).__name__}"
@@ -189,11 +190,9 @@ def self_contributions(
         raise ValueError("expected at least one example in data; got none")
     levels, placement = transform.levels, transform.splits[0].placement
     reference = next(transform.parameters())
-    modes = [(module, module.training) for module in transform.modules()]
-    transform.eval()
     maps: list[Tensor] = []
     splits: list[Split] = []
-    try:
+    with eval_mode(transform):  # every submodule's mode restored afterwards
         states = [(x.to(reference), None) for x in data.split(batch_size)]
         for index, level in enumerate(levels[:-1]):
             outputs, total = [], None
@@ -211,10 +210,9 @@ def self_contributions(
             split = rule.build(tuple(mean.shape), mean, placement=placement).to(reference.device)
             maps.append(mean)
             splits.append(split)
-            states = [(split(out)[1], split.carry(diag)[1]) for out, diag in outputs]
-    finally:
-        for module, training in modes:
-            module.training = training
+            point = SplitPoint(split)  # the kept half and its running map go on
+            kept = [point.forward_with_diag(out, diag) for out, diag in outputs]
+            states = [(step.kept, step.kept_diag) for step in kept]
     return maps, splits
 
 
@@ -247,7 +245,7 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     )
     new = Flow(
         ContributionMultiscaleFlow.from_levels(transform.levels, shape, tracked.splits),
-        flow._distribution,
+        flow_parts(flow).distribution,
     ).to(device)
     flow.to(device)
     if [id(p) for p in new.parameters()] != [id(p) for p in flow.parameters()]:
