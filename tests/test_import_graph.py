@@ -151,3 +151,9 @@ def test_lcma_ext_imports_one_way() -> None:
 def test_config_never_imports_arms() -> None:
     graph = import_graph()
     assert "lcma_ext.experiments.arms" not in graph["lcma_ext.experiments.config"]
+
+
+def test_the_report_does_not_import_a_trainer() -> None:
+    """Each trainer contributes its own report section (ArmTrainer.report_lines)."""
+    graph = import_graph()
+    assert "lcma_ext.experiments.self_estimation" not in graph["lcma_ext.experiments.report"]

@@ -14,7 +14,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -78,4 +78,13 @@ class ArmTrainer(Protocol):
 
     def restore(self, flow: Flow, state: dict[str, Any]) -> Flow:
         """The scored flow from the builder's ``flow`` and the arm's loaded checkpoint ``state``."""
+        ...
+
+    def report_lines(self, arm: str, results: Mapping[str, Any]) -> list[str]:
+        """The trainer's own lines on ``arm`` in ``results.md`` (``[]``: none).
+
+        ``results`` is the results dictionary (``results.json``; ``results["runs"][arm]`` holds
+        the arm's run summaries with the extras of :meth:`train`). Optional: the report skips a
+        trainer without this method.
+        """
         ...

@@ -76,7 +76,7 @@ import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,6 @@ __all__ = [
     "PhasedTrainer",
     "phase_bounds",
     "self_contributions",
-    "self_estimation_markdown",
     "switched_flow",
 ]
 
@@ -428,6 +427,10 @@ class PhasedTrainer:
         flow.load_state_dict(evaluation_state_dict(state))
         return flow
 
+    def report_lines(self, arm: str, results: Mapping[str, Any]) -> list[str]:
+        """``results.md``'s line on ``arm``: its switch epochs and the test bpd jumps."""
+        return _switches_line(arm, results.get("runs", {}).get(arm, []))
+
 
 def _switched_state(new: Flow, raw: dict[str, Tensor]) -> dict[str, Tensor]:
     """``new``'s state (its split buffers) with the parameters of the raw state ``raw``.
@@ -468,29 +471,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def self_estimation_markdown(results: dict[str, Any]) -> list[str]:
-    """``results.md`` lines on the self-estimated arms: switch epochs and the test bpd jumps."""
-    lines = []
-    for arm, runs in results.get("runs", {}).items():
-        switches = [run.get("switches") for run in runs if run.get("switches") is not None]
-        if not switches:
-            continue
-        by_epoch: dict[int, list[dict[str, Any]]] = {}
-        for run_switches in switches:
-            for switch in run_switches:
-                by_epoch.setdefault(int(switch["epoch"]), []).append(switch)
-        jumps = "; ".join(
-            f"epoch {epoch}: {_mean(s, 'test_bpd_before_switch'):.4f} → "
-            f"{_mean(s, 'test_bpd_after_switch'):.4f}, {_mean(s, 'kept_changed_at_split0'):.0%} "
-            "of split point 0 re-assigned"
-            for epoch, s in sorted(by_epoch.items())
-        )
-        lines.append(
-            f"`{arm}`: `channel` split until epoch {min(by_epoch)}, then the LCMA split of the "
-            "model's own contributions, re-chosen at every listed epoch; test bpd right before → "
-            f"right after each switch, mean over seeds: {jumps}."
-        )
-    return [*lines, ""] if lines else []
+def _switches_line(arm: str, runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The line on a self-estimated arm's switches over its ``runs`` (none: no line)."""
+    switches = [run.get("switches") for run in runs if run.get("switches") is not None]
+    if not switches:
+        return []
+    by_epoch: dict[int, list[dict[str, Any]]] = {}
+    for run_switches in switches:
+        for switch in run_switches:
+            by_epoch.setdefault(int(switch["epoch"]), []).append(switch)
+    jumps = "; ".join(
+        f"epoch {epoch}: {_mean(s, 'test_bpd_before_switch'):.4f} → "
+        f"{_mean(s, 'test_bpd_after_switch'):.4f}, {_mean(s, 'kept_changed_at_split0'):.0%} "
+        "of split point 0 re-assigned"
+        for epoch, s in sorted(by_epoch.items())
+    )
+    return [
+        f"`{arm}`: `channel` split until epoch {min(by_epoch)}, then the LCMA split of the "
+        "model's own contributions, re-chosen at every listed epoch; test bpd right before → "
+        f"right after each switch, mean over seeds: {jumps}."
+    ]
 
 
 def _mean(switches: list[dict[str, Any]], key: str) -> float:
