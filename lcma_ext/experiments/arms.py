@@ -63,7 +63,6 @@ __all__ = [
     "build_arm",
     "restore_arm",
     "split_arm",
-    "vae_arm",
 ]
 
 #: A split name or spec for every split point, or one per split point.
@@ -176,7 +175,7 @@ def _channel_flow(config: ExperimentConfig, maps: ContributionMaps, seed: int, s
     return build_flow(transform, shape)
 
 
-def vae_arm(reduction: int) -> ArmBuilder:
+def _vae_arm(reduction: int) -> ArmBuilder:
     """``flow-vae-R``: the ``channel`` arm's flow and weights, a VAE prior of dim(eps) = D / R."""
 
     def build(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
@@ -240,7 +239,7 @@ def ablation_arm(choice: Sequence[str]) -> ArmBuilder:
 
 #: The builders of the latent-shaping arms (docs/latent_shaping.md).
 _LATENT_BUILDERS: dict[str, ArmBuilder] = {
-    **{f"flow-vae-{reduction}": vae_arm(reduction) for reduction in VAE_REDUCTIONS},
+    **{f"flow-vae-{reduction}": _vae_arm(reduction) for reduction in VAE_REDUCTIONS},
     "denseflow": _denseflow,
     "haar": _haar,
 }

@@ -52,11 +52,9 @@ from lcma_ext.training import (
 from lcma_ext.transforms.factor_prior import PRIORS
 
 __all__ = [
-    "COMMANDS",
     "DEFAULTS",
     "FALLBACK_DEFAULTS",
     "QUICK",
-    "REFERENCE_ARM",
     "ExperimentConfig",
     "recipe_flags",
     "recipe_options",
@@ -64,9 +62,9 @@ __all__ = [
 ]
 
 #: The commands an :class:`ExperimentConfig` describes.
-COMMANDS = ("run", "ablate-levels")
+_COMMANDS = ("run", "ablate-levels")
 #: The arm every other arm is compared with (the first arm when it is not run).
-REFERENCE_ARM = "channel"
+_REFERENCE_ARM = "channel"
 
 #: Per-dataset defaults (chosen so the digits default finishes in 10 minutes on a 2-core CPU).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -310,7 +308,7 @@ class ExperimentConfig:
         """The arm the paired differences are taken against."""
         if self.command == "ablate-levels":
             return choice_name(("low",) * (num_levels - 1))
-        return REFERENCE_ARM if REFERENCE_ARM in self.arms else self.arms[0]
+        return _REFERENCE_ARM if _REFERENCE_ARM in self.arms else self.arms[0]
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -318,7 +316,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` ("expected ...; got ...") for anything wrong before training."""
         choices = {
-            "command": (self.command, COMMANDS),
+            "command": (self.command, _COMMANDS),
             "model": (self.model, tuple(MODELS)),
             "size": (self.size, SIZE_NAMES),
             "prior": (self.prior, PRIORS),

@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ARMS",
-    "ARM_KINDS",
     "BUILTIN_ARMS",
     "CONDITIONAL_ARMS",
     "GRANULARITY_ARMS",
@@ -100,11 +99,10 @@ LISTED_ARMS: tuple[str, ...] = (*ARMS, *GRANULARITY_ARMS, *LATENT_ARMS, *SELF_AR
 STATIC_ARMS: tuple[str, ...] = ("channel", "checkerboard", "random", "high")
 #: Most split points ``ablate-levels`` accepts (2^4 = 16 arms).
 MAX_ABLATION_SPLITS = 4
-#: The kinds of arm (:attr:`ArmName.kind`).
-ARM_KINDS = ("split", "ablation", "latent", "self", "custom")
 #: ``ablate-levels``' two sides of a split point and the split name each stands for.
 _SIDES = {"high": "high", "low": "lcma"}
 
+#: The kinds of arm (:attr:`ArmName.kind`).
 ArmKind = Literal["split", "ablation", "latent", "self", "custom"]
 #: ``builder(config, maps, seed) -> Flow``.
 ArmBuilder = Callable[["ExperimentConfig", "ContributionMaps", int], "Flow"]

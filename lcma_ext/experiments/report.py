@@ -3,7 +3,7 @@
 ``results.md`` is the table of :func:`results_markdown` (mean ± std, median, difference of
 means, paired per-seed differences and wins against the reference arm, the paired 95 %
 interval and verdict against the best static split of the arm's prior, flags), the table of
-both comparisons (:func:`comparisons_markdown`: mean, interval, verdict, seeds a 1 % difference
+both comparisons (:func:`_comparisons_markdown`: mean, interval, verdict, seeds a 1 % difference
 would need; :mod:`lcma_ext.experiments.stats`), the notes on
 non-exact bits/dim, the split diagnostics of the NMS maps, the switches of the self-estimated
 arms, the cost of choosing each data-driven split (:mod:`lcma_ext.experiments.cost`), the NMS
@@ -32,22 +32,19 @@ from lcma_ext.experiments.stats import compared_arms
 from lcma_ext.experiments.store import write_json, write_text
 
 __all__ = [
-    "UNIFORM_MARGIN",
     "bound_notes",
     "comparison_cells",
-    "comparisons_markdown",
     "diagnostics_markdown",
     "flags_cell",
     "prior_notes",
     "results_markdown",
-    "trainer_sections",
     "uniform_bpd",
     "versions",
     "write_results",
 ]
 
 #: An arm whose mean bits/dim is within this of the uniform baseline (or above) is marked.
-UNIFORM_MARGIN = 0.05
+_UNIFORM_MARGIN = 0.05
 
 
 def uniform_bpd(levels_of_data: int) -> float:
@@ -206,7 +203,7 @@ def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
     return cell, comparison["verdict"]
 
 
-def comparisons_markdown(results: dict[str, Any]) -> list[str]:
+def _comparisons_markdown(results: dict[str, Any]) -> list[str]:
     """``results.md`` lines: every arm against the reference arm and the best static split."""
     arms = compared_arms(results)
     rows = []
@@ -260,14 +257,14 @@ def flags_cell(entry: dict[str, Any], uniform: float | None) -> str:
         flags.append("built on a diverged NMS")
     mean = entry.get("bpd_mean")
     if uniform is not None and mean is not None and math.isfinite(mean):
-        if mean > uniform + UNIFORM_MARGIN:
+        if mean > uniform + _UNIFORM_MARGIN:
             flags.append("above the uniform baseline")
-        elif mean >= uniform - UNIFORM_MARGIN:
+        elif mean >= uniform - _UNIFORM_MARGIN:
             flags.append("at the uniform baseline")
     return ", ".join(flags) or "none"
 
 
-def trainer_sections(results: Mapping[str, Any]) -> list[str]:
+def _trainer_sections(results: Mapping[str, Any]) -> list[str]:
     """The lines the trainers of the arms (:class:`~lcma_ext.experiments.jobs.ArmTrainer`)
     contribute about their arms, in the order of ``results["runs"]``; empty if none."""
     lines = []
@@ -347,7 +344,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             ]
         )
     lines += [*table(header, rows), ""]
-    lines += comparisons_markdown({**results, "arms": arms})
+    lines += _comparisons_markdown({**results, "arms": arms})
     if nms_diverged:
         lines += [
             f"**The NMS pre-training diverged** ({nms.get('diverged_reason') or 'non-finite'}); "
@@ -359,7 +356,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += prior_notes(arms)
     lines += bound_notes(arms)
     lines += diagnostics_markdown(results.get("contribution_diagnostics") or [])
-    lines += trainer_sections(results)
+    lines += _trainer_sections(results)
     lines += cost_markdown(results.get("cost"))
     if nms:
         status = f" — diverged ({nms.get('diverged_reason') or 'non-finite'})" * nms_diverged
@@ -372,7 +369,7 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"Uniform baseline: {number(uniform)} bpd (log2 of the {levels} pixel levels, a model "
             "that learned nothing); an arm within "
-            f"{UNIFORM_MARGIN} of it or above is flagged."
+            f"{_UNIFORM_MARGIN} of it or above is flagged."
         )
     lines += _clip_notes(arms)
     lines += [

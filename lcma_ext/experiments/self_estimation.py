@@ -13,7 +13,7 @@ budget as every other arm:
 ``lcma-reestimate``
     Re-chooses the split the same way every ``E`` epochs.
 
-**Self-contributions** (:func:`self_contributions`). In the multi-scale model a dimension
+**Self-contributions** (:func:`_self_contributions`). In the multi-scale model a dimension
 factored out at split point ``j`` passes through levels ``0 .. j`` only. The contribution map at
 split point ``k`` is therefore defined on the dimensions *still alive at k* (those every earlier
 split kept), and it is their averaged cumulative per-dimension log|det| over the layers of the
@@ -102,21 +102,18 @@ from lcma_ext.training import (
 )
 
 __all__ = [
-    "LCMA_RULE",
-    "NonFiniteContributionsError",
     "PhasedTrainer",
     "phase_bounds",
-    "self_contributions",
     "switched_flow",
 ]
 
 #: The rule every switch applies: factor out the low-contribution half, per site (the paper).
-LCMA_RULE = SplitSpec("lcma")
+_LCMA_RULE = SplitSpec("lcma")
 #: Batch size of the self-contribution measurement.
 ESTIMATE_BATCH_SIZE = 256
 
 
-class NonFiniteContributionsError(ValueError):
+class _NonFiniteContributionsError(ValueError):
     """The model being trained gave a non-finite contribution map (it has diverged)."""
 
 
@@ -156,10 +153,10 @@ def _multiscale(flow: Flow) -> ContributionMultiscaleFlow:
 
 
 @torch.no_grad()
-def self_contributions(
+def _self_contributions(
     transform: ContributionMultiscaleFlow,
     data: Tensor,
-    rule: SplitSpec = LCMA_RULE,
+    rule: SplitSpec = _LCMA_RULE,
     batch_size: int = ESTIMATE_BATCH_SIZE,
 ) -> tuple[list[Tensor], list[Split]]:
     """The multi-scale model's own contribution maps, and the splits ``rule`` chooses from them.
@@ -182,7 +179,7 @@ def self_contributions(
         and the split built from it (on the transform's device).
 
     Raises:
-        NonFiniteContributionsError: for a non-finite map (a diverged model).
+        _NonFiniteContributionsError: for a non-finite map (a diverged model).
         ValueError: for empty data.
     """
     if data.shape[0] == 0:
@@ -202,7 +199,7 @@ def self_contributions(
                 outputs.append((out, diag))
             mean = total / data.shape[0]
             if not torch.isfinite(mean).all():
-                raise NonFiniteContributionsError(
+                raise _NonFiniteContributionsError(
                     f"expected a finite self-contribution map at split point {index}; got "
                     f"{int((~torch.isfinite(mean)).sum())} NaN or inf values (the model diverged)"
                 )
@@ -224,7 +221,7 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     Args:
         flow: A flow around a :class:`ContributionMultiscaleFlow` (standard priors).
         layout_maps: Per split point, the map in that split's input layout, as
-            :func:`self_contributions` returns them.
+            :func:`_self_contributions` returns them.
         input_shape: Event shape of the data.
 
     Raises:
@@ -238,7 +235,7 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     tracked = track_splits(
         transform.levels,
         shape,
-        [LCMA_RULE] * len(layout_maps),
+        [_LCMA_RULE] * len(layout_maps),
         layout_maps=[m.detach().cpu().double() for m in layout_maps],
         placement=placement,
     )
@@ -323,7 +320,7 @@ class PhasedTrainer:
             if phase > first:
                 try:
                     flow, switch = self._switch(job, flow, phase, start, result)
-                except NonFiniteContributionsError as error:
+                except _NonFiniteContributionsError as error:
                     result.diverged, result.diverged_reason = True, str(error)
                     break
                 switches.append(switch)
@@ -361,7 +358,7 @@ class PhasedTrainer:
             switch = _load(path, device)
         else:
             begin = time.perf_counter()
-            maps, splits = self_contributions(_multiscale(flow), job.contribution_data)
+            maps, splits = _self_contributions(_multiscale(flow), job.contribution_data)
             seconds = time.perf_counter() - begin
             old = _multiscale(flow).splits[0]
             changed = _kept_changed(old, splits[0], math.prod(splits[0].input_shape))

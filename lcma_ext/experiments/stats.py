@@ -48,9 +48,6 @@ from typing import Any
 from lcma_ext.experiments.registry import STATIC_ARMS, base_arm
 
 __all__ = [
-    "CONFIDENCE",
-    "RELATIVE_EFFECT",
-    "VERDICTS",
     "ArmResult",
     "Comparison",
     "PairedDiffs",
@@ -71,11 +68,11 @@ __all__ = [
 ]
 
 #: Confidence level of the paired intervals.
-CONFIDENCE = 0.95
+_CONFIDENCE = 0.95
 #: The difference ``seeds_for_1pct`` is sized for, relative to the compared arm's mean bpd.
-RELATIVE_EFFECT = 0.01
+_RELATIVE_EFFECT = 0.01
 #: The verdicts of :func:`verdict`.
-VERDICTS = ("better", "worse", "no evidence")
+_VERDICTS = ("better", "worse", "no evidence")
 #: Most seeds :func:`seeds_needed` reports (more: ``None``).
 MAX_SEEDS = 1_000_000
 
@@ -134,7 +131,9 @@ def t_quantile(probability: float, dof: int) -> float:
     return float(t.ppf(probability, dof))
 
 
-def t_interval(values: Sequence[Any], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+def t_interval(
+    values: Sequence[Any], confidence: float = _CONFIDENCE
+) -> tuple[float, float] | None:
     """The Student-t interval ``mean ± t((1 + confidence) / 2, n - 1) sd / sqrt(n)``.
 
     Args:
@@ -167,7 +166,7 @@ def verdict(interval: Sequence[float] | None) -> str:
 
 
 def seeds_needed(
-    std: float | None, effect: float | None, confidence: float = CONFIDENCE
+    std: float | None, effect: float | None, confidence: float = _CONFIDENCE
 ) -> int | None:
     """The smallest ``n >= 2`` with ``t((1 + confidence) / 2, n - 1) std / sqrt(n) < effect``.
 
@@ -271,7 +270,7 @@ def paired_comparison(
         std=stats["std"],
         ci95=interval,
         verdict=verdict(interval),
-        seeds_for_1pct=seeds_needed(stats["std"], RELATIVE_EFFECT * abs(scale)),
+        seeds_for_1pct=seeds_needed(stats["std"], _RELATIVE_EFFECT * abs(scale)),
     )
 
 
