@@ -96,21 +96,22 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a number >= 0; got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    value = _number(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
     return value
@@ -261,13 +262,6 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
         help="hide the progress bars and status lines; the results are still printed "
         "(default: shown)",
     )
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
 
 
 #: Help of the options that override one field of the recipe (another field: a generic line).
