@@ -30,8 +30,9 @@ import dataclasses
 import math
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lcma_ext.data import DATASETS
 from lcma_ext.distributed import world
@@ -83,7 +84,7 @@ EPILOG = "\n\n".join(
 )
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -345,7 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         metavar="{run,ablate-levels,contributions,sweep,sample,interpolate,evaluate}",
     )
-    options = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    options: dict[str, Any] = {
+        "epilog": EPILOG,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
     run = sub.add_parser("run", help="Algorithm 1: NMS, contributions, every split arm", **options)
     _add_common(run)
     _add_arm_options(run, ARMS)
@@ -396,7 +400,7 @@ def _add_run_folder(parser: argparse.ArgumentParser, png: bool) -> None:
     parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
 
-def _add_inspection(sub: argparse._SubParsersAction) -> None:
+def _add_inspection(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``sample``, ``interpolate`` and ``evaluate`` on a finished run folder."""
     sample = sub.add_parser("sample", help="a titled grid of samples of a trained arm")
     _add_run_folder(sample, png=True)

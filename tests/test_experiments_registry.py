@@ -86,7 +86,7 @@ def test_a_registered_arm_outside_the_vocabulary_is_custom() -> None:
 
 
 def test_the_configuration_parses_with_its_region_size() -> None:
-    config = ExperimentConfig(arms="lcma-region", region_size=2)
+    config = ExperimentConfig(arms=("lcma-region",), region_size=2)
     assert config.arm("lcma-region").split == SplitSpec("lcma", "low", "region", 2)
     assert config.reference_arm(3) == "lcma-region"
     ablate = ExperimentConfig(command="ablate-levels")

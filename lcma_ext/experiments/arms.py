@@ -158,7 +158,9 @@ def split_arm(split: Splits, prior: str | None = None) -> ArmBuilder:
 # latent-shaping arms (docs/latent_shaping.md)
 
 
-def _channel_flow(config: ExperimentConfig, maps: ContributionMaps, seed: int, squeeze=None):
+def _channel_flow(
+    config: ExperimentConfig, maps: ContributionMaps, seed: int, squeeze: str | None = None
+) -> Flow:
     """The ``channel`` arm's flow (optionally with another squeeze), built as it is."""
     from lcma_ext.pipeline import build_levels, build_multiscale_transform
 

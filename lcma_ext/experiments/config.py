@@ -337,9 +337,9 @@ class ExperimentConfig:
             "image_size": (self.image_size, 2),
             "reestimate_every": (self.reestimate_every, 1),
         }
-        for name, (value, minimum) in counts.items():
-            if value is not None and not _positive_int(value, minimum):
-                raise ValueError(f"expected {name} as an integer >= {minimum}; got {value!r}")
+        for name, (count, minimum) in counts.items():
+            if count is not None and not _positive_int(count, minimum):
+                raise ValueError(f"expected {name} as an integer >= {minimum}; got {count!r}")
         if not _positive_int(self.batch_size):
             raise ValueError(f"expected batch_size as an integer >= 1; got {self.batch_size!r}")
         if self.precision not in PRECISION_CHOICES:

@@ -281,8 +281,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     config, reference = results["config"], results["reference_arm"]
     arms = compared_arms(results)
     seeds = config["seeds"]
-    nms = results.get("nms")
-    nms_diverged = bool(nms and nms.get("diverged"))
+    nms: dict[str, Any] = results.get("nms") or {}
+    nms_diverged = bool(nms.get("diverged"))
     uniform = results.get("uniform_bpd")
     if uniform is None and config.get("levels_of_data"):
         uniform = uniform_bpd(config["levels_of_data"])

@@ -175,7 +175,7 @@ def seeds_needed(
     ``effect`` is unknown (non-finite, fewer than 2 seeds), ``effect <= 0``, or when more than
     :data:`MAX_SEEDS` would be needed.
     """
-    if not finite(std) or not finite(effect) or effect <= 0:
+    if std is None or effect is None or not finite(std) or not finite(effect) or effect <= 0:
         return None
     level = (1 + confidence) / 2
     z = statistics.NormalDist().inv_cdf(level)  # t > z, so n >= (z std / effect)^2
@@ -328,10 +328,10 @@ def compared_arms(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     (from ``bpd_per_seed``, ``seeds`` and ``prior``; ``ablate-levels`` results get no
     ``vs_best_static``). Stored comparisons are returned as they are.
     """
-    arms = results["arms"]
-    if all("vs_best_static" in entry for entry in arms.values()):
-        return arms
-    arms = {name: dict(entry) for name, entry in arms.items()}
+    stored: dict[str, dict[str, Any]] = results["arms"]
+    if all("vs_best_static" in entry for entry in stored.values()):
+        return stored
+    arms = {name: dict(entry) for name, entry in stored.items()}
     static = STATIC_ARMS if results["config"].get("command", "run") == "run" else ()
     add_comparisons(arms, results["reference_arm"], static)
     return arms
