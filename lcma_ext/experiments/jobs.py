@@ -5,7 +5,8 @@ Most arms are a builder only: the runner builds the flow and trains it with
 (``register_arm(name, builder, trainer=...)``) gets its built, untrained flow in an
 :class:`ArmJob` instead and trains it itself, e.g. in phases that change the split
 (:mod:`lcma_ext.experiments.self_estimation`). The runner still scores, summarizes and stores the
-run; the trainer owns its own files next to the arm's checkpoint and must resume from them.
+run; the trainer owns its own files next to the arm's checkpoint and must resume from them, and
+may contribute its own lines to ``results.md`` (:meth:`ArmTrainer.report_lines`).
 
 References:
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
