@@ -4,7 +4,10 @@ A plain dataclass (no argparse): the command line builds one from its arguments,
 builds one directly. :meth:`ExperimentConfig.validate` checks everything that can be checked
 before any training (names, numbers, the device, ``levels`` and the ``*-region`` tile against
 the shape of the embedded datasets); :meth:`ExperimentConfig.check_shape` repeats the shape
-checks once a dataset of unknown shape is loaded, still before the NMS pre-training.
+checks once a dataset of unknown shape is loaded, still before the NMS pre-training. Arm names
+are read through :mod:`lcma_ext.experiments.registry` (never the builders of
+:mod:`lcma_ext.experiments.arms`); ``config.json`` (:meth:`ExperimentConfig.record`,
+:meth:`ExperimentConfig.from_record`) follows the fields' metadata.
 
 Example:
     >>> from lcma_ext.experiments import ExperimentConfig
@@ -77,12 +80,12 @@ QUICK: dict[str, int] = {"epochs": 3, "nms_epochs": 3, "seeds": 2, "limit": 512}
 
 #: ``precision`` choices (the keys of :data:`lcma_ext.training.PRECISIONS`).
 PRECISION_CHOICES = tuple(PRECISIONS)
-#: How ``config.json`` stores a field of :class:`ExperimentConfig` (its ``metadata[_STORED]``):
-#: always (resolved: the epochs, seeds and levels the run used), and a record without it is
-#: corrupt; always, but a record without it means the default; only when not the default (the
+#: How ``config.json`` stores a field (the field's ``metadata[_STORED]``): ``"always"`` (levels,
+#: epochs, nms_epochs and seeds resolved; a record without it is corrupt), ``"optional"``
+#: (always; a record without it means the default) or ``"changed"`` (only when not the default:
 #: fields newer than ``config.json``, so run folders of earlier versions still match). A field
-#: without it is not part of a run's identity (where it runs, what it shows, the recipe, which
-#: ``config.json`` stores resolved).
+#: without it is not part of a run's identity: where it runs, what it shows, and the recipe
+#: fields, which ``config.json`` stores resolved (:func:`stored_recipe`).
 _STORED = "stored"
 _ALWAYS = {_STORED: "always"}
 _OPTIONAL = {_STORED: "optional"}
