@@ -88,6 +88,7 @@ from lcma_ext.contributions import track_splits
 from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
 from lcma_ext.distributed import barrier
 from lcma_ext.experiments.jobs import ArmJob
+from lcma_ext.experiments.markdown import number
 from lcma_ext.experiments.store import StateFileError
 from lcma_ext.flows import eval_mode, flow_parts
 from lcma_ext.multiscale import ContributionMultiscaleFlow, SplitPoint
@@ -478,8 +479,8 @@ def _switches_line(arm: str, runs: Sequence[Mapping[str, Any]]) -> list[str]:
         for switch in run_switches:
             by_epoch.setdefault(int(switch["epoch"]), []).append(switch)
     jumps = "; ".join(
-        f"epoch {epoch}: {_mean(s, 'test_bpd_before_switch'):.4f} → "
-        f"{_mean(s, 'test_bpd_after_switch'):.4f}, {_mean(s, 'kept_changed_at_split0'):.0%} "
+        f"epoch {epoch}: {number(_mean(s, 'test_bpd_before_switch'))} → "
+        f"{number(_mean(s, 'test_bpd_after_switch'))}, {_mean(s, 'kept_changed_at_split0'):.0%} "
         "of split point 0 re-assigned"
         for epoch, s in sorted(by_epoch.items())
     )
