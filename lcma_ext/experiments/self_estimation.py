@@ -73,7 +73,9 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -190,15 +192,16 @@ def _self_contributions(
     maps: list[Tensor] = []
     splits: list[Split] = []
     with eval_mode(transform):  # every submodule's mode restored afterwards
-        states = [(x.to(reference), None) for x in data.split(batch_size)]
+        states: list[tuple[Tensor, Tensor | None]] = [
+            (x.to(reference), None) for x in data.split(batch_size)
+        ]
         for index, level in enumerate(levels[:-1]):
-            outputs, total = [], None
-            for hidden, diag in states:
-                out, _, diag = level.forward_with_diag(hidden, None, diag)
-                batch_sum = diag.sum(0).double().cpu()
-                total = batch_sum if total is None else total + batch_sum
+            outputs: list[tuple[Tensor, Tensor]] = []
+            for hidden, carried in states:
+                out, _, diag = level.forward_with_diag(hidden, None, carried)
                 outputs.append((out, diag))
-            mean = total / data.shape[0]
+            sums = [diag.sum(0).double().cpu() for _, diag in outputs]
+            mean = functools.reduce(operator.add, sums) / data.shape[0]  # batch by batch
             if not torch.isfinite(mean).all():
                 raise _NonFiniteContributionsError(
                     f"expected a finite self-contribution map at split point {index}; got "
@@ -471,7 +474,7 @@ def _plain(value: Any) -> Any:
 
 def _switches_line(arm: str, runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """The line on a self-estimated arm's switches over its ``runs`` (none: no line)."""
-    switches = [run.get("switches") for run in runs if run.get("switches") is not None]
+    switches = [run["switches"] for run in runs if run.get("switches") is not None]
     if not switches:
         return []
     by_epoch: dict[int, list[dict[str, Any]]] = {}
