@@ -7,7 +7,7 @@ RealNVP on the embedded ``patches``, 10 epochs, 5 seeds (the issue's setting); `
 other split arms.
 
 **Selection rule** (printed with the table). The selection arms are the *static* splits that ran
-(:data:`lcma_ext.experiments.stats.STATIC_ARMS`: ``channel`` alone by default); data-driven arms
+(:data:`lcma_ext.experiments.registry.STATIC_ARMS`: ``channel`` alone by default); data-driven arms
 (``lcma``, ``high`` ...) may be trained for information but never enter the choice, so the
 recipe is never tuned on LCMA's result. A candidate *qualifies* when, on every selection arm,
 its seed standard deviation is at most ``--spread-factor`` (0.5: halved) times the ``legacy``
@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from lcma_ext.experiments import ExperimentConfig, run_comparison
-from lcma_ext.experiments.stats import STATIC_ARMS, finite_values
+from lcma_ext.experiments.registry import STATIC_ARMS
+from lcma_ext.experiments.stats import finite_values
 from lcma_ext.experiments.store import write_json, write_text
 from lcma_ext.training import DEFAULT_RECIPE, RECIPES, Recipe
 

@@ -83,8 +83,8 @@ def verdicts_markdown(runs: list[tuple[str, dict]]) -> str:
         runs: ``(label, results)`` pairs, ``results`` as ``results.json`` holds them (the
             comparisons are computed for a folder of an earlier version).
     """
-    from lcma_ext.experiments.config import base_arm
-    from lcma_ext.experiments.stats import STATIC_ARMS, compared_arms
+    from lcma_ext.experiments.registry import STATIC_ARMS, base_arm
+    from lcma_ext.experiments.stats import compared_arms
 
     lines = [
         "Verdicts of the measured runs: each data-driven arm against the best static split of "

@@ -26,20 +26,17 @@ codes: 0 done, 2 a user error (bad option, unusable ``--out``, corrupt state fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lcma_ext.data import DATASETS
 from lcma_ext.distributed import lost_peer, world
 from lcma_ext.experiments import (
-    ARMS,
-    GRANULARITY_ARMS,
-    LATENT_ARMS,
-    SELF_ARMS,
-    VAE_ARMS,
     ExperimentConfig,
     SweepConfig,
     plot_checkpoint_contributions,
@@ -50,18 +47,24 @@ from lcma_ext.experiments import (
     sweep_markdown,
 )
 from lcma_ext.experiments.config import (
-    CONDITIONAL_ARMS,
     DEFAULTS,
     FALLBACK_DEFAULTS,
     PRECISION_CHOICES,
-    PRIOR_SUFFIX,
-    PRIORS,
     QUICK,
-    REGION_SIZE,
+    recipe_flags,
+)
+from lcma_ext.experiments.registry import (
+    ARMS,
+    CONDITIONAL_ARMS,
+    LISTED_ARMS,
+    PRIOR_SUFFIX,
+    VAE_ARMS,
+    parse_arms,
 )
 from lcma_ext.experiments.sweep import SWEEP_ARMS, SWEEP_EPOCHS, SWEEP_SIZES
 from lcma_ext.models import MODELS, SIZE_NAMES
-from lcma_ext.training import DEFAULT_RECIPE, LR_SCHEDULES, RECIPES
+from lcma_ext.training import DEFAULT_RECIPE, LEGACY_RECIPE, LR_SCHEDULES, RECIPE_FIELDS, RECIPES
+from lcma_ext.transforms import PRIORS
 
 __all__ = ["build_parser", "config_from_args", "main", "sweep_config_from_args"]
 
@@ -81,7 +84,7 @@ EPILOG = "\n\n".join(
 )
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -94,38 +97,25 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a number >= 0; got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number; got {text!r}") from None
+    value = _number(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a positive number; got {value}")
     return value
-
-
-def _arms(text: str) -> tuple[str, ...]:
-    from lcma_ext.experiments import registered_arms
-    from lcma_ext.experiments.config import parse_arms
-
-    arms = parse_arms(text)
-    if not arms or any(a not in registered_arms() for a in arms):
-        known = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {known} (a split arm may end in "
-            f"{PRIOR_SUFFIX}); got {text!r}"
-        )
-    return arms
 
 
 def _per_dataset(key: str) -> str:
@@ -192,12 +182,6 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
         type=_int_at_least(1),
         default=default.batch_size,
         help="(default: %(default)s)",
-    )
-    add(
-        "--lr",
-        type=_positive_float,
-        default=None,
-        help="Adam's (peak) learning rate (default: the recipe's)",
     )
     _add_recipe(parser)
     add(
@@ -275,21 +259,26 @@ def _add_common(parser: argparse.ArgumentParser, grid: bool = False) -> None:
     )
 
 
-def _unit_interval(text: str) -> float:
-    value = _non_negative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got {value}")
-    return value
+#: Help of the options that override one field of the recipe (another field: a generic line).
+_RECIPE_HELP = {
+    "lr": "Adam's (peak) learning rate",
+    "warmup_steps": "optimizer steps of the linear learning-rate warm-up",
+    "lr_schedule": f"{' or '.join(LR_SCHEDULES)} (cosine: to 0 over the run's steps after the "
+    "warm-up)",
+    "grad_clip": "max global gradient norm, 0 disables; clipped steps are counted in each run's "
+    "summary",
+    "ema_decay": "decay of the EMA of the weights that is scored and sampled, 0 disables",
+}
 
 
 def _add_recipe(parser: argparse.ArgumentParser) -> None:
-    """``--recipe`` and the four options that override one of its fields."""
-    recipes = "; ".join(
-        f"{name}: lr {r.lr:g}, warm-up {r.warmup_steps} steps, {r.lr_schedule} lr, "
-        f"clip {r.grad_clip:g}, "
-        f"EMA {r.ema_decay:g}"
-        for name, r in RECIPES.items()
-    )
+    """``--recipe`` and an option per field of it that ``ExperimentConfig`` overrides.
+
+    The options follow :data:`lcma_ext.training.RECIPE_FIELDS` (a recipe field that is an
+    ``ExperimentConfig`` field with a default of its own, such as ``lr``, has its own option);
+    their values are checked once, by :class:`lcma_ext.training.Recipe`.
+    """
+    recipes = "; ".join(f"{name}: {' '.join(recipe_flags(r))}" for name, r in RECIPES.items())
     add = parser.add_argument
     add(
         "--recipe",
@@ -298,50 +287,34 @@ def _add_recipe(parser: argparse.ArgumentParser) -> None:
         help=f"training recipe of every arm and the NMS ({recipes}; legacy is the recipe of "
         "versions up to 0.2) (default: %(default)s)",
     )
-    add(
-        "--warmup-steps",
-        type=_int_at_least(0),
-        default=None,
-        help="optimizer steps of the linear learning-rate warm-up (default: the recipe's)",
-    )
-    add(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        default=None,
-        help="constant, or cosine to 0 over the run's steps after the warm-up (default: the "
-        "recipe's)",
-    )
-    add(
-        "--grad-clip",
-        type=_non_negative_float,
-        default=None,
-        help="max global gradient norm, 0 disables; clipped steps are counted in each run's "
-        "summary (default: the recipe's)",
-    )
-    add(
-        "--ema-decay",
-        type=_unit_interval,
-        default=None,
-        help="decay of the EMA of the weights that is scored and sampled, 0 disables (default: "
-        "the recipe's)",
-    )
+    legacy = LEGACY_RECIPE.to_dict()
+    for item in dataclasses.fields(ExperimentConfig):
+        if item.name in RECIPE_FIELDS and item.default is None:
+            kind = type(legacy[item.name])
+            add(
+                f"--{item.name.replace('_', '-')}",
+                type=_int_at_least(0) if kind is int else _number if kind is float else str,
+                default=None,
+                help=_RECIPE_HELP.get(item.name, f"the recipe's {item.name}")
+                + " (default: the recipe's)",
+            )
 
 
 def _add_arm_options(parser: argparse.ArgumentParser, arms: tuple[str, ...]) -> None:
     """``--arms`` (default ``arms``), ``--region-size`` and ``--reestimate-every``."""
     parser.add_argument(
         "--arms",
-        type=_arms,
+        type=parse_arms,
         default=arms,
         help=f"comma-separated arms (default: {','.join(arms)}); also "
-        f"{','.join(a for a in ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS if a not in arms)}"
+        f"{','.join(a for a in LISTED_ARMS if a not in arms)}"
         f", flow-vae (= {','.join(VAE_ARMS)}); a split arm ending in {PRIOR_SUFFIX} "
         f"({','.join(CONDITIONAL_ARMS[:3])}, ...) has Glow's conditional prior",
     )
     parser.add_argument(
         "--region-size",
         type=_int_at_least(1),
-        default=REGION_SIZE,
+        default=ExperimentConfig.region_size,
         help="tile side of the *-region arms, capped at each split's grid (default: %(default)s)",
     )
     parser.add_argument(
@@ -368,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="command",
         metavar="{run,ablate-levels,contributions,sweep,sample,interpolate,evaluate}",
     )
-    options = {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    options: dict[str, Any] = {
+        "epilog": EPILOG,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
     run = sub.add_parser("run", help="Algorithm 1: NMS, contributions, every split arm", **options)
     _add_common(run)
     _add_arm_options(run, ARMS)
@@ -419,7 +395,7 @@ def _add_run_folder(parser: argparse.ArgumentParser, png: bool) -> None:
     parser.add_argument("--device", default="cpu", help="(default: %(default)s)")
 
 
-def _add_inspection(sub: argparse._SubParsersAction) -> None:
+def _add_inspection(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``sample``, ``interpolate`` and ``evaluate`` on a finished run folder."""
     sample = sub.add_parser("sample", help="a titled grid of samples of a trained arm")
     _add_run_folder(sample, png=True)
@@ -477,41 +453,15 @@ def _inspect(args: argparse.Namespace) -> str:
 
 
 def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
-    """The :class:`ExperimentConfig` of parsed ``run`` / ``ablate-levels`` arguments."""
-    return ExperimentConfig(
-        command=args.command,
-        dataset=args.dataset,
-        model=args.model,
-        size=getattr(args, "size", ExperimentConfig.size),
-        levels=args.levels,
-        epochs=getattr(args, "epochs", None),
-        nms_epochs=args.nms_epochs,
-        seeds=args.seeds,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        device=args.device,
-        out=args.out,
-        data_root=args.data_root,
-        limit=args.limit,
-        image_size=args.image_size,
-        outlier_gap=args.outlier_gap,
-        quick=args.quick,
-        progress=not args.no_progress,
-        arms=getattr(args, "arms", ARMS),
-        region_size=getattr(args, "region_size", REGION_SIZE),
-        allow_diverged_nms=args.allow_diverged_nms,
-        precision=args.precision,
-        compile=args.compile,
-        workers=args.workers,
-        hflip=args.hflip,
-        reestimate_every=getattr(args, "reestimate_every", None),
-        prior=getattr(args, "prior", ExperimentConfig.prior),
-        recipe=args.recipe,
-        warmup_steps=args.warmup_steps,
-        lr_schedule=args.lr_schedule,
-        grad_clip=args.grad_clip,
-        ema_decay=args.ema_decay,
-    )
+    """The :class:`ExperimentConfig` of parsed ``run`` / ``ablate-levels`` arguments.
+
+    Every field is the option of the same name (``--no-progress`` gives ``progress``); a field
+    without an option in this command (``--arms`` for ``ablate-levels``, ``--size`` and
+    ``--epochs`` for ``sweep``) keeps its default.
+    """
+    values = {**vars(args), "progress": not args.no_progress}
+    fields = dataclasses.fields(ExperimentConfig)
+    return ExperimentConfig(**{f.name: values[f.name] for f in fields if f.name in values})
 
 
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:

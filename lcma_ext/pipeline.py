@@ -28,7 +28,7 @@ from lcma_ext.multiscale import (
     check_level_arguments,
     walk_levels,
 )
-from lcma_ext.splits import DEFAULT_REGION_SIZE, SplitSpec
+from lcma_ext.splits import DEFAULT_REGION_SIZE, SPLIT_NAMES, SplitSpec
 from lcma_ext.transforms import CompositeTransform, SqueezeTransform
 
 __all__ = [
@@ -227,7 +227,8 @@ def lcma_from_nms(
     Raises:
         ValueError: for a split other than ``"lcma"``/``"high"`` or inconsistent shapes.
     """
-    if split not in ("lcma", "high"):
+    spec = SplitSpec.parse(split) if split in SPLIT_NAMES else None  # site granularity
+    if spec is None or not spec.needs_contributions:
         raise ValueError(f"expected split 'lcma' or 'high'; got {split!r}")
     levels = build_levels(level_factory, input_shape, num_levels, placement)
     maps = estimate_contributions(
@@ -236,11 +237,11 @@ def lcma_from_nms(
         levels,
         input_shape,
         placement=placement,
-        factor_out="low" if split == "lcma" else "high",
+        factor_out=spec.factor_out,
         batch_size=batch_size,
         progress=progress,
     )
     flow = build_multiscale_transform(
-        level_factory, input_shape, num_levels, split, maps, placement=placement, levels=levels
+        level_factory, input_shape, num_levels, spec, maps, placement=placement, levels=levels
     )
     return flow, maps

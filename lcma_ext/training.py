@@ -92,7 +92,7 @@ from tqdm.auto import tqdm
 from lcma_ext.data.loading import image_loader, set_loader_epoch
 from lcma_ext.data.preprocess import LogitPreprocessing
 from lcma_ext.distributed import World, all_gather_objects, all_reduce_sum, barrier, world
-from lcma_ext.flows import flow_dtype_device
+from lcma_ext.flows import eval_mode, flow_dtype_device, flow_parts
 from lcma_ext.models.nets import scale_parameters
 from lcma_ext.storage import atomic_save, load_stamped, stamped
 
@@ -469,9 +469,10 @@ class _LogDensity(nn.Module):
     def forward(self, y: Tensor) -> Tensor:
         if self.autocast_dtype is None:
             return self.flow.log_prob(y)
+        parts = flow_parts(self.flow)
         with torch.autocast(y.device.type, dtype=self.autocast_dtype):
-            noise, logabsdet = self.flow._transform(y)
-        return self.flow._distribution.log_prob(noise.float()) + logabsdet.float()
+            noise, logabsdet = parts.transform(y)
+        return parts.distribution.log_prob(noise.float()) + logabsdet.float()
 
 
 def _images(batch: Any) -> Tensor:
@@ -546,14 +547,12 @@ def evaluate_bpd(
     Returns:
         The mean bits/dim over ``data`` (``nan`` if any example is non-finite).
     """
-    was_training = flow.training
-    flow.eval()
     dtype, device = flow_dtype_device(flow)
     generator = torch.Generator().manual_seed(seed)
     where = world()
     shard = where if isinstance(data, Tensor) else World()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    try:
+    with eval_mode(flow):  # every submodule's mode restored afterwards
         for batch in _eval_batches(data, batch_size):
             rows = slice(shard.rank, None, shard.size) if shard.distributed else slice(None)
             images = batch[rows].to(device)
@@ -561,8 +560,6 @@ def evaluate_bpd(
             bpd = _batch_bpd(flow.log_prob, y, logit_logdet, preprocessing)
             total[0] += bpd.double().sum()
             total[1] += images.shape[0]
-    finally:
-        flow.train(was_training)
     if where.distributed:
         all_reduce_sum(total)
     value, count = float(total[0]), float(total[1])

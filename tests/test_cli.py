@@ -152,7 +152,6 @@ def test_ablate_levels_quick(tmp_path: Path) -> None:
     [
         (["run", "--epochs", "0"], "expected an integer >= 1; got 0"),
         (["run", "--seeds", "two"], "expected an integer; got 'two'"),
-        (["run", "--arms", "lcma,foo"], "expected a comma-separated subset"),
         (["run", "--model", "maf"], "invalid choice"),
         (["run", "--lr", "-1"], "expected a positive number"),
     ],
@@ -173,6 +172,8 @@ def test_argparse_errors_are_one_line(
         (["run", "--device", "nonsense"], "expected a torch device"),
         (["run", "--levels", "5"], "expected --levels <= 3"),
         (["run", "--dataset", "mnist"], "expected --data-root"),
+        # arm names are validated once, by the configuration
+        (["run", "--arms", "lcma,foo"], "expected arms as a comma-separated subset"),
     ],
 )
 def test_runtime_errors_are_one_line(
@@ -271,3 +272,20 @@ def test_a_diverged_nms_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     err = _one_line_error(capsys)
     assert "NMS pre-training diverged" in err and "--allow-diverged-nms" in err
     assert "not found" not in err
+
+
+def test_config_from_args_follows_the_fields() -> None:
+    """Every field of ExperimentConfig is an option of ``run``; the defaults agree."""
+    import dataclasses
+
+    from lcma_ext.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run"])
+    fields = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    assert fields - set(vars(args)) == {"progress"}  # given as --no-progress
+    assert config_from_args(args) == ExperimentConfig()
+    argv = ["ablate-levels", "--no-progress", "--ema-decay", "0.5", "--levels", "3"]
+    ablate = config_from_args(build_parser().parse_args(argv))
+    assert ablate == ExperimentConfig(
+        command="ablate-levels", progress=False, ema_decay=0.5, levels=3
+    )

@@ -87,9 +87,9 @@ def test_register_arm_is_one_call(maps: ContributionMaps) -> None:
         with pytest.raises(ValueError, match="without ','"):
             register_arm("a,b", split_arm("channel"))
     finally:
-        from lcma_ext.experiments import arms
+        from lcma_ext.experiments import registry
 
-        del arms._REGISTRY[name]
+        del registry._REGISTRY[name]
     with pytest.raises(ValueError, match="expected a registered arm"):
         arm_spec(name)
 

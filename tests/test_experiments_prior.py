@@ -31,8 +31,8 @@ from lcma_ext.experiments import (
     sample_run,
 )
 from lcma_ext.experiments import runner as runner_module
-from lcma_ext.experiments.arms import arm_prior, arm_spec, register_arm, split_arm
-from lcma_ext.experiments.config import base_arm
+from lcma_ext.experiments.arms import split_arm
+from lcma_ext.experiments.registry import arm_prior, arm_spec, base_arm, register_arm
 from lcma_ext.experiments.report import prior_notes
 from lcma_ext.plotting import sample_title
 from lcma_ext.transforms import ConditionalGaussianPrior

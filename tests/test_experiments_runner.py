@@ -177,9 +177,10 @@ def _refuse(token: str) -> NoReturn:
 
 def test_one_seed_and_a_diverged_run_write_strict_json(tmp_path: Path) -> None:
     """No NaN or Infinity in any JSON file; null is read back where NaN was read before."""
-    from lcma_ext.experiments import arms as registry
-    from lcma_ext.experiments.arms import register_arm, split_arm
+    from lcma_ext.experiments import registry
+    from lcma_ext.experiments.arms import split_arm
     from lcma_ext.experiments.inspection import evaluate_run
+    from lcma_ext.experiments.registry import register_arm
     from lcma_ext.experiments.report import results_markdown
     from lcma_ext.experiments.sweep import cell_rows
 

@@ -17,7 +17,8 @@ from lcma_ext.contributions import ContributionMaps
 from lcma_ext.data import ImageDataset
 from lcma_ext.experiments import ExperimentConfig, load_arm, load_run_data, run_comparison
 from lcma_ext.experiments import self_estimation as phased
-from lcma_ext.experiments.arms import arm_spec, build_arm
+from lcma_ext.experiments.arms import build_arm
+from lcma_ext.experiments.registry import arm_spec
 from lcma_ext.experiments.runner import CONTRIBUTION_EXAMPLES, CONTRIBUTION_NOISE_SEED
 from lcma_ext.multiscale import ContributionMultiscaleFlow, level_output_shape
 from lcma_ext.splits import ChannelSplit, LCMASplit, make_split

@@ -13,6 +13,7 @@ import pytest
 from scipy.stats import t as scipy_t
 
 from lcma_ext.experiments.stats import (
+    Comparison,
     add_comparisons,
     aggregate,
     best_static,
@@ -24,7 +25,7 @@ from lcma_ext.experiments.stats import (
     t_quantile,
     verdict,
 )
-from lcma_ext.experiments.store import write_json
+from lcma_ext.experiments.store import strict_json, write_json
 
 
 def _run(seed: int, bpd: float, diverged: bool = False) -> dict[str, Any]:
@@ -176,25 +177,40 @@ def test_best_static_split_is_chosen_per_prior() -> None:
 
 def test_a_comparison_of_one_seed_has_no_interval_and_no_evidence() -> None:
     comparison = paired_comparison({0: 1.9}, {0: 2.0}, "channel")
-    assert comparison["diff_per_seed"] == pytest.approx([-0.1])
-    assert comparison["ci95"] is None and comparison["verdict"] == "no evidence"
-    assert comparison["n"] == 1 and comparison["seeds_for_1pct"] is None
-    assert math.isnan(comparison["std"])
+    assert comparison.diff_per_seed == pytest.approx([-0.1])
+    assert comparison.ci95 is None and comparison.verdict == "no evidence"
+    assert comparison.n == 1 and comparison.seeds_for_1pct is None
+    assert math.isnan(comparison.std)
 
 
 def test_non_finite_seeds_are_left_out_of_the_comparison() -> None:
     bpd = {0: 1.90, 1: math.nan, 2: 1.92, 3: None, 4: 1.91}
     other = {0: 2.00, 1: 2.01, 2: 2.03, 3: 2.02, 4: 2.00}
     comparison = paired_comparison(bpd, other, "channel")
-    assert comparison["seeds"] == [0, 1, 2, 3, 4] and comparison["n"] == 3
-    assert math.isnan(comparison["diff_per_seed"][1]) and math.isnan(comparison["diff_per_seed"][3])
+    assert comparison.seeds == [0, 1, 2, 3, 4] and comparison.n == 3
+    assert math.isnan(comparison.diff_per_seed[1]) and math.isnan(comparison.diff_per_seed[3])
     finite = [-0.10, -0.11, -0.09]
     low, high = t_interval(finite)
-    assert comparison["ci95"] == pytest.approx([low, high], rel=1e-9)
-    assert comparison["mean"] == pytest.approx(-0.1) and comparison["verdict"] == "better"
+    assert comparison.ci95 == pytest.approx((low, high), rel=1e-9)
+    assert comparison.mean == pytest.approx(-0.1) and comparison.verdict == "better"
     # 1 % of the other arm's mean over those seeds, at the measured std of the differences
     scale = 0.01 * sum(other.values()) / 5
-    assert comparison["seeds_for_1pct"] == seeds_needed(comparison["std"], scale)
+    assert comparison.seeds_for_1pct == seeds_needed(comparison.std, scale)
+
+
+def test_a_comparison_is_stored_and_read_back_as_results_json_has_it():
+    comparison = paired_comparison({0: 1.9, 1: math.nan, 2: 1.8}, {0: 2.0, 1: 2.1, 2: 2.0}, "c")
+    record = comparison.to_record()
+    assert list(record) == [
+        "reference", "seeds", "diff_per_seed", "n", "mean", "std", "ci95", "verdict",
+        "seeds_for_1pct",
+    ]  # fmt: skip
+    assert isinstance(record["ci95"], list)
+    stored = json.loads(json.dumps(strict_json(record)))
+    assert stored["diff_per_seed"][1] is None
+    back = Comparison.from_record(stored)
+    assert back.ci95 == comparison.ci95 and back.diff_per_seed[0] == comparison.diff_per_seed[0]
+    assert math.isnan(back.diff_per_seed[1])
 
 
 def test_aggregated_results_are_strict_json(tmp_path: Path) -> None:

@@ -9,8 +9,10 @@ Example (a smoke run of about a minute on a 2-core CPU)::
     flow = load_arm("runs/smoke", "lcma", seed=0)   # the trained nflows Flow
 
 Modules: :mod:`~lcma_ext.experiments.config` (:class:`ExperimentConfig`),
-:mod:`~lcma_ext.experiments.arms` (the arm registry), :mod:`~lcma_ext.experiments.runner`
-(:func:`run_comparison`, :func:`run_level_ablation`, :func:`load_arm`),
+:mod:`~lcma_ext.experiments.registry` (every arm name parsed once, the arm registry),
+:mod:`~lcma_ext.experiments.arms` (the builders of the built-in arms),
+:mod:`~lcma_ext.experiments.runner` (:func:`run_comparison`, :func:`run_level_ablation`,
+:func:`load_arm`),
 :mod:`~lcma_ext.experiments.stats`, :mod:`~lcma_ext.experiments.report`,
 :mod:`~lcma_ext.experiments.store` (the run store: :class:`RunStore`, the run folder's files,
 fingerprints and one-line errors),
@@ -22,17 +24,23 @@ run folder) and
 :mod:`~lcma_ext.experiments.jobs` (the hook of arms that train themselves).
 """
 
-from lcma_ext.experiments.arms import ArmSpec, arm_spec, build_arm, register_arm, registered_arms
-from lcma_ext.experiments.config import (
+from lcma_ext.experiments.arms import build_arm
+from lcma_ext.experiments.config import ExperimentConfig
+from lcma_ext.experiments.inspection import evaluate_run, interpolate_run, sample_run
+from lcma_ext.experiments.registry import (
     ARMS,
     CONDITIONAL_ARMS,
     GRANULARITY_ARMS,
     LATENT_ARMS,
     SELF_ARMS,
     VAE_ARMS,
-    ExperimentConfig,
+    ArmName,
+    ArmSpec,
+    arm_name,
+    arm_spec,
+    register_arm,
+    registered_arms,
 )
-from lcma_ext.experiments.inspection import evaluate_run, interpolate_run, sample_run
 from lcma_ext.experiments.report import results_markdown, uniform_bpd
 from lcma_ext.experiments.runner import (
     load_arm,
@@ -58,6 +66,7 @@ __all__ = [
     "LATENT_ARMS",
     "SELF_ARMS",
     "VAE_ARMS",
+    "ArmName",
     "ArmSpec",
     "ExperimentConfig",
     "ExperimentError",
@@ -67,6 +76,7 @@ __all__ = [
     "StateFileError",
     "SweepConfig",
     "aggregate",
+    "arm_name",
     "arm_spec",
     "build_arm",
     "evaluate_run",

@@ -1,7 +1,9 @@
-"""The arm registry: arm name -> builder ``(config, maps, seed) -> Flow``.
+"""The builders of the arms: arm name -> ``(config, maps, seed) -> Flow``, registered once.
 
 Every arm of ``lcma-ext run`` (the split arms, the granularity arms, the latent-shaping arms)
-and every per-level high/low choice of ``lcma-ext ablate-levels`` is one entry. A builder gets
+and every per-level high/low choice of ``lcma-ext ablate-levels`` is one entry of the registry
+(:mod:`lcma_ext.experiments.registry`); its builder and options derive from the arm's parsed
+name (:class:`~lcma_ext.experiments.registry.ArmName`). A builder gets
 the resolved :class:`~lcma_ext.experiments.ExperimentConfig` (``levels`` set), the NMS
 :class:`~lcma_ext.contributions.ContributionMaps` (their ``input_shape`` is the data's event
 shape) and the seed, and returns an untrained nflows ``Flow`` on the CPU; the runner moves it to
@@ -17,9 +19,9 @@ Adding an arm is one registration::
 
 Every split arm also exists with Glow's conditional prior of the factored halves, named with
 the suffix ``+cond`` (``lcma+cond``, ``channel+cond``, ...:
-:data:`~lcma_ext.experiments.config.CONDITIONAL_ARMS`), so one run compares both priors;
+:data:`~lcma_ext.experiments.registry.CONDITIONAL_ARMS`), so one run compares both priors;
 ``ExperimentConfig(prior="conditional")`` (``--prior conditional``) gives it to every split arm
-instead (:func:`arm_prior`).
+instead (:func:`~lcma_ext.experiments.registry.arm_prior`).
 
 An arm that trains itself (in phases that change the split, say) also passes a ``trainer``
 (:class:`lcma_ext.experiments.jobs.ArmTrainer`): the runner then hands it the built flow instead
@@ -29,24 +31,25 @@ of training it, and rebuilds its stored flow through :func:`restore_arm`. ``lcma
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lcma_ext.experiments.config import (
-    ARMS,
-    GRANULARITY_ARMS,
-    MAX_ABLATION_SPLITS,
-    PRIOR_SUFFIX,
-    PRIORS,
-    SELF_ARMS,
-    VAE_ARMS,
+from lcma_ext.experiments.registry import (
+    BUILTIN_ARMS,
+    VAE_REDUCTIONS,
+    ArmBuilder,
+    ArmName,
+    ablation_splits,
+    arm_spec,
+    choice_name,
+    register_arm,
 )
 from lcma_ext.models import build_flow, make_level_factory
+from lcma_ext.splits import SplitSpec
 
 if TYPE_CHECKING:
     from nflows.flows import Flow
@@ -56,99 +59,14 @@ if TYPE_CHECKING:
     from lcma_ext.experiments.jobs import ArmTrainer
 
 __all__ = [
-    "ArmBuilder",
-    "ArmSpec",
     "ablation_arm",
-    "ablation_choices",
-    "arm_prior",
-    "arm_spec",
     "build_arm",
-    "choice_name",
-    "register_arm",
-    "registered_arms",
     "restore_arm",
     "split_arm",
-    "vae_arm",
 ]
 
-#: ``builder(config, maps, seed) -> Flow``.
-ArmBuilder = Callable[["ExperimentConfig", "ContributionMaps", int], "Flow"]
-
-
-@dataclass(frozen=True)
-class ArmSpec:
-    """A registered arm.
-
-    Attributes:
-        name: The arm's name in ``arms``, results and file names.
-        builder: ``builder(config, maps, seed) -> Flow``.
-        uses_contributions: Whether its splits come from the NMS contributions (such an arm is
-            labelled when the NMS pre-training diverged).
-        trainer: ``None`` (the runner trains the built flow for the whole budget) or an
-            :class:`~lcma_ext.experiments.jobs.ArmTrainer` that trains it itself.
-        prior: The prior of its factored halves: ``"standard"`` (the standard normal),
-            ``"conditional"`` (Glow's, the ``+cond`` arms), or ``None`` for
-            ``ExperimentConfig.prior`` (the split arms; see :func:`arm_prior`).
-    """
-
-    name: str
-    builder: ArmBuilder
-    uses_contributions: bool = False
-    trainer: ArmTrainer | None = None
-    prior: str | None = "standard"
-
-
-_REGISTRY: dict[str, ArmSpec] = {}
-
-
-def register_arm(
-    name: str,
-    builder: ArmBuilder,
-    *,
-    uses_contributions: bool = False,
-    replace: bool = False,
-    trainer: ArmTrainer | None = None,
-    prior: str | None = "standard",
-) -> ArmSpec:
-    """Register ``builder`` as arm ``name``; returns its :class:`ArmSpec`.
-
-    ``prior`` says which prior of the factored halves the builder gives (``None``: it follows
-    ``config.prior``, as :func:`split_arm` does); ``--prior conditional`` refuses an arm whose
-    prior is fixed to ``"standard"``.
-
-    Raises:
-        ValueError: if ``name`` is taken (unless ``replace``) or contains a comma or a path
-            separator, or for an unknown prior.
-    """
-    if prior is not None and prior not in PRIORS:
-        raise ValueError(f"expected prior in {', '.join(PRIORS)} or None; got {prior!r}")
-    if not name or any(c in name for c in ",/\\ ") or name == "nms":
-        raise ValueError(f"expected an arm name without ',', '/', spaces, not 'nms'; got {name!r}")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"expected a new arm name; got {name!r} (already registered)")
-    spec = ArmSpec(name, builder, uses_contributions, trainer, prior)
-    _REGISTRY[name] = spec
-    return spec
-
-
-def arm_prior(config: ExperimentConfig, name: str) -> str:
-    """The prior of arm ``name``'s factored halves under ``config`` (``"standard"`` or
-    ``"conditional"``)."""
-    prior = arm_spec(name).prior
-    return config.prior if prior is None else prior
-
-
-def registered_arms() -> tuple[str, ...]:
-    """Every registered arm name, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def arm_spec(name: str) -> ArmSpec:
-    """The :class:`ArmSpec` of ``name`` (``ValueError`` for an unknown arm)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"expected a registered arm; got {name!r}") from None
+#: A split name or spec for every split point, or one per split point.
+Splits = str | SplitSpec | Sequence[str | SplitSpec]
 
 
 def build_arm(config: ExperimentConfig, name: str, maps: ContributionMaps, seed: int) -> Flow:
@@ -186,9 +104,24 @@ def _levels(config: ExperimentConfig, maps: ContributionMaps) -> int:
 # split and granularity arms
 
 
-def split_arm(split: str | Sequence[str], prior: str | None = None) -> ArmBuilder:
+def _sized(split: Splits, region_size: int) -> SplitSpec | list[SplitSpec]:
+    """``split`` as spec(s) with ``region_size`` (the configuration's ``*-region`` tile side)."""
+
+    def one(item: str | SplitSpec) -> SplitSpec:
+        if isinstance(item, SplitSpec):
+            return dataclasses.replace(item, region_size=region_size)
+        return SplitSpec.parse(item, region_size)
+
+    if isinstance(split, (str, SplitSpec)):
+        return one(split)
+    return [one(item) for item in split]
+
+
+def split_arm(split: Splits, prior: str | None = None) -> ArmBuilder:
     """Builder of the multi-scale flow with ``split`` at every split point.
 
+    ``split`` is a split name or :class:`~lcma_ext.splits.SplitSpec` for every split point, or
+    one per split point; a ``*-region`` split gets ``config.region_size``.
     The levels are built after ``torch.manual_seed(seed)``; the NMS contributions are mapped onto
     them (``remap=True``: a Glow level's random 1x1-convolution permutation may differ from the
     measured levels'). ``seed`` also seeds the ``random`` split. The factored halves get
@@ -208,7 +141,7 @@ def split_arm(split: str | Sequence[str], prior: str | None = None) -> ArmBuilde
             factory,
             shape,
             num_levels,
-            split=split,
+            split=_sized(split, config.region_size),
             contributions=maps,
             seed=seed,
             levels=levels,
@@ -225,7 +158,9 @@ def split_arm(split: str | Sequence[str], prior: str | None = None) -> ArmBuilde
 # latent-shaping arms (docs/latent_shaping.md)
 
 
-def _channel_flow(config: ExperimentConfig, maps: ContributionMaps, seed: int, squeeze=None):
+def _channel_flow(
+    config: ExperimentConfig, maps: ContributionMaps, seed: int, squeeze: str | None = None
+) -> Flow:
     """The ``channel`` arm's flow (optionally with another squeeze), built as it is."""
     from lcma_ext.pipeline import build_levels, build_multiscale_transform
 
@@ -242,7 +177,7 @@ def _channel_flow(config: ExperimentConfig, maps: ContributionMaps, seed: int, s
     return build_flow(transform, shape)
 
 
-def vae_arm(reduction: int) -> ArmBuilder:
+def _vae_arm(reduction: int) -> ArmBuilder:
     """``flow-vae-R``: the ``channel`` arm's flow and weights, a VAE prior of dim(eps) = D / R."""
 
     def build(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
@@ -277,14 +212,18 @@ def _haar(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
 # ablate-levels: one high/low choice per split point (Table 4)
 
 
-def choice_name(choice: Sequence[str]) -> str:
-    """``("low", "high")`` -> ``"low-high"``."""
-    return "-".join(choice)
+def _per_point_arm(name: str, splits: Sequence[SplitSpec], prior: str | None) -> ArmBuilder:
+    """:func:`split_arm` of one split per split point; the levels must have that many."""
 
+    def build(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
+        num_levels = _levels(config, maps)
+        if len(splits) != num_levels - 1:
+            raise ValueError(
+                f"expected {num_levels - 1} high/low choices for {num_levels} levels; got {name!r}"
+            )
+        return split_arm(splits, prior)(config, maps, seed)
 
-def ablation_choices(num_splits: int) -> list[tuple[str, ...]]:
-    """Every high/low choice over ``num_splits`` split points, in training order."""
-    return list(itertools.product(("high", "low"), repeat=num_splits))
+    return build
 
 
 def ablation_arm(choice: Sequence[str]) -> ArmBuilder:
@@ -292,45 +231,43 @@ def ablation_arm(choice: Sequence[str]) -> ArmBuilder:
 
     Split point ``l`` sees the NMS contributions of the dimensions that survived the earlier
     choices (Table 4's mixed high/low rows); all-low is LCMA, all-high the ``high`` arm.
+
+    Raises:
+        ValueError: for an empty choice or a side other than ``"high"``/``"low"``; the builder
+            for a choice whose length is not the number of split points.
     """
-    choice = tuple(choice)
-    if not choice or any(side not in ("high", "low") for side in choice):
-        raise ValueError(f"expected a sequence of 'high'/'low'; got {choice!r}")
-    # one split name per split point; survivors are tracked through each chosen split
-    splits = ["lcma" if side == "low" else "high" for side in choice]
-
-    def build(config: ExperimentConfig, maps: ContributionMaps, seed: int) -> Flow:
-        num_levels = _levels(config, maps)
-        if len(choice) != num_levels - 1:
-            raise ValueError(
-                f"expected {num_levels - 1} high/low choices for {num_levels} levels; got "
-                f"{choice_name(choice)!r}"
-            )
-        return split_arm(splits)(config, maps, seed)
-
-    return build
+    return _per_point_arm(choice_name(choice), ablation_splits(choice), None)
 
 
-def _register_defaults() -> None:
-    for name in (*ARMS, *GRANULARITY_ARMS):
-        uses = name.startswith(("lcma", "high"))
-        register_arm(name, split_arm(name), uses_contributions=uses, prior=None)
-        conditional = split_arm(name, "conditional")
-        register_arm(name + PRIOR_SUFFIX, conditional, uses_contributions=uses, prior="conditional")
-    for name in VAE_ARMS:
-        register_arm(name, vae_arm(int(name.rsplit("-", 1)[1])))
-    register_arm("denseflow", _denseflow)
-    register_arm("haar", _haar)
-    from lcma_ext.experiments.self_estimation import PhasedTrainer
-
-    for name in SELF_ARMS:  # phase 0 is the channel arm's flow, weights and batches
-        trainer = PhasedTrainer(name == "lcma-reestimate")  # standard priors only
-        register_arm(name, split_arm("channel", "standard"), trainer=trainer)
-    for splits in range(1, MAX_ABLATION_SPLITS + 1):
-        for choice in ablation_choices(splits):
-            name = choice_name(choice)
-            if name not in _REGISTRY:  # ("high",) is the "high" arm
-                register_arm(name, ablation_arm(choice), uses_contributions=True, prior=None)
+#: The builders of the latent-shaping arms (docs/latent_shaping.md).
+_LATENT_BUILDERS: dict[str, ArmBuilder] = {
+    **{f"flow-vae-{reduction}": _vae_arm(reduction) for reduction in VAE_REDUCTIONS},
+    "denseflow": _denseflow,
+    "haar": _haar,
+}
 
 
-_register_defaults()
+def _register(arm: ArmName) -> None:
+    """Register a built-in arm: its builder, trainer and options derive from its parse."""
+    trainer: ArmTrainer | None = None
+    if arm.kind == "latent":
+        builder = _LATENT_BUILDERS[arm.name]
+    elif arm.kind == "ablation":
+        builder = _per_point_arm(arm.name, arm.splits, arm.prior)
+    else:  # a split arm, or a self-estimated arm's first phase (the channel arm): one spec
+        builder = split_arm(arm.splits[0], arm.prior)
+    if arm.kind == "self":
+        from lcma_ext.experiments.self_estimation import PhasedTrainer
+
+        trainer = PhasedTrainer(repeat=arm.name == "lcma-reestimate")
+    register_arm(
+        arm.name,
+        builder,
+        uses_contributions=arm.uses_contributions,
+        trainer=trainer,
+        prior=arm.prior,
+    )
+
+
+for _name in BUILTIN_ARMS:
+    _register(ArmName.parse(_name))

@@ -4,7 +4,10 @@ A plain dataclass (no argparse): the command line builds one from its arguments,
 builds one directly. :meth:`ExperimentConfig.validate` checks everything that can be checked
 before any training (names, numbers, the device, ``levels`` and the ``*-region`` tile against
 the shape of the embedded datasets); :meth:`ExperimentConfig.check_shape` repeats the shape
-checks once a dataset of unknown shape is loaded, still before the NMS pre-training.
+checks once a dataset of unknown shape is loaded, still before the NMS pre-training. Arm names
+are read through :mod:`lcma_ext.experiments.registry` (never the builders of
+:mod:`lcma_ext.experiments.arms`); ``config.json`` (:meth:`ExperimentConfig.record`,
+:meth:`ExperimentConfig.from_record`) follows the fields' metadata.
 
 Example:
     >>> from lcma_ext.experiments import ExperimentConfig
@@ -19,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,21 @@ from lcma_ext.data import (
     dataset_slug,
     npz_path,
 )
-from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, max_num_levels
+from lcma_ext.experiments.registry import (
+    ARMS,
+    LISTED_ARMS,
+    MAX_ABLATION_SPLITS,
+    PRIOR_SUFFIX,
+    ArmName,
+    ablation_choices,
+    arm_name,
+    arm_prior,
+    choice_name,
+    parse_arms,
+    registered_arms,
+)
+from lcma_ext.models import MODELS, SIZE_NAMES, default_num_levels, level_shapes, max_num_levels
+from lcma_ext.splits import DEFAULT_REGION_SIZE, region_tile
 from lcma_ext.training import (
     DEFAULT_RECIPE,
     LEGACY_RECIPE,
@@ -44,53 +61,19 @@ from lcma_ext.training import (
 from lcma_ext.transforms.factor_prior import PRIORS
 
 __all__ = [
-    "ARMS",
-    "COMMANDS",
-    "CONDITIONAL_ARMS",
     "DEFAULTS",
     "FALLBACK_DEFAULTS",
-    "GRANULARITY_ARMS",
-    "LATENT_ARMS",
-    "PRIORS",
-    "PRIOR_SUFFIX",
     "QUICK",
-    "RECIPES",
-    "REFERENCE_ARM",
-    "REGION_SIZE",
-    "SELF_ARMS",
-    "VAE_ARMS",
     "ExperimentConfig",
-    "base_arm",
-    "parse_arms",
+    "recipe_flags",
     "recipe_options",
     "stored_recipe",
 ]
 
 #: The commands an :class:`ExperimentConfig` describes.
-COMMANDS = ("run", "ablate-levels")
-#: The split arms ``run`` trains by default.
-ARMS = ("lcma", "channel", "checkerboard", "random", "high")
-#: Arms that ``arms`` also accepts (not run by default): LCMA with a coarser granularity.
-GRANULARITY_ARMS = ("lcma-channel", "lcma-region", "high-channel", "high-region")
-#: Default ``region_size`` of the ``*-region`` arms (sites of each split's block grid).
-REGION_SIZE = 4
+_COMMANDS = ("run", "ablate-levels")
 #: The arm every other arm is compared with (the first arm when it is not run).
-REFERENCE_ARM = "channel"
-#: Flow-VAE arms (paper 001 Sec. 3.1): the ``channel`` arm's flow with a VAE prior of
-#: dim(eps) = D / R for ``flow-vae-R``; ``flow-vae`` in ``arms`` means all three.
-VAE_ARMS = ("flow-vae-16", "flow-vae-4", "flow-vae-2")
-#: Latent-shaping arms (not run by default), see docs/latent_shaping.md.
-LATENT_ARMS = (*VAE_ARMS, "denseflow", "haar")
-#: Arms whose split is re-chosen from the contributions of the model being trained (not run by
-#: default), see :mod:`lcma_ext.experiments.self_estimation` and docs/science.md.
-SELF_ARMS = ("lcma-self", "lcma-reestimate")
-#: Most split points ``ablate-levels`` accepts (2^4 = 16 arms).
-MAX_ABLATION_SPLITS = 4
-#: An arm name ending in this is the split arm before it with Glow's conditional prior of the
-#: factored halves (``lcma+cond``), whatever ``prior`` says: one run compares both priors.
-PRIOR_SUFFIX = "+cond"
-#: The split arms with Glow's conditional prior (not run by default).
-CONDITIONAL_ARMS = tuple(arm + PRIOR_SUFFIX for arm in (*ARMS, *GRANULARITY_ARMS))
+_REFERENCE_ARM = "channel"
 
 #: Per-dataset defaults (chosen so the digits default finishes in 10 minutes on a 2-core CPU).
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -103,9 +86,16 @@ QUICK: dict[str, int] = {"epochs": 3, "nms_epochs": 3, "seeds": 2, "limit": 512}
 
 #: ``precision`` choices (the keys of :data:`lcma_ext.training.PRECISIONS`).
 PRECISION_CHOICES = tuple(PRECISIONS)
-#: Training options recorded in ``config.json`` only when not these defaults (so run folders of
-#: earlier versions still match).
-SCALE_OUT: dict[str, Any] = {"precision": "fp32", "compile": False, "hflip": False}
+#: How ``config.json`` stores a field (the field's ``metadata[_STORED]``): ``"always"`` (levels,
+#: epochs, nms_epochs and seeds resolved; a record without it is corrupt), ``"optional"``
+#: (always; a record without it means the default) or ``"changed"`` (only when not the default:
+#: fields newer than ``config.json``, so run folders of earlier versions still match). A field
+#: without it is not part of a run's identity: where it runs, what it shows, and the recipe
+#: fields, which ``config.json`` stores resolved (:func:`stored_recipe`).
+_STORED = "stored"
+_ALWAYS = {_STORED: "always"}
+_OPTIONAL = {_STORED: "optional"}
+_CHANGED = {_STORED: "changed"}
 
 #: Event shapes known without loading the data (not ``imagefolder``'s).
 KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -115,22 +105,6 @@ KNOWN_SHAPES: dict[str, tuple[int, int, int]] = {
     "cifar10": (3, 32, 32),
     "celeba": (3, 64, 64),
 }
-
-
-def base_arm(name: str) -> str:
-    """The arm without the :data:`PRIOR_SUFFIX`: ``"lcma+cond"`` -> ``"lcma"``."""
-    return name.removesuffix(PRIOR_SUFFIX)
-
-
-def parse_arms(arms: str | Sequence[str]) -> tuple[str, ...]:
-    """``"lcma,flow-vae"`` or a sequence -> a tuple of arm names (``flow-vae`` expanded, deduped).
-
-    Names are not checked here (see :meth:`ExperimentConfig.validate`).
-    """
-    items = arms.split(",") if isinstance(arms, str) else list(arms)
-    names = tuple(str(a).strip() for a in items if str(a).strip())
-    names = tuple(x for a in names for x in (VAE_ARMS if a == "flow-vae" else (a,)))
-    return tuple(dict.fromkeys(names))
 
 
 def _positive_int(value: Any, minimum: int = 1) -> bool:
@@ -172,7 +146,8 @@ class ExperimentConfig:
         outlier_gap: Flag a run more than this many bits/dim above its arm's median.
         quick: Smoke run: 512 images, 2 seeds, 3 epochs (explicit values still win).
         progress: Show progress bars and status lines.
-        arms: ``run`` only: the arms to train (:func:`parse_arms` accepts ``"a,b"``).
+        arms: ``run`` only: the arms to train
+            (:func:`~lcma_ext.experiments.registry.parse_arms` accepts ``"a,b"``).
         region_size: Tile side of the ``*-region`` arms, capped at each split's grid.
         allow_diverged_nms: Go on after a diverged NMS pre-training (every arm built from its
             contributions is then labelled as such); by default a diverged NMS stops the run.
@@ -181,13 +156,15 @@ class ExperimentConfig:
         compile: Train through ``torch.compile``.
         workers: ``DataLoader`` worker processes.
         hflip: Random horizontal flips of the training images (off by default).
-        reestimate_every: Epochs ``E`` of each phase of the :data:`SELF_ARMS` (``lcma-self``
-            switches its split once after ``E`` epochs, ``lcma-reestimate`` every ``E``
-            epochs); ``None``: a third of the epochs, at least 1 (:attr:`reestimate_epochs`).
+        reestimate_every: Epochs ``E`` of each phase of the self-estimated arms
+            (:data:`~lcma_ext.experiments.registry.SELF_ARMS`: ``lcma-self`` switches its split
+            once after ``E`` epochs, ``lcma-reestimate`` every ``E`` epochs); ``None``: a
+            third of the epochs, at least 1 (:attr:`reestimate_epochs`).
         prior: Prior of the factored halves of the split arms: ``"standard"`` (default, the
             standard normal) or ``"conditional"`` (Glow's learned Gaussian given the kept half,
             :class:`lcma_ext.transforms.ConditionalGaussianPrior`). The ``+cond`` arms
-            (:data:`CONDITIONAL_ARMS`) have the conditional prior either way.
+            (:data:`~lcma_ext.experiments.registry.CONDITIONAL_ARMS`) have the conditional
+            prior either way.
         recipe: The training recipe of every arm and of the NMS pre-training, a name of
             :data:`lcma_ext.training.RECIPES` (``"default"``; ``"legacy"``: the recipe of
             versions up to 0.2, Adam at a constant lr, the gradient norm clipped at 100, no
@@ -196,33 +173,33 @@ class ExperimentConfig:
             (``None``: the recipe's value); see :class:`lcma_ext.training.Recipe`.
     """
 
-    command: str = "run"
-    dataset: str = "digits"
-    model: str = "realnvp"
-    size: str = "tiny"
-    levels: int | None = None
-    epochs: int | None = None
-    nms_epochs: int | None = None
-    seeds: int | None = None
-    batch_size: int = 64
-    lr: float | None = None
+    command: str = field(default="run", metadata=_ALWAYS)
+    dataset: str = field(default="digits", metadata=_ALWAYS)
+    model: str = field(default="realnvp", metadata=_ALWAYS)
+    size: str = field(default="tiny", metadata=_ALWAYS)
+    levels: int | None = field(default=None, metadata=_ALWAYS)
+    epochs: int | None = field(default=None, metadata=_ALWAYS)
+    nms_epochs: int | None = field(default=None, metadata=_ALWAYS)
+    seeds: int | None = field(default=None, metadata=_ALWAYS)
+    batch_size: int = field(default=64, metadata=_ALWAYS)
+    lr: float | None = field(default=None, metadata=_ALWAYS)
     device: str = "cpu"
     out: Path | None = None
     data_root: Path | None = None
-    limit: int | None = None
+    limit: int | None = field(default=None, metadata=_OPTIONAL)
     image_size: int | None = None
     outlier_gap: float = 0.5
-    quick: bool = False
+    quick: bool = field(default=False, metadata=_OPTIONAL)
     progress: bool = True
     arms: tuple[str, ...] = ARMS
-    region_size: int = REGION_SIZE
+    region_size: int = field(default=DEFAULT_REGION_SIZE, metadata=_CHANGED)
     allow_diverged_nms: bool = False
-    precision: str = "fp32"
-    compile: bool = False
+    precision: str = field(default="fp32", metadata=_CHANGED)
+    compile: bool = field(default=False, metadata=_CHANGED)
     workers: int = 0
-    hflip: bool = False
-    reestimate_every: int | None = None
-    prior: str = "standard"
+    hflip: bool = field(default=False, metadata=_CHANGED)
+    reestimate_every: int | None = field(default=None, metadata=_CHANGED)
+    prior: str = field(default="standard", metadata=_CHANGED)
     recipe: str = DEFAULT_RECIPE
     warmup_steps: int | None = None
     lr_schedule: str | None = None
@@ -331,16 +308,18 @@ class ExperimentConfig:
     def arm_names(self, num_levels: int) -> tuple[str, ...]:
         """The arms this configuration trains, in training order."""
         if self.command == "ablate-levels":
-            from lcma_ext.experiments.arms import ablation_choices, choice_name
-
             return tuple(choice_name(c) for c in ablation_choices(num_levels - 1))
         return self.arms
+
+    def arm(self, name: str) -> ArmName:
+        """The parse of arm ``name`` under this configuration (its ``region_size``)."""
+        return arm_name(name, self.region_size)
 
     def reference_arm(self, num_levels: int) -> str:
         """The arm the paired differences are taken against."""
         if self.command == "ablate-levels":
-            return "-".join(("low",) * (num_levels - 1))
-        return REFERENCE_ARM if REFERENCE_ARM in self.arms else self.arms[0]
+            return choice_name(("low",) * (num_levels - 1))
+        return _REFERENCE_ARM if _REFERENCE_ARM in self.arms else self.arms[0]
 
     # ------------------------------------------------------------------------------------------
     # validation
@@ -348,7 +327,7 @@ class ExperimentConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` ("expected ...; got ...") for anything wrong before training."""
         choices = {
-            "command": (self.command, COMMANDS),
+            "command": (self.command, _COMMANDS),
             "model": (self.model, tuple(MODELS)),
             "size": (self.size, SIZE_NAMES),
             "prior": (self.prior, PRIORS),
@@ -370,9 +349,9 @@ class ExperimentConfig:
             "image_size": (self.image_size, 2),
             "reestimate_every": (self.reestimate_every, 1),
         }
-        for name, (value, minimum) in counts.items():
-            if value is not None and not _positive_int(value, minimum):
-                raise ValueError(f"expected {name} as an integer >= {minimum}; got {value!r}")
+        for name, (count, minimum) in counts.items():
+            if count is not None and not _positive_int(count, minimum):
+                raise ValueError(f"expected {name} as an integer >= {minimum}; got {count!r}")
         if not _positive_int(self.batch_size):
             raise ValueError(f"expected batch_size as an integer >= 1; got {self.batch_size!r}")
         if self.precision not in PRECISION_CHOICES:
@@ -401,21 +380,19 @@ class ExperimentConfig:
             self.check_shape(shape)
 
     def _validate_arms(self) -> None:
-        from lcma_ext.experiments.arms import registered_arms
-
         known = registered_arms()
         unknown = [a for a in self.arms if a not in known]
         if not self.arms or unknown:
-            listed = ",".join(ARMS + GRANULARITY_ARMS + LATENT_ARMS + SELF_ARMS)
             raise ValueError(
-                f"expected arms as a comma-separated subset of {listed} (or flow-vae); got "
+                f"expected arms as a comma-separated subset of {','.join(LISTED_ARMS)} (or "
+                f"flow-vae; a split arm may end in {PRIOR_SUFFIX}); got "
                 f"{','.join(self.arms) or 'none'!r}"
             )
         if "haar" in self.arms and self.model not in ("realnvp", "glow"):
             raise ValueError(
                 f"expected --model realnvp or glow for the haar arm; got {self.model!r}"
             )
-        self_arms = [a for a in self.arms if a in SELF_ARMS]
+        self_arms = [a for a in self.arms if arm_name(a).kind == "self"]
         if self_arms and self.reestimate_epochs >= self.train_epochs:
             raise ValueError(
                 f"expected --reestimate-every below --epochs ({self.train_epochs}) for "
@@ -425,8 +402,6 @@ class ExperimentConfig:
 
     def _validate_prior(self) -> None:
         """Every arm must take ``prior`` (``ablate-levels``' arms all do)."""
-        from lcma_ext.experiments.arms import arm_prior
-
         if self.command != "run":
             return
         fixed = [arm for arm in self.arms if arm_prior(self, arm) != self.prior]
@@ -455,16 +430,18 @@ class ExperimentConfig:
                 f"expected at most {MAX_ABLATION_SPLITS} split points (16 arms) for "
                 f"ablate-levels; got {num_levels - 1} (pass a smaller --levels)"
             )
-        if self.command == "run" and any(base_arm(a).endswith("-region") for a in self.arms):
-            _, h, w = shape
-            for split in range(num_levels - 1):  # post-squeeze grid of split point ``split``
-                h, w = h // 2, w // 2
-                size = min(self.region_size, h, w)
-                if h % size or w % size:
+        if self.command == "run" and any(self.arm(a).has_region_split for a in self.arms):
+            for step in level_shapes(shape, num_levels):
+                if not step.is_split_point:
+                    continue
+                try:
+                    region_tile(step.output_shape, self.region_size)
+                except ValueError:
+                    _, h, w = step.output_shape  # the split point's grid of local blocks
                     raise ValueError(
                         f"expected --region-size to divide the {h}x{w} block grid of split "
-                        f"point {split} (capped at the grid); got {self.region_size}"
-                    )
+                        f"point {step.index} (capped at the grid); got {self.region_size}"
+                    ) from None
 
     # ------------------------------------------------------------------------------------------
     # the stored configuration
@@ -480,17 +457,20 @@ class ExperimentConfig:
         from lcma_ext.training import TrainConfig
 
         recipe = self.training_recipe
-        return {
-            "command": self.command,
-            "dataset": self.dataset,
-            "model": self.model,
-            "size": self.size,
+        resolved = {
             "levels": num_levels,
             "epochs": self.train_epochs,
             "nms_epochs": self.nms_train_epochs,
             "seeds": self.seed_list,
-            "batch_size": self.batch_size,
             "lr": recipe.lr,
+        }
+        stored: dict[str, dict[str, Any]] = {"always": {}, "optional": {}, "changed": {}}
+        for item in dataclasses.fields(self):
+            kind, value = item.metadata.get(_STORED), getattr(self, item.name)
+            if kind is not None and (kind != "changed" or value != item.default):
+                stored[kind][item.name] = resolved.get(item.name, value)
+        return {
+            **stored["always"],
             "l2_scale": TrainConfig().l2_scale,
             "grad_clip": recipe.grad_clip,
             "alpha": alpha,
@@ -498,51 +478,36 @@ class ExperimentConfig:
             "shape": list(data.shape),
             "num_train": int(data.train.shape[0]),
             "num_test": int(data.test.shape[0]),
-            "limit": self.limit,
-            "quick": self.quick,
-            # only when not the default, so that existing run folders still match
-            **({"region_size": self.region_size} if self.region_size != REGION_SIZE else {}),
-            **({"reestimate_every": self.reestimate_every} if self.reestimate_every else {}),
-            **({"prior": self.prior} if self.prior != "standard" else {}),
-            **{key: value for key, value in self._scale_out().items() if value != SCALE_OUT[key]},
+            **stored["optional"],
+            **stored["changed"],  # only when not the default
             **_recipe_record(recipe),
         }
 
-    def _scale_out(self) -> dict[str, Any]:
-        return {"precision": self.precision, "compile": self.compile, "hflip": self.hflip}
-
     @classmethod
     def from_record(cls, record: dict[str, Any], **overrides: Any) -> ExperimentConfig:
-        """The configuration of a stored ``config.json`` (``out``, ``data_root`` etc. given)."""
-        seeds = record["seeds"]
-        fields = {
-            "command": record["command"],
-            "dataset": record["dataset"],
-            "model": record["model"],
-            "size": record["size"],
-            "levels": record["levels"],
-            "epochs": record["epochs"],
-            "nms_epochs": record["nms_epochs"],
-            "seeds": len(seeds),
-            "batch_size": record["batch_size"],
-            "lr": record["lr"],
-            "limit": record.get("limit"),
-            "quick": record.get("quick", False),
-            "region_size": record.get("region_size", REGION_SIZE),
-            "reestimate_every": record.get("reestimate_every"),
-            "prior": record.get("prior", "standard"),
-            **{key: record.get(key, default) for key, default in SCALE_OUT.items()},
-            **stored_recipe(record).to_dict(),
-            "recipe": "legacy",
-        }
-        fields.update(overrides)
-        return cls(**fields)
+        """The configuration of a stored ``config.json`` (``out``, ``data_root`` etc. given).
+
+        The training recipe is the stored one (:func:`stored_recipe`) under ``--recipe legacy``.
+
+        Raises:
+            KeyError: for a record without a field that every ``config.json`` has.
+        """
+        values: dict[str, Any] = {}
+        for item in dataclasses.fields(cls):
+            kind = item.metadata.get(_STORED)
+            if kind == "always":
+                values[item.name] = record[item.name]
+            elif kind is not None:
+                values[item.name] = record.get(item.name, item.default)
+        values["seeds"] = len(values["seeds"])  # stored as the list of seeds
+        values.update({**stored_recipe(record).to_dict(), "recipe": "legacy", **overrides})
+        return cls(**values)
 
 
 def _recipe_record(recipe: Recipe) -> dict[str, Any]:
     """The recipe fields ``config.json`` records besides ``lr`` and ``grad_clip`` (always
-    recorded): those
-    that differ from the legacy recipe, so run folders of earlier versions still match."""
+    recorded): those that differ from the legacy recipe, so run folders of earlier versions
+    still match."""
     legacy = LEGACY_RECIPE.to_dict()
     return {
         key: value
@@ -557,18 +522,23 @@ def stored_recipe(record: dict[str, Any]) -> Recipe:
     return Recipe(**{key: record.get(key, value) for key, value in legacy.items()})
 
 
+def recipe_flags(recipe: Recipe, against: Recipe | None = None) -> list[str]:
+    """``["--warmup-steps 100", ...]``: an option per field of ``recipe`` (:data:`RECIPE_FIELDS`),
+    or per field that differs from ``against``."""
+    base = None if against is None else against.to_dict()
+    return [
+        f"--{key.replace('_', '-')} {value:g}"
+        if isinstance(value, float)
+        else f"--{key.replace('_', '-')} {value}"
+        for key, value in recipe.to_dict().items()
+        if base is None or value != base[key]
+    ]
+
+
 def recipe_options(recipe: Recipe) -> str:
     """The command-line options that give ``recipe``: ``--recipe NAME`` when it is a named one,
     else ``--recipe legacy`` and the fields that differ from it."""
     for name, named in RECIPES.items():
         if named == recipe:
             return f"--recipe {name}"
-    legacy = LEGACY_RECIPE.to_dict()
-    changed = [
-        f"--{key.replace('_', '-')} {value:g}"
-        if isinstance(value, float)
-        else f"--{key.replace('_', '-')} {value}"
-        for key, value in recipe.to_dict().items()
-        if value != legacy[key]
-    ]
-    return " ".join(["--recipe legacy", *changed])
+    return " ".join(["--recipe legacy", *recipe_flags(recipe, LEGACY_RECIPE)])

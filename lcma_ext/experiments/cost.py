@@ -26,6 +26,8 @@ import statistics
 from collections.abc import Iterable
 from typing import Any
 
+from lcma_ext.experiments.markdown import paragraph
+
 __all__ = ["cost_markdown", "pipeline_cost", "selection_share"]
 
 
@@ -114,8 +116,7 @@ def cost_markdown(cost: dict[str, dict[str, Any]] | None) -> list[str]:
         parts.append(
             f"`{arm}`: {what} against {entry['train_time_s']:.1f} s of its own training ({percent})"
         )
-    return [
+    return paragraph(
         "Split-selection cost per trained model (share of the arm's whole pipeline: selection "
-        "/ (selection + training)): " + "; ".join(parts) + ".",
-        "",
-    ]
+        "/ (selection + training)): " + "; ".join(parts) + "."
+    )

@@ -24,7 +24,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from nflows.flows import Flow
 
 from lcma_ext.data import ImageDataset, LogitPreprocessing
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
+from lcma_ext.experiments.markdown import number, table
 from lcma_ext.experiments.runner import MC_SAMPLES, load_arm, load_run_data
 from lcma_ext.experiments.store import (
     ExperimentError,
@@ -286,14 +286,6 @@ def evaluate_run(
     return rows
 
 
-def _cell(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "—"
-    if not math.isfinite(value):
-        return "non-finite"
-    return f"{value:+.6f}" if signed else f"{value:.6f}"
-
-
 def evaluation_markdown(rows: list[dict[str, Any]], run_dir: str | Path = "") -> str:
     """The table of :func:`evaluate_run`: arm, seed, kind, recorded, rescored bits/dim, Δ."""
     lines = [
@@ -302,12 +294,18 @@ def evaluation_markdown(rows: list[dict[str, Any]], run_dir: str | Path = "") ->
         "Test bits/dim of every checkpoint, rescored now (same dequantization noise as the run) "
         "next to the figure its run summary recorded (— : no summary, an unfinished run).",
         "",
-        "| arm | seed | bpd kind | recorded bpd | rescored bpd | Δ |",
-        "|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['arm']} | {row['seed']} | {row['bpd_kind']} | {_cell(row['recorded_bpd'])} "
-            f"| {_cell(row['rescored_bpd'])} | {_cell(row['difference'], signed=True)} |"
-        )
+
+    def cell(value: float | None, signed: bool = False) -> str:
+        return number(value, 6, signed, missing="—", non_finite="non-finite")
+
+    header = ["arm", "seed", "bpd kind", "recorded bpd", "rescored bpd", "Δ"]
+    lines += table(
+        header,
+        [
+            [row["arm"], row["seed"], row["bpd_kind"], cell(row["recorded_bpd"]),
+             cell(row["rescored_bpd"]), cell(row["difference"], signed=True)]
+            for row in rows
+        ],
+    )  # fmt: skip
     return "\n".join([*lines, ""])

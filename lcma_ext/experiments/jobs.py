@@ -5,7 +5,8 @@ Most arms are a builder only: the runner builds the flow and trains it with
 (``register_arm(name, builder, trainer=...)``) gets its built, untrained flow in an
 :class:`ArmJob` instead and trains it itself, e.g. in phases that change the split
 (:mod:`lcma_ext.experiments.self_estimation`). The runner still scores, summarizes and stores the
-run; the trainer owns its own files next to the arm's checkpoint and must resume from them.
+run; the trainer owns its own files next to the arm's checkpoint and must resume from them, and
+may contribute its own lines to ``results.md`` (:meth:`ArmTrainer.report_lines`).
 
 References:
     S. Das, P. Abbeel, C. Spanos. Likelihood Contribution based Multi-scale Architecture for
@@ -14,7 +15,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -83,4 +84,13 @@ class ArmTrainer(Protocol):
 
     def restore(self, flow: Flow, state: dict[str, Any]) -> Flow:
         """The scored flow from the builder's ``flow`` and the arm's loaded checkpoint ``state``."""
+        ...
+
+    def report_lines(self, arm: str, results: Mapping[str, Any]) -> list[str]:
+        """The trainer's own lines on ``arm`` in ``results.md`` (``[]``: none).
+
+        ``results`` is the results dictionary (``results.json``; ``results["runs"][arm]`` holds
+        the arm's run summaries with the extras of :meth:`train`). Optional: the report skips a
+        trainer without this method.
+        """
         ...

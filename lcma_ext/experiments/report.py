@@ -3,7 +3,7 @@
 ``results.md`` is the table of :func:`results_markdown` (mean ± std, median, difference of
 means, paired per-seed differences and wins against the reference arm, the paired 95 %
 interval and verdict against the best static split of the arm's prior, flags), the table of
-both comparisons (:func:`comparisons_markdown`: mean, interval, verdict, seeds a 1 % difference
+both comparisons (:func:`_comparisons_markdown`: mean, interval, verdict, seeds a 1 % difference
 would need; :mod:`lcma_ext.experiments.stats`), the notes on
 non-exact bits/dim, the split diagnostics of the NMS maps, the switches of the self-estimated
 arms, the cost of choosing each data-driven split (:mod:`lcma_ext.experiments.cost`), the NMS
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +26,16 @@ import torch
 
 from lcma_ext.distributions import RESIDUAL_KINDS
 from lcma_ext.experiments.cost import cost_markdown
-from lcma_ext.experiments.stats import STATIC_ARMS, compared_arms
+from lcma_ext.experiments.markdown import number, paragraph, table
+from lcma_ext.experiments.registry import STATIC_ARMS, arm_spec, registered_arms
+from lcma_ext.experiments.stats import compared_arms
 from lcma_ext.experiments.store import write_json, write_text
 
 __all__ = [
-    "UNIFORM_MARGIN",
     "bound_notes",
     "comparison_cells",
-    "comparisons_markdown",
     "diagnostics_markdown",
-    "flag_cell",
-    "format_number",
+    "flags_cell",
     "prior_notes",
     "results_markdown",
     "uniform_bpd",
@@ -45,7 +44,7 @@ __all__ = [
 ]
 
 #: An arm whose mean bits/dim is within this of the uniform baseline (or above) is marked.
-UNIFORM_MARGIN = 0.05
+_UNIFORM_MARGIN = 0.05
 
 
 def uniform_bpd(levels_of_data: int) -> float:
@@ -92,39 +91,37 @@ def versions() -> dict[str, str]:
     }
 
 
-def format_number(value: float | None, digits: int = 4, signed: bool = False) -> str:
-    """``value`` with ``digits`` decimals (``signed``: with its sign); ``"nan"`` when not finite."""
-    if value is None or not math.isfinite(value):
-        return "nan"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
 def diagnostics_markdown(diagnostics: Sequence[dict[str, Any]]) -> list[str]:
     """Per split point: how decisive and how static the LCMA split of the NMS maps is."""
     if not diagnostics:
         return []
-    lines = [
+    intro = (
         "LCMA split diagnostics of the NMS contribution maps (per split point: local blocks, "
         "exact ties and near-ties of the 2nd/3rd contribution, share of blocks whose kept set "
         "differs from `channel`, `checkerboard`, and the most common pattern of the block's own "
         "channel group, 0 meaning a static split in disguise; share of sites whose kept set "
         "equals the channel-granularity choice; entropy in bits of the kept-position pattern, "
-        "0 to 2; see docs/granularity.md):",
-        "",
-        "| split | blocks | ties | near-ties | ≠ channel | ≠ checkerboard | ≠ group mode "
-        "| = channel granularity | pattern entropy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "0 to 2; see docs/granularity.md):"
+    )
+    header = [
+        "split", "blocks", "ties", "near-ties", "≠ channel", "≠ checkerboard", "≠ group mode",
+        "= channel granularity", "pattern entropy",
+    ]  # fmt: skip
+    rows = [
+        [
+            index,
+            entry["blocks"],
+            entry["ties"],
+            entry["near_ties"],
+            f"{entry['differs_from_channel']:.3f}",
+            f"{entry['differs_from_checkerboard']:.3f}",
+            f"{entry['differs_from_group_modal']:.3f}",
+            number(entry.get("agrees_with_channel_granularity", math.nan), 3),
+            number(entry.get("kept_position_entropy", math.nan), 3),
+        ]
+        for index, entry in enumerate(diagnostics)
     ]
-    for index, entry in enumerate(diagnostics):
-        agrees = entry.get("agrees_with_channel_granularity", math.nan)
-        entropy = entry.get("kept_position_entropy", math.nan)
-        lines.append(
-            f"| {index} | {entry['blocks']} | {entry['ties']} | {entry['near_ties']} "
-            f"| {entry['differs_from_channel']:.3f} | {entry['differs_from_checkerboard']:.3f} "
-            f"| {entry['differs_from_group_modal']:.3f} | {format_number(agrees, 3)} "
-            f"| {format_number(entropy, 3)} |"
-        )
-    return [*lines, ""]
+    return [*paragraph(intro), *table(header, rows), ""]
 
 
 def prior_notes(arms: dict[str, dict[str, Any]]) -> list[str]:
@@ -191,7 +188,7 @@ def _interval(interval: Sequence[float] | None) -> str:
     if interval is None:
         return "no interval (< 2 seeds)"
     low, high = interval
-    return f"[{format_number(low, 4, signed=True)}, {format_number(high, 4, signed=True)}]"
+    return f"[{number(low, 4, signed=True)}, {number(high, 4, signed=True)}]"
 
 
 def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
@@ -200,13 +197,13 @@ def comparison_cells(comparison: dict[str, Any] | None) -> tuple[str, str]:
     if comparison is None:
         return "—", "—"
     cell = (
-        f"{format_number(comparison['mean'], 4, signed=True)} {_interval(comparison['ci95'])} vs "
+        f"{number(comparison['mean'], 4, signed=True)} {_interval(comparison['ci95'])} vs "
         f"{comparison['reference']}"
     )
     return cell, comparison["verdict"]
 
 
-def comparisons_markdown(results: dict[str, Any]) -> list[str]:
+def _comparisons_markdown(results: dict[str, Any]) -> list[str]:
     """``results.md`` lines: every arm against the reference arm and the best static split."""
     arms = compared_arms(results)
     rows = []
@@ -217,10 +214,16 @@ def comparisons_markdown(results: dict[str, Any]) -> list[str]:
                 continue
             seeds = comparison.get("seeds_for_1pct")
             rows.append(
-                f"| {arm} | {comparison['reference']} ({what}) | {comparison['n']} "
-                f"| {format_number(comparison['mean'], 4, signed=True)} "
-                f"| {format_number(comparison.get('std'), 4)} | {_interval(comparison['ci95'])} "
-                f"| {comparison['verdict']} | {'—' if seeds is None else seeds} |"
+                [
+                    arm,
+                    f"{comparison['reference']} ({what})",
+                    comparison["n"],
+                    number(comparison["mean"], 4, signed=True),
+                    number(comparison.get("std"), 4),
+                    _interval(comparison["ci95"]),
+                    comparison["verdict"],
+                    "—" if seeds is None else seeds,
+                ]
             )
     if not rows:
         return []
@@ -234,14 +237,15 @@ def comparisons_markdown(results: dict[str, Any]) -> list[str]:
         "at this paired std, is below 1 % of the other arm's mean bits/dim (an observed 1 % "
         "difference would then exclude 0).",
         "",
-        "| arm | compared with | n | Δ mean | Δ std | 95 % CI | verdict | seeds for 1 % |",
-        "|---|---|---|---|---|---|---|---|",
-        *rows,
+        *table(
+            ["arm", "compared with", "n", "Δ mean", "Δ std", "95 % CI", "verdict", "seeds for 1 %"],
+            rows,
+        ),
         "",
     ]
 
 
-def flag_cell(entry: dict[str, Any], uniform: float | None) -> str:
+def flags_cell(entry: dict[str, Any], uniform: float | None) -> str:
     """The ``flagged`` cell: diverged / outlier seeds, a diverged NMS, the uniform baseline."""
     flags = []
     reasons = entry.get("diverged_reasons") or [""] * len(entry["seeds"])
@@ -253,22 +257,32 @@ def flag_cell(entry: dict[str, Any], uniform: float | None) -> str:
         flags.append("built on a diverged NMS")
     mean = entry.get("bpd_mean")
     if uniform is not None and mean is not None and math.isfinite(mean):
-        if mean > uniform + UNIFORM_MARGIN:
+        if mean > uniform + _UNIFORM_MARGIN:
             flags.append("above the uniform baseline")
-        elif mean >= uniform - UNIFORM_MARGIN:
+        elif mean >= uniform - _UNIFORM_MARGIN:
             flags.append("at the uniform baseline")
     return ", ".join(flags) or "none"
 
 
+def _trainer_sections(results: Mapping[str, Any]) -> list[str]:
+    """The lines the trainers of the arms (:class:`~lcma_ext.experiments.jobs.ArmTrainer`)
+    contribute about their arms, in the order of ``results["runs"]``; empty if none."""
+    lines = []
+    for arm in results.get("runs", {}):
+        trainer = arm_spec(arm).trainer if arm in registered_arms() else None
+        report_lines = getattr(trainer, "report_lines", None)
+        if report_lines is not None:
+            lines += report_lines(arm, results)
+    return [*lines, ""] if lines else []
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The ``results.md`` report of a ``run`` or ``ablate-levels`` results dictionary."""
-    from lcma_ext.experiments.self_estimation import self_estimation_markdown
-
     config, reference = results["config"], results["reference_arm"]
     arms = compared_arms(results)
     seeds = config["seeds"]
-    nms = results.get("nms")
-    nms_diverged = bool(nms and nms.get("diverged"))
+    nms: dict[str, Any] = results.get("nms") or {}
+    nms_diverged = bool(nms.get("diverged"))
     uniform = results.get("uniform_bpd")
     if uniform is None and config.get("levels_of_data"):
         uniform = uniform_bpd(config["levels_of_data"])
@@ -296,32 +310,41 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{config['lr']}{_recipe_note(config)}. Every arm: same architecture, optimizer, "
         "recipe, epochs, seeds and initial weights per seed.",
         "",
-        f"| arm | bpd kind | bpd mean ± std | median | Δ mean vs {reference} | paired Δ per seed "
-        "| wins | Δ vs best static (95 % CI) | verdict | params | train s/seed | flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = [
+        "arm", "bpd kind", "bpd mean ± std", "median", f"Δ mean vs {reference}",
+        "paired Δ per seed", "wins", "Δ vs best static (95 % CI)", "verdict", "params",
+        "train s/seed", "flagged",
+    ]  # fmt: skip
+    rows = []
     for arm, entry in arms.items():
         diffs = entry.get(f"paired_diff_vs_{reference}", [])
-        paired = (
-            ", ".join(format_number(d, 3, signed=True) for d in diffs) if arm != reference else "—"
-        )
+        paired = ", ".join(number(d, 3, signed=True) for d in diffs) if arm != reference else "—"
         delta = (
-            format_number(entry.get("diff_of_means_vs_reference", math.nan), 4, signed=True)
+            number(entry.get("diff_of_means_vs_reference", math.nan), 4, signed=True)
             if arm != reference
             else "—"
         )
         wins = f"{entry.get('wins_vs_reference', 0)}/{len(diffs)}" if arm != reference else "—"
         static, static_verdict = comparison_cells(entry.get("vs_best_static"))
-        lines.append(
-            f"| {arm} | {entry.get('bpd_kind', 'exact')} "
-            f"| {format_number(entry['bpd_mean'])} ± {format_number(entry['bpd_std'])} "
-            f"| {format_number(entry['bpd_median'])} | {delta} | {paired} | {wins} "
-            f"| {static} | {static_verdict} "
-            f"| {entry['parameters']:,} | {entry['train_time_s_mean']:.1f} "
-            f"| {flag_cell(entry, uniform)} |"
+        rows.append(
+            [
+                arm,
+                entry.get("bpd_kind", "exact"),
+                f"{number(entry['bpd_mean'])} ± {number(entry['bpd_std'])}",
+                number(entry["bpd_median"]),
+                delta,
+                paired,
+                wins,
+                static,
+                static_verdict,
+                f"{entry['parameters']:,}",
+                f"{entry['train_time_s_mean']:.1f}",
+                flags_cell(entry, uniform),
+            ]
         )
-    lines += [""]
-    lines += comparisons_markdown({**results, "arms": arms})
+    lines += [*table(header, rows), ""]
+    lines += _comparisons_markdown({**results, "arms": arms})
     if nms_diverged:
         lines += [
             f"**The NMS pre-training diverged** ({nms.get('diverged_reason') or 'non-finite'}); "
@@ -333,20 +356,20 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += prior_notes(arms)
     lines += bound_notes(arms)
     lines += diagnostics_markdown(results.get("contribution_diagnostics") or [])
-    lines += self_estimation_markdown(results)
+    lines += _trainer_sections(results)
     lines += cost_markdown(results.get("cost"))
     if nms:
         status = f" — diverged ({nms.get('diverged_reason') or 'non-finite'})" * nms_diverged
         lines.append(
             f"NMS flow (no split, seed 0, {config['nms_epochs']} epochs): "
-            f"{format_number(nms['test_bpd'])} bpd{status}."
+            f"{number(nms['test_bpd'])} bpd{status}."
         )
     if uniform is not None:
         levels = config.get("levels_of_data")
         lines.append(
-            f"Uniform baseline: {format_number(uniform)} bpd (log2 of the {levels} pixel levels, "
-            "a model that learned nothing); an arm within "
-            f"{UNIFORM_MARGIN} of it or above is flagged."
+            f"Uniform baseline: {number(uniform)} bpd (log2 of the {levels} pixel levels, a model "
+            "that learned nothing); an arm within "
+            f"{_UNIFORM_MARGIN} of it or above is flagged."
         )
     lines += _clip_notes(arms)
     lines += [

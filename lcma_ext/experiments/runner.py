@@ -38,12 +38,13 @@ from lcma_ext.data import (
 )
 from lcma_ext.distributed import barrier, init_from_env, world
 from lcma_ext.distributions import bpd_kind, evaluate_bpd_mc, is_bound_only
-from lcma_ext.experiments.arms import arm_prior, arm_spec, build_arm, restore_arm
+from lcma_ext.experiments.arms import build_arm, restore_arm
 from lcma_ext.experiments.config import ExperimentConfig
 from lcma_ext.experiments.cost import pipeline_cost
 from lcma_ext.experiments.jobs import ArmJob
+from lcma_ext.experiments.registry import STATIC_ARMS, arm_prior, arm_spec
 from lcma_ext.experiments.report import uniform_bpd, versions, write_results
-from lcma_ext.experiments.stats import STATIC_ARMS, aggregate
+from lcma_ext.experiments.stats import aggregate
 from lcma_ext.experiments.store import (
     ExperimentError,
     NMSDivergedError,

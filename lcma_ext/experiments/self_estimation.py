@@ -13,7 +13,7 @@ budget as every other arm:
 ``lcma-reestimate``
     Re-chooses the split the same way every ``E`` epochs.
 
-**Self-contributions** (:func:`self_contributions`). In the multi-scale model a dimension
+**Self-contributions** (:func:`_self_contributions`). In the multi-scale model a dimension
 factored out at split point ``j`` passes through levels ``0 .. j`` only. The contribution map at
 split point ``k`` is therefore defined on the dimensions *still alive at k* (those every earlier
 split kept), and it is their averaged cumulative per-dimension log|det| over the layers of the
@@ -73,10 +73,12 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +90,10 @@ from lcma_ext.contributions import track_splits
 from lcma_ext.diagnostics import NEAR_TIE_RTOL, split_diagnostics
 from lcma_ext.distributed import barrier
 from lcma_ext.experiments.jobs import ArmJob
+from lcma_ext.experiments.markdown import number
 from lcma_ext.experiments.store import StateFileError
-from lcma_ext.multiscale import ContributionMultiscaleFlow
+from lcma_ext.flows import eval_mode, flow_parts
+from lcma_ext.multiscale import ContributionMultiscaleFlow, SplitPoint
 from lcma_ext.splits import Split, SplitSpec
 from lcma_ext.training import (
     TrainResult,
@@ -101,22 +105,18 @@ from lcma_ext.training import (
 )
 
 __all__ = [
-    "LCMA_RULE",
-    "NonFiniteContributionsError",
     "PhasedTrainer",
     "phase_bounds",
-    "self_contributions",
-    "self_estimation_markdown",
     "switched_flow",
 ]
 
 #: The rule every switch applies: factor out the low-contribution half, per site (the paper).
-LCMA_RULE = SplitSpec("lcma")
+_LCMA_RULE = SplitSpec("lcma")
 #: Batch size of the self-contribution measurement.
 ESTIMATE_BATCH_SIZE = 256
 
 
-class NonFiniteContributionsError(ValueError):
+class _NonFiniteContributionsError(ValueError):
     """The model being trained gave a non-finite contribution map (it has diverged)."""
 
 
@@ -142,7 +142,7 @@ def phase_bounds(epochs: int, every: int, repeat: bool) -> list[tuple[int, int]]
 
 
 def _multiscale(flow: Flow) -> ContributionMultiscaleFlow:
-    transform = flow._transform
+    transform = flow_parts(flow).transform
     if not isinstance(transform, ContributionMultiscaleFlow):
         raise TypeError(
             f"expected a flow around a ContributionMultiscaleFlow; got {type(transform).__name__}"
@@ -156,10 +156,10 @@ def _multiscale(flow: Flow) -> ContributionMultiscaleFlow:
 
 
 @torch.no_grad()
-def self_contributions(
+def _self_contributions(
     transform: ContributionMultiscaleFlow,
     data: Tensor,
-    rule: SplitSpec = LCMA_RULE,
+    rule: SplitSpec = _LCMA_RULE,
     batch_size: int = ESTIMATE_BATCH_SIZE,
 ) -> tuple[list[Tensor], list[Split]]:
     """The multi-scale model's own contribution maps, and the splits ``rule`` chooses from them.
@@ -182,39 +182,37 @@ def self_contributions(
         and the split built from it (on the transform's device).
 
     Raises:
-        NonFiniteContributionsError: for a non-finite map (a diverged model).
+        _NonFiniteContributionsError: for a non-finite map (a diverged model).
         ValueError: for empty data.
     """
     if data.shape[0] == 0:
         raise ValueError("expected at least one example in data; got none")
     levels, placement = transform.levels, transform.splits[0].placement
     reference = next(transform.parameters())
-    modes = [(module, module.training) for module in transform.modules()]
-    transform.eval()
     maps: list[Tensor] = []
     splits: list[Split] = []
-    try:
-        states = [(x.to(reference), None) for x in data.split(batch_size)]
+    with eval_mode(transform):  # every submodule's mode restored afterwards
+        states: list[tuple[Tensor, Tensor | None]] = [
+            (x.to(reference), None) for x in data.split(batch_size)
+        ]
         for index, level in enumerate(levels[:-1]):
-            outputs, total = [], None
-            for hidden, diag in states:
-                out, _, diag = level.forward_with_diag(hidden, None, diag)
-                batch_sum = diag.sum(0).double().cpu()
-                total = batch_sum if total is None else total + batch_sum
+            outputs: list[tuple[Tensor, Tensor]] = []
+            for hidden, carried in states:
+                out, _, diag = level.forward_with_diag(hidden, None, carried)
                 outputs.append((out, diag))
-            mean = total / data.shape[0]
+            sums = [diag.sum(0).double().cpu() for _, diag in outputs]
+            mean = functools.reduce(operator.add, sums) / data.shape[0]  # batch by batch
             if not torch.isfinite(mean).all():
-                raise NonFiniteContributionsError(
+                raise _NonFiniteContributionsError(
                     f"expected a finite self-contribution map at split point {index}; got "
                     f"{int((~torch.isfinite(mean)).sum())} NaN or inf values (the model diverged)"
                 )
             split = rule.build(tuple(mean.shape), mean, placement=placement).to(reference.device)
             maps.append(mean)
             splits.append(split)
-            states = [(split(out)[1], split.carry(diag)[1]) for out, diag in outputs]
-    finally:
-        for module, training in modes:
-            module.training = training
+            point = SplitPoint(split)  # the kept half and its running map go on
+            kept = [point.forward_with_diag(out, diag) for out, diag in outputs]
+            states = [(step.kept, step.kept_diag) for step in kept]
     return maps, splits
 
 
@@ -227,7 +225,7 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     Args:
         flow: A flow around a :class:`ContributionMultiscaleFlow` (standard priors).
         layout_maps: Per split point, the map in that split's input layout, as
-            :func:`self_contributions` returns them.
+            :func:`_self_contributions` returns them.
         input_shape: Event shape of the data.
 
     Raises:
@@ -241,13 +239,13 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     tracked = track_splits(
         transform.levels,
         shape,
-        [LCMA_RULE] * len(layout_maps),
+        [_LCMA_RULE] * len(layout_maps),
         layout_maps=[m.detach().cpu().double() for m in layout_maps],
         placement=placement,
     )
     new = Flow(
         ContributionMultiscaleFlow.from_levels(transform.levels, shape, tracked.splits),
-        flow._distribution,
+        flow_parts(flow).distribution,
     ).to(device)
     flow.to(device)
     if [id(p) for p in new.parameters()] != [id(p) for p in flow.parameters()]:
@@ -346,7 +344,7 @@ class PhasedTrainer:
             if phase > first:
                 try:
                     flow, switch = self._switch(job, flow, phase, start, result)
-                except NonFiniteContributionsError as error:
+                except _NonFiniteContributionsError as error:
                     result.diverged, result.diverged_reason = True, str(error)
                     break
                 switches.append(switch)
@@ -386,7 +384,7 @@ class PhasedTrainer:
             switch = _load(job, path, device)
         else:
             begin = time.perf_counter()
-            maps, splits = self_contributions(_multiscale(flow), job.contribution_data)
+            maps, splits = _self_contributions(_multiscale(flow), job.contribution_data)
             seconds = time.perf_counter() - begin
             old = _multiscale(flow).splits[0]
             changed = _kept_changed(old, splits[0], math.prod(splits[0].input_shape))
@@ -452,6 +450,10 @@ class PhasedTrainer:
         flow.load_state_dict(evaluation_state_dict(state))
         return flow
 
+    def report_lines(self, arm: str, results: Mapping[str, Any]) -> list[str]:
+        """``results.md``'s line on ``arm``: its switch epochs and the test bpd jumps."""
+        return _switches_line(arm, results.get("runs", {}).get(arm, []))
+
 
 def _switched_state(new: Flow, raw: dict[str, Tensor]) -> dict[str, Tensor]:
     """``new``'s state (its split buffers) with the parameters of the raw state ``raw``.
@@ -500,29 +502,26 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def self_estimation_markdown(results: dict[str, Any]) -> list[str]:
-    """``results.md`` lines on the self-estimated arms: switch epochs and the test bpd jumps."""
-    lines = []
-    for arm, runs in results.get("runs", {}).items():
-        switches = [run.get("switches") for run in runs if run.get("switches") is not None]
-        if not switches:
-            continue
-        by_epoch: dict[int, list[dict[str, Any]]] = {}
-        for run_switches in switches:
-            for switch in run_switches:
-                by_epoch.setdefault(int(switch["epoch"]), []).append(switch)
-        jumps = "; ".join(
-            f"epoch {epoch}: {_mean(s, 'test_bpd_before_switch'):.4f} → "
-            f"{_mean(s, 'test_bpd_after_switch'):.4f}, {_mean(s, 'kept_changed_at_split0'):.0%} "
-            "of split point 0 re-assigned"
-            for epoch, s in sorted(by_epoch.items())
-        )
-        lines.append(
-            f"`{arm}`: `channel` split until epoch {min(by_epoch)}, then the LCMA split of the "
-            "model's own contributions, re-chosen at every listed epoch; test bpd right before → "
-            f"right after each switch, mean over seeds: {jumps}."
-        )
-    return [*lines, ""] if lines else []
+def _switches_line(arm: str, runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The line on a self-estimated arm's switches over its ``runs`` (none: no line)."""
+    switches = [run["switches"] for run in runs if run.get("switches") is not None]
+    if not switches:
+        return []
+    by_epoch: dict[int, list[dict[str, Any]]] = {}
+    for run_switches in switches:
+        for switch in run_switches:
+            by_epoch.setdefault(int(switch["epoch"]), []).append(switch)
+    jumps = "; ".join(
+        f"epoch {epoch}: {number(_mean(s, 'test_bpd_before_switch'))} → "
+        f"{number(_mean(s, 'test_bpd_after_switch'))}, {_mean(s, 'kept_changed_at_split0'):.0%} "
+        "of split point 0 re-assigned"
+        for epoch, s in sorted(by_epoch.items())
+    )
+    return [
+        f"`{arm}`: `channel` split until epoch {min(by_epoch)}, then the LCMA split of the "
+        "model's own contributions, re-chosen at every listed epoch; test bpd right before → "
+        f"right after each switch, mean over seeds: {jumps}."
+    ]
 
 
 def _mean(switches: list[dict[str, Any]], key: str) -> float:

@@ -9,9 +9,10 @@ of an arm is its bits/dim minus the reference arm's on the same seed.
 
 - the run's reference arm (``vs_reference``; ``channel`` by default), and
 - the **best static split of the same prior** (``vs_best_static``): the arm with the best mean
-  bits/dim among :data:`STATIC_ARMS` (``channel``, ``checkerboard``, ``random``, ``high``) of
-  that run whose factored halves have the same prior as the arm's (the ``+cond`` twins for the
-  ``+cond`` arms, every split arm under ``--prior conditional``), see :func:`best_static`.
+  bits/dim among :data:`~lcma_ext.experiments.registry.STATIC_ARMS` (``channel``,
+  ``checkerboard``, ``random``, ``high``) of that run whose factored halves have the same prior
+  as the arm's (the ``+cond`` twins for the ``+cond`` arms, every split arm under
+  ``--prior conditional``), see :func:`best_static`.
 
 For each: the paired differences ``d_s = bpd(arm, s) - bpd(other, s)`` over the seeds both ran
 (non-finite pairs left out, ``n`` finite pairs), their mean ``m`` and sample standard deviation
@@ -25,24 +26,31 @@ observed mean difference of 1 % would give an interval that excludes 0 (a detect
 at the measured spread, not a power calculation: a true 1 % difference is found about half the
 time with that many seeds).
 
+**Typed results.** An arm over its seeds is an :class:`ArmResult` (with its
+:class:`PairedDiffs` against the reference arm) and a comparison a :class:`Comparison`; each
+is turned into its ``results.json`` form in one place, its ``to_record`` (key for key as
+``results.json`` has stored it; :func:`lcma_ext.experiments.store.write_json` writes
+non-finite figures as ``null``). :func:`aggregate` returns those records.
+
 References:
     Student (W. S. Gosset). The probable error of a mean. Biometrika 6(1), 1908.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from lcma_ext.experiments.config import base_arm
+from lcma_ext.experiments.registry import STATIC_ARMS, base_arm
 
 __all__ = [
-    "CONFIDENCE",
-    "RELATIVE_EFFECT",
-    "STATIC_ARMS",
-    "VERDICTS",
+    "ArmResult",
+    "Comparison",
+    "PairedDiffs",
     "add_comparisons",
     "aggregate",
     "best_static",
@@ -59,14 +67,12 @@ __all__ = [
     "verdict",
 ]
 
-#: The static splits whose best (per prior) every arm is compared with.
-STATIC_ARMS = ("channel", "checkerboard", "random", "high")
 #: Confidence level of the paired intervals.
-CONFIDENCE = 0.95
+_CONFIDENCE = 0.95
 #: The difference ``seeds_for_1pct`` is sized for, relative to the compared arm's mean bpd.
-RELATIVE_EFFECT = 0.01
+_RELATIVE_EFFECT = 0.01
 #: The verdicts of :func:`verdict`.
-VERDICTS = ("better", "worse", "no evidence")
+_VERDICTS = ("better", "worse", "no evidence")
 #: Most seeds :func:`seeds_needed` reports (more: ``None``).
 MAX_SEEDS = 1_000_000
 
@@ -125,7 +131,9 @@ def t_quantile(probability: float, dof: int) -> float:
     return float(t.ppf(probability, dof))
 
 
-def t_interval(values: Sequence[Any], confidence: float = CONFIDENCE) -> tuple[float, float] | None:
+def t_interval(
+    values: Sequence[Any], confidence: float = _CONFIDENCE
+) -> tuple[float, float] | None:
     """The Student-t interval ``mean ± t((1 + confidence) / 2, n - 1) sd / sqrt(n)``.
 
     Args:
@@ -158,7 +166,7 @@ def verdict(interval: Sequence[float] | None) -> str:
 
 
 def seeds_needed(
-    std: float | None, effect: float | None, confidence: float = CONFIDENCE
+    std: float | None, effect: float | None, confidence: float = _CONFIDENCE
 ) -> int | None:
     """The smallest ``n >= 2`` with ``t((1 + confidence) / 2, n - 1) std / sqrt(n) < effect``.
 
@@ -167,7 +175,7 @@ def seeds_needed(
     ``effect`` is unknown (non-finite, fewer than 2 seeds), ``effect <= 0``, or when more than
     :data:`MAX_SEEDS` would be needed.
     """
-    if not finite(std) or not finite(effect) or effect <= 0:
+    if std is None or effect is None or not finite(std) or not finite(effect) or effect <= 0:
         return None
     level = (1 + confidence) / 2
     z = statistics.NormalDist().inv_cdf(level)  # t > z, so n >= (z std / effect)^2
@@ -179,22 +187,71 @@ def seeds_needed(
     return None
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """An arm against another on the seeds both ran (see the module docstring).
+
+    ``results.json`` stores it as :meth:`to_record` under ``vs_reference`` and
+    ``vs_best_static`` of each arm (non-finite figures: ``null``).
+
+    Attributes:
+        reference: The name of the arm compared with.
+        seeds: The seeds both ran.
+        diff_per_seed: ``bpd(arm, s) - bpd(other, s)`` per common seed (non-finite ones
+            ``nan``).
+        n: The number of finite differences; ``mean``, ``std`` and ``ci95`` count only those.
+        mean, std: Their mean and sample standard deviation (``nan`` when too few).
+        ci95: The paired 95 % Student-t interval, ``None`` below 2 finite pairs.
+        verdict: ``"better"``, ``"worse"`` or ``"no evidence"`` (:func:`verdict`).
+        seeds_for_1pct: :func:`seeds_needed` for 1 % of the other arm's mean bits/dim.
+    """
+
+    reference: str
+    seeds: list[int]
+    diff_per_seed: list[float]
+    n: int
+    mean: float
+    std: float
+    ci95: tuple[float, float] | None
+    verdict: str
+    seeds_for_1pct: int | None
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``results.json`` form (``ci95`` a list)."""
+        record = dataclasses.asdict(self)
+        record["ci95"] = None if self.ci95 is None else list(self.ci95)
+        return record
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Comparison:
+        """The comparison of a ``results.json`` entry (``null`` figures read as ``nan``)."""
+        ci95 = record["ci95"]
+        return cls(
+            reference=record["reference"],
+            seeds=list(record["seeds"]),
+            diff_per_seed=[_number(d) for d in record["diff_per_seed"]],
+            n=record["n"],
+            mean=_number(record["mean"]),
+            std=_number(record.get("std")),
+            ci95=None if ci95 is None else (float(ci95[0]), float(ci95[1])),
+            verdict=record["verdict"],
+            seeds_for_1pct=record.get("seeds_for_1pct"),
+        )
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
 def paired_comparison(
     bpd: Mapping[int, Any], other_bpd: Mapping[int, Any], other: str
-) -> dict[str, Any]:
+) -> Comparison:
     """An arm against ``other`` on the seeds both ran (see the module docstring).
 
     Args:
         bpd: The arm's bits/dim per seed.
         other_bpd: ``other``'s bits/dim per seed.
         other: The name of the arm compared with.
-
-    Returns:
-        ``{"reference": other, "seeds", "diff_per_seed", "n", "mean", "std", "ci95",
-        "verdict", "seeds_for_1pct"}``: ``diff_per_seed`` has one entry per common seed
-        (non-finite ones ``nan``); ``n``, ``mean``, ``std`` and ``ci95`` count the finite
-        ones; ``ci95`` is ``None`` below 2 finite pairs; ``seeds_for_1pct`` is
-        :func:`seeds_needed` for 1 % of ``other``'s mean bits/dim over those seeds.
     """
     seeds = [seed for seed in bpd if seed in other_bpd]
     diffs = [
@@ -204,17 +261,17 @@ def paired_comparison(
     stats = summary_stats(diffs)
     interval = t_interval(diffs)
     scale = summary_stats([other_bpd[s] for s in seeds])["mean"]
-    return {
-        "reference": other,
-        "seeds": seeds,
-        "diff_per_seed": diffs,
-        "n": len(finite_values(diffs)),
-        "mean": stats["mean"],
-        "std": stats["std"],
-        "ci95": None if interval is None else list(interval),
-        "verdict": verdict(interval),
-        "seeds_for_1pct": seeds_needed(stats["std"], RELATIVE_EFFECT * abs(scale)),
-    }
+    return Comparison(
+        reference=other,
+        seeds=seeds,
+        diff_per_seed=diffs,
+        n=len(finite_values(diffs)),
+        mean=stats["mean"],
+        std=stats["std"],
+        ci95=interval,
+        verdict=verdict(interval),
+        seeds_for_1pct=seeds_needed(stats["std"], _RELATIVE_EFFECT * abs(scale)),
+    )
 
 
 def best_static(
@@ -254,14 +311,14 @@ def add_comparisons(
         else:
             entry["vs_reference"] = paired_comparison(
                 _per_seed(entry), _per_seed(arms[reference]), reference
-            )
+            ).to_record()
         best = best_static(arms, entry.get("prior", "standard"), static)
         if best is None or best == name:
             entry["vs_best_static"] = None
         else:
             entry["vs_best_static"] = paired_comparison(
                 _per_seed(entry), _per_seed(arms[best]), best
-            )
+            ).to_record()
 
 
 def compared_arms(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -271,13 +328,142 @@ def compared_arms(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     (from ``bpd_per_seed``, ``seeds`` and ``prior``; ``ablate-levels`` results get no
     ``vs_best_static``). Stored comparisons are returned as they are.
     """
-    arms = results["arms"]
-    if all("vs_best_static" in entry for entry in arms.values()):
-        return arms
-    arms = {name: dict(entry) for name, entry in arms.items()}
+    stored: dict[str, dict[str, Any]] = results["arms"]
+    if all("vs_best_static" in entry for entry in stored.values()):
+        return stored
+    arms = {name: dict(entry) for name, entry in stored.items()}
     static = STATIC_ARMS if results["config"].get("command", "run") == "run" else ()
     add_comparisons(arms, results["reference_arm"], static)
     return arms
+
+
+@dataclass(frozen=True)
+class PairedDiffs:
+    """An arm's bits/dim minus the reference arm's, seed by seed.
+
+    Attributes:
+        reference: The reference arm.
+        diffs: Per seed of the arm that the reference ran (non-finite pairs ``nan``).
+        mean, std, median: Of the finite differences (``nan`` when too few).
+        wins: Seeds where the arm has the lower bits/dim.
+        diff_of_means: The arm's mean bits/dim minus the reference arm's.
+    """
+
+    reference: str
+    diffs: list[float]
+    mean: float
+    std: float
+    median: float
+    wins: int
+    diff_of_means: float
+
+    def to_record(self) -> dict[str, Any]:
+        """The keys of an arm entry of ``results.json`` (``paired_diff_vs_<reference>`` ...)."""
+        return {
+            f"paired_diff_vs_{self.reference}": self.diffs,
+            "paired_diff_mean": self.mean,
+            "paired_diff_std": self.std,
+            "paired_diff_median": self.median,
+            "wins_vs_reference": self.wins,
+            "diff_of_means_vs_reference": self.diff_of_means,
+        }
+
+
+@dataclass(frozen=True)
+class ArmResult:
+    """One arm of a comparison over its seeds: an entry of ``results.json``'s ``arms``.
+
+    :meth:`to_record` is the entry (key for key as ``results.json`` has always stored it);
+    :func:`add_comparisons` then adds ``vs_reference`` and ``vs_best_static``.
+
+    Attributes:
+        bpd_per_seed: Test bits/dim per seed (non-finite: diverged).
+        bpd_kind: ``"exact"``, an estimate or a bound (:func:`lcma_ext.distributions.bpd_kind`).
+        bpd_mc_se_per_seed: Monte Carlo standard error per seed (``None``: exact).
+        seeds: The seeds, in the order of the per-seed lists.
+        bpd_mean, bpd_std, bpd_median: Of the finite bits/dim.
+        diverged, diverged_reasons: Per seed: flagged (non-finite or an outlier), and why.
+        n_diverged: Flagged seeds.
+        train_time_s, train_time_s_mean: Training seconds per seed and their mean.
+        parameters: Trainable parameters.
+        epochs_done: Epochs trained per seed.
+        clipped_steps: Optimizer steps with a clipped gradient per seed (``None``: unknown).
+        prior: The prior of the factored halves (``None``: not recorded).
+        paired: The differences against the reference arm (``None``: it did not run).
+    """
+
+    bpd_per_seed: list[float]
+    bpd_kind: str
+    bpd_mc_se_per_seed: list[float | None]
+    seeds: list[int]
+    bpd_mean: float
+    bpd_std: float
+    bpd_median: float
+    diverged: list[bool]
+    diverged_reasons: list[str]
+    n_diverged: int
+    train_time_s: list[float]
+    train_time_s_mean: float
+    parameters: int
+    epochs_done: list[int]
+    clipped_steps: list[int | None]
+    prior: str | None = None
+    paired: PairedDiffs | None = None
+
+    @classmethod
+    def of_runs(cls, runs: Sequence[Mapping[str, Any]], prior: str | None = None) -> ArmResult:
+        """The arm of its run summaries (``runs/<arm>_seed<k>.json``), in seed order."""
+        bpd = [r["test_bpd"] for r in runs]
+        stats = summary_stats(bpd)
+        return cls(
+            bpd_per_seed=bpd,
+            bpd_kind=runs[0].get("bpd_kind", "exact"),
+            bpd_mc_se_per_seed=[r.get("bpd_iwae_se") for r in runs],
+            seeds=[r["seed"] for r in runs],
+            bpd_mean=stats["mean"],
+            bpd_std=stats["std"],
+            bpd_median=stats["median"],
+            diverged=[r["diverged"] for r in runs],
+            diverged_reasons=[r["diverged_reason"] for r in runs],
+            n_diverged=sum(r["diverged"] for r in runs),
+            train_time_s=[r["train_time_s"] for r in runs],
+            train_time_s_mean=statistics.fmean(r["train_time_s"] for r in runs),
+            parameters=runs[0]["parameters"],
+            epochs_done=[r["epochs_done"] for r in runs],
+            clipped_steps=[r.get("clipped_steps") for r in runs],
+            prior=prior,
+        )
+
+    def paired_with(self, reference: str, other: ArmResult) -> PairedDiffs:
+        """The differences against ``other``, the run's ``reference`` arm, seed by seed."""
+        base = dict(zip(other.seeds, other.bpd_per_seed))
+        diffs = [
+            bpd - base[seed] if finite(bpd) and finite(base[seed]) else math.nan
+            for seed, bpd in zip(self.seeds, self.bpd_per_seed)
+            if seed in base
+        ]
+        stats = summary_stats(diffs)
+        return PairedDiffs(
+            reference=reference,
+            diffs=diffs,
+            mean=stats["mean"],
+            std=stats["std"],
+            median=stats["median"],
+            wins=sum(d < 0 for d in finite_values(diffs)),
+            diff_of_means=self.bpd_mean - other.bpd_mean,
+        )
+
+    def to_record(self) -> dict[str, Any]:
+        """The ``results.json`` entry (``prior`` and the paired keys only when known)."""
+        fields = dataclasses.fields(self)
+        record = {
+            f.name: getattr(self, f.name) for f in fields if f.name not in ("prior", "paired")
+        }
+        if self.prior is not None:
+            record["prior"] = self.prior
+        if self.paired is not None:
+            record.update(self.paired.to_record())
+        return record
 
 
 def aggregate(
@@ -288,7 +474,7 @@ def aggregate(
     priors: Mapping[str, str] | None = None,
     static: Sequence[str] = STATIC_ARMS,
 ) -> dict[str, dict[str, Any]]:
-    """Per arm: per-seed bpd, mean/std/median, paired differences and comparisons.
+    """Per arm: the ``results.json`` entry (:class:`ArmResult`) and its comparisons.
 
     Args:
         runs: Per arm, the run summaries (``runs/<arm>_seed<k>.json``) in seed order; outliers
@@ -301,44 +487,16 @@ def aggregate(
         static: The static arms (``()``: no ``vs_best_static`` comparison, e.g. for
             ``ablate-levels``, whose ``high`` arm is a per-level choice).
     """
-    arms: dict[str, dict[str, Any]] = {}
+    results: dict[str, ArmResult] = {}
     for arm, arm_runs in runs.items():
         flag_outliers(arm_runs, gap)
-        bpd = [r["test_bpd"] for r in arm_runs]
-        stats = summary_stats(bpd)
-        arms[arm] = {
-            "bpd_per_seed": bpd,
-            "bpd_kind": arm_runs[0].get("bpd_kind", "exact"),
-            "bpd_mc_se_per_seed": [r.get("bpd_iwae_se") for r in arm_runs],
-            "seeds": [r["seed"] for r in arm_runs],
-            "bpd_mean": stats["mean"],
-            "bpd_std": stats["std"],
-            "bpd_median": stats["median"],
-            "diverged": [r["diverged"] for r in arm_runs],
-            "diverged_reasons": [r["diverged_reason"] for r in arm_runs],
-            "n_diverged": sum(r["diverged"] for r in arm_runs),
-            "train_time_s": [r["train_time_s"] for r in arm_runs],
-            "train_time_s_mean": statistics.fmean(r["train_time_s"] for r in arm_runs),
-            "parameters": arm_runs[0]["parameters"],
-            "epochs_done": [r["epochs_done"] for r in arm_runs],
-            "clipped_steps": [r.get("clipped_steps") for r in arm_runs],
+        results[arm] = ArmResult.of_runs(arm_runs, None if priors is None else priors[arm])
+    if reference in results:
+        base = results[reference]
+        results = {
+            arm: dataclasses.replace(result, paired=result.paired_with(reference, base))
+            for arm, result in results.items()
         }
-        if priors is not None:
-            arms[arm]["prior"] = priors[arm]
-    if reference in arms:
-        base = _per_seed(arms[reference])
-        for entry in arms.values():
-            diffs = [
-                bpd - base[seed] if finite(bpd) and finite(base[seed]) else math.nan
-                for seed, bpd in zip(entry["seeds"], entry["bpd_per_seed"])
-                if seed in base
-            ]
-            stats = summary_stats(diffs)
-            entry[f"paired_diff_vs_{reference}"] = diffs
-            entry["paired_diff_mean"] = stats["mean"]
-            entry["paired_diff_std"] = stats["std"]
-            entry["paired_diff_median"] = stats["median"]
-            entry["wins_vs_reference"] = sum(d < 0 for d in finite_values(diffs))
-            entry["diff_of_means_vs_reference"] = entry["bpd_mean"] - arms[reference]["bpd_mean"]
+    arms = {arm: result.to_record() for arm, result in results.items()}
     add_comparisons(arms, reference, static)
     return arms

@@ -41,11 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcma_ext.experiments.config import SELF_ARMS, ExperimentConfig
+from lcma_ext.experiments.config import ExperimentConfig
 from lcma_ext.experiments.cost import selection_share
-from lcma_ext.experiments.report import comparison_cells
-from lcma_ext.experiments.report import flag_cell as _flags
-from lcma_ext.experiments.report import format_number as _fmt
+from lcma_ext.experiments.markdown import number, table
+from lcma_ext.experiments.registry import SELF_ARMS
+from lcma_ext.experiments.report import comparison_cells, flags_cell
 from lcma_ext.experiments.runner import run_comparison
 from lcma_ext.experiments.stats import compared_arms, finite, finite_values, standard_error
 from lcma_ext.experiments.store import (
@@ -282,7 +282,7 @@ def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "vs_reference": entry.get("vs_reference"),
                 "vs_best_static": entry.get("vs_best_static"),
                 "smoke_run": bool(results.get("smoke_run")),
-                "flags": _flags(entry, uniform),
+                "flags": flags_cell(entry, uniform),
             }
         )
     return rows
@@ -333,7 +333,7 @@ def load_sweep(out: str | Path) -> dict[str, Any]:
 def _diff_cell(row: dict[str, Any]) -> str:
     if row["paired_diff_mean"] is None:
         return "—"
-    return f"{_fmt(row['paired_diff_mean'], 4, signed=True)} ± {_fmt(row['paired_diff_se'], 4)}"
+    return f"{number(row['paired_diff_mean'], 4, signed=True)} ± {number(row['paired_diff_se'], 4)}"
 
 
 def _wins_cell(row: dict[str, Any]) -> str:
@@ -378,19 +378,32 @@ def sweep_markdown(sweep: dict[str, Any]) -> str:
         "contribution estimation for offline LCMA, the in-training estimations for the "
         "self-estimated arms. Params = the arm's trainable parameters.",
         "",
-        f"| size | epochs | params | arm | bpd mean ± std | median | paired Δ vs {reference} "
-        "(mean ± SE) | wins | Δ vs best static (95 % CI) | verdict | selection share "
-        "| flagged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    header = [
+        "size", "epochs", "params", "arm", "bpd mean ± std", "median",
+        f"paired Δ vs {reference} (mean ± SE)", "wins", "Δ vs best static (95 % CI)", "verdict",
+        "selection share", "flagged",
+    ]  # fmt: skip
+    cells = []
     for row in rows:
         static, verdict = comparison_cells(row.get("vs_best_static"))
-        lines.append(
-            f"| {row['size']} | {row['epochs']} | {row['parameters']:,} | {row['arm']} "
-            f"| {_fmt(row['bpd_mean'])} ± {_fmt(row['bpd_std'])} | {_fmt(row['bpd_median'])} "
-            f"| {_diff_cell(row)} | {_wins_cell(row)} | {static} | {verdict} "
-            f"| {_share_cell(row)} | {row['flags']} |"
+        cells.append(
+            [
+                row["size"],
+                row["epochs"],
+                f"{row['parameters']:,}",
+                row["arm"],
+                f"{number(row['bpd_mean'])} ± {number(row['bpd_std'])}",
+                number(row["bpd_median"]),
+                _diff_cell(row),
+                _wins_cell(row),
+                static,
+                verdict,
+                _share_cell(row),
+                row["flags"],
+            ]
         )
+    lines += table(header, cells)
     missing = [c["name"] for c in sweep["cells"] if not c.get("finished")]
     if missing:
         lines += ["", f"Not finished yet: {', '.join(missing)} (rerun the command to resume)."]

@@ -26,14 +26,6 @@ References:
     Generative Flows, Algorithm 1.
 """
 
-try:
-    import zuko as _zuko  # noqa: F401
-except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(
-        "lcma_ext.zuko expected the optional dependency zuko; got an ImportError importing it "
-        f'({error}). Install it with: pip install "lcma-ext[zuko]"'
-    ) from error
-
 from lcma_ext.zuko.adapters import (
     DEFAULT_ATTRIBUTION,
     call_and_ladj_with_diag,

@@ -54,7 +54,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import zuko.transforms as zt
+
+try:  # the first module lcma_ext.zuko imports: a clear error without the optional extra
+    import zuko.transforms as zt
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "lcma_ext.zuko expected the optional dependency zuko; got an ImportError importing it "
+        f'({error}). Install it with: pip install "lcma-ext[zuko]"'
+    ) from error
 from torch import Tensor
 from torch.distributions import transforms as td
 from torch.distributions.utils import _sum_rightmost
