@@ -150,10 +150,25 @@ def test_ablate_levels_quick(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["run", "--lr", "-1"], "expected lr as a number > 0; got -1.0"),
+        (["run", "--ema-decay", "1"], "expected ema_decay as a number in [0, 1); got 1.0"),
+    ],
+)
+def test_recipe_option_errors_are_one_line_before_any_training(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
         (["run", "--epochs", "0"], "expected an integer >= 1; got 0"),
         (["run", "--seeds", "two"], "expected an integer; got 'two'"),
         (["run", "--model", "maf"], "invalid choice"),
-        (["run", "--lr", "-1"], "expected a positive number"),
     ],
 )
 def test_argparse_errors_are_one_line(
