@@ -164,9 +164,10 @@ def content_checksum(value: Any) -> str:
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:  # one concatenation per device and dtype, in the walk's order
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor.reshape(-1))
+    # ndarray.data is the array's buffer (numpy's stubs type ndarray as one only on Python 3.12+)
     with torch.no_grad():
         for group in groups.values():
-            digest.update(torch.cat(group).cpu().view(torch.uint8).numpy())
+            digest.update(torch.cat(group).cpu().view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

@@ -198,7 +198,7 @@ def test_non_finite_seeds_are_left_out_of_the_comparison() -> None:
     assert comparison.seeds_for_1pct == seeds_needed(comparison.std, scale)
 
 
-def test_a_comparison_is_stored_and_read_back_as_results_json_has_it():
+def test_a_comparison_is_stored_and_read_back_as_results_json_has_it() -> None:
     comparison = paired_comparison({0: 1.9, 1: math.nan, 2: 1.8}, {0: 2.0, 1: 2.1, 2: 2.0}, "c")
     record = comparison.to_record()
     assert list(record) == [

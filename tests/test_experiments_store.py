@@ -45,7 +45,7 @@ def test_corrupt_json_names_the_file_and_the_recovery(tmp_path: Path) -> None:
     assert isinstance(info.value, ExperimentError) and isinstance(info.value, ValueError)
 
 
-def test_checksums_see_one_flipped_bit_and_survive_a_save_and_load(tmp_path):
+def test_checksums_see_one_flipped_bit_and_survive_a_save_and_load(tmp_path: Path) -> None:
     import torch
 
     from lcma_ext.storage import CorruptFileError, atomic_save, content_checksum, load_stamped
@@ -69,7 +69,9 @@ def test_checksums_see_one_flipped_bit_and_survive_a_save_and_load(tmp_path):
         load_stamped(path, "a state")
 
 
-def test_a_full_disk_in_torchs_writer_names_the_file(tmp_path, monkeypatch):
+def test_a_full_disk_in_torchs_writer_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import errno
 
     import torch

@@ -61,7 +61,9 @@ def _digits_npz(path: Path, flip: bool = False) -> Path:
 # 1. other data under the same name
 
 
-def test_replaced_npz_content_is_refused_and_the_advice_works(tmp_path, capsys, monkeypatch):
+def test_replaced_npz_content_is_refused_and_the_advice_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     npz = _digits_npz(tmp_path / "mine.npz")
     out = tmp_path / "run"
@@ -103,7 +105,9 @@ def _images(folder: Path, count: int, seed: int) -> None:
         Image.fromarray(pixels, mode="L").save(folder / f"{index:03d}.png")
 
 
-def test_half_an_image_folder_replaced_is_refused(tmp_path, capsys):
+def test_half_an_image_folder_replaced_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "images"
     _images(root / "train", 40, seed=0)
     _images(root / "test", 40, seed=1)
@@ -125,7 +129,7 @@ def test_half_an_image_folder_replaced_is_refused(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("two")
     assert main(_run(root / "a")) == 0
     assert main(_run(root / "b", "--lr", "0.002")) == 0
@@ -139,7 +143,9 @@ def _copy(source: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name", ["checkpoints/channel_seed0.pt", "contributions.pt"])
-def test_a_file_of_another_run_is_refused_and_the_advice_works(two_runs, tmp_path, capsys, name):
+def test_a_file_of_another_run_is_refused_and_the_advice_works(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
     a, b = two_runs
     out = _copy(a, tmp_path)
     (out / "runs" / "channel_seed0.json").unlink()
@@ -166,7 +172,9 @@ def _flip_a_weight_bit(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_bit_rot_in_a_checkpoint_is_caught(two_runs, tmp_path, capsys):
+def test_bit_rot_in_a_checkpoint_is_caught(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     out = _copy(a, tmp_path)
     path = out / "checkpoints" / "lcma_seed0.pt"
@@ -186,7 +194,7 @@ def test_bit_rot_in_a_checkpoint_is_caught(two_runs, tmp_path, capsys):
 # 4. another launcher
 
 
-def test_a_plain_folder_is_not_resumed_under_torchrun_and_back(tmp_path):
+def test_a_plain_folder_is_not_resumed_under_torchrun_and_back(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -208,7 +216,7 @@ def test_a_plain_folder_is_not_resumed_under_torchrun_and_back(tmp_path):
     assert _bpd(out, "lcma_seed0") == before
 
 
-def test_a_torchrun_folder_is_not_resumed_by_a_plain_process(tmp_path):
+def test_a_torchrun_folder_is_not_resumed_by_a_plain_process(tmp_path: Path) -> None:
     from lcma_ext.experiments.store import Provenance, RunIdentity, RunMismatchError, RunStore
 
     identity = RunIdentity("c", "tr", "te", "torchrun", 2)
@@ -223,7 +231,9 @@ def test_a_torchrun_folder_is_not_resumed_by_a_plain_process(tmp_path):
 # 5. --out ''; 6. evaluate and a missing checkpoint
 
 
-def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+def test_an_empty_out_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lcma_ext.experiments import ExperimentConfig
 
     monkeypatch.chdir(tmp_path)
@@ -236,7 +246,9 @@ def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_evaluate_names_an_arm_whose_checkpoint_is_missing(two_runs, tmp_path, capsys):
+def test_evaluate_names_an_arm_whose_checkpoint_is_missing(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     out = _copy(a, tmp_path)
     (out / "checkpoints" / "channel_seed0.pt").unlink()
@@ -252,7 +264,9 @@ def test_evaluate_names_an_arm_whose_checkpoint_is_missing(two_runs, tmp_path, c
 # 7. the lcma-self switch file
 
 
-def test_the_advice_after_an_empty_switch_file_works(tmp_path, capsys):
+def test_the_advice_after_an_empty_switch_file_works(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "self"
     argv = _run(out, "--epochs", "2", "--reestimate-every", "1", arms="lcma-self")
     _ok(capsys, argv)
@@ -272,7 +286,9 @@ def test_the_advice_after_an_empty_switch_file_works(tmp_path, capsys):
 # 16. tiny data and large models
 
 
-def test_tiny_data_and_a_large_model_draw_warnings(tmp_path, capsys):
+def test_tiny_data_and_a_large_model_draw_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "big"
     argv = ["run", "--limit", "8", "--epochs", "1", "--nms-epochs", "1", "--seeds", "1"]
     err = _ok(capsys, [*argv, "--size", "small", "--arms", "channel", "--out", str(out)])
@@ -288,7 +304,9 @@ def test_tiny_data_and_a_large_model_draw_warnings(tmp_path, capsys):
 # the raw tracebacks
 
 
-def test_a_garbled_contributions_file_of_an_earlier_version_is_one_line(two_runs, tmp_path, capsys):
+def test_a_garbled_contributions_file_of_an_earlier_version_is_one_line(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     out = _copy(a, tmp_path)
     (out / "provenance.json").unlink()  # a folder of an earlier version: files unverified
@@ -302,7 +320,9 @@ def test_a_garbled_contributions_file_of_an_earlier_version_is_one_line(two_runs
     assert "contributions.pt" in line and "delete it and rerun the same command" in line
 
 
-def test_a_glow_nms_in_a_realnvp_folder_is_one_line(two_runs, tmp_path, capsys):
+def test_a_glow_nms_in_a_realnvp_folder_is_one_line(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     glow = tmp_path / "glow"
     _ok(capsys, _run(glow, "--model", "glow", arms="channel"))
@@ -318,7 +338,9 @@ def test_a_glow_nms_in_a_realnvp_folder_is_one_line(two_runs, tmp_path, capsys):
     assert "nms.pt' holds the weights of another model" in line
 
 
-def test_a_full_disk_names_the_file_and_the_rerun_resumes(tmp_path, capsys, monkeypatch):
+def test_a_full_disk_names_the_file_and_the_rerun_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "full"
     save = torch.save
 
@@ -337,7 +359,7 @@ def test_a_full_disk_names_the_file_and_the_rerun_resumes(tmp_path, capsys, monk
     assert (out / "results.json").is_file()
 
 
-def test_a_killed_ddp_rank_leaves_one_line_per_surviving_process(tmp_path):
+def test_a_killed_ddp_rank_leaves_one_line_per_surviving_process(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -373,7 +395,9 @@ def _as_earlier_version(out: Path) -> None:
         path.write_text(json.dumps(summary))
 
 
-def test_a_folder_of_an_earlier_version_resumes_with_one_warning(two_runs, tmp_path, capsys):
+def test_a_folder_of_an_earlier_version_resumes_with_one_warning(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     out = _copy(a, tmp_path)
     _as_earlier_version(out)
@@ -387,7 +411,9 @@ def test_a_folder_of_an_earlier_version_resumes_with_one_warning(two_runs, tmp_p
     _ok(capsys, _run(out))  # and again: the unstamped files stay accepted
 
 
-def test_an_earlier_versions_folder_is_read_with_one_warning(two_runs, tmp_path, capsys):
+def test_an_earlier_versions_folder_is_read_with_one_warning(
+    two_runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     a, _ = two_runs
     out = _copy(a, tmp_path)
     _as_earlier_version(out)

@@ -66,8 +66,11 @@ def pipeline_cost(
         training = float(entry["train_time_s_mean"])
         if arm in offline:
             nms_time = (nms or {}).get("train_time_s")
-            parts = (nms_time, contribution_time_s)
-            selection = None if None in parts else float(sum(parts))
+            selection = (
+                None
+                if nms_time is None or contribution_time_s is None
+                else float(sum((nms_time, contribution_time_s)))
+            )
             costs[arm] = {
                 "kind": "offline",
                 "nms_train_time_s": nms_time,
@@ -79,7 +82,7 @@ def pipeline_cost(
             continue
         estimates = [r.get("estimate_time_s") for r in runs.get(arm, [])]
         if estimates and all(e is not None for e in estimates):
-            selection = statistics.fmean(float(e) for e in estimates)
+            selection = statistics.fmean(float(e) for e in estimates if e is not None)
             costs[arm] = {
                 "kind": "self",
                 "selection_time_s": selection,

@@ -190,7 +190,9 @@ def interpolate_run(
     return path
 
 
-def _score(flow: Flow, data: ImageDataset, preprocessing: LogitPreprocessing, quick: bool):
+def _score(
+    flow: Flow, data: ImageDataset, preprocessing: LogitPreprocessing, quick: bool
+) -> tuple[float, str]:
     """``(bpd, kind)`` as the runner scores a flow: exact, or IWAE-K for bound-only flows."""
     if is_bound_only(flow):
         samples = 16 if quick else MC_SAMPLES

@@ -319,7 +319,9 @@ def _save_meta(run: _Run, checkpoint: Path) -> None:
     run.store.save_state(checkpoint, state)
 
 
-def _contribution_data(data: ImageDataset, preprocessing: LogitPreprocessing, device) -> Any:
+def _contribution_data(
+    data: ImageDataset, preprocessing: LogitPreprocessing, device: torch.device
+) -> torch.Tensor:
     """Pre-processed training images (fixed noise) on which contributions are estimated."""
     images = data.train[:CONTRIBUTION_EXAMPLES]
     generator = torch.Generator().manual_seed(CONTRIBUTION_NOISE_SEED)
@@ -368,8 +370,8 @@ def _contribution_time(run: _Run) -> float | None:
     return read_json(path).get("estimate_time_s") if path.is_file() else None
 
 
-def _plot_contributions(maps, out: Path, overwrite: bool = False) -> list[Path]:
-    paths = []
+def _plot_contributions(maps: ContributionMaps, out: Path, overwrite: bool = False) -> list[Path]:
+    paths: list[Path] = []
     for level in range(len(maps.data_maps)):
         path = out / f"contributions_level{level}.png"
         if overwrite or not path.is_file():
@@ -435,7 +437,8 @@ def _run_arm(run: _Run, arm: str, maps: ContributionMaps, seed: int) -> dict[str
         if checkpoint.is_file():
             store.load_state(checkpoint)  # a corrupt or foreign one is named before a resume
         flow = _build(run, arm, maps, seed)
-        trainer, extra = arm_spec(arm).trainer, {}
+        trainer = arm_spec(arm).trainer
+        extra: dict[str, Any] = {}
         if trainer is None:
             result = train_flow(
                 flow,
@@ -534,6 +537,7 @@ def _compare(config: ExperimentConfig, command: str) -> dict[str, Any]:
         for arm in arms:
             runs[arm].append(_run_arm(run, arm, maps, seed))
     reference = config.reference_arm(run.num_levels)
+    extra: dict[str, Any]
     if command == "run":
         extra = {"contribution_diagnostics": list(maps.diagnostics)}
     else:

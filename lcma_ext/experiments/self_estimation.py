@@ -80,7 +80,7 @@ import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from nflows.flows import Flow
@@ -253,9 +253,11 @@ def switched_flow(flow: Flow, layout_maps: Sequence[Tensor], input_shape: Sequen
     return new
 
 
-def _kept_changed(old: Split, new: Split, numel: int) -> float:
-    """Share of split point 0's dimensions (one layout) whose kept/factored role changed."""
-    index = torch.arange(numel).view(1, *new.input_shape)
+def _kept_changed(old: Split, new: Split, shape: Sequence[int]) -> float:
+    """Share of split point 0's dimensions (one layout, event shape ``shape``) whose
+    kept/factored role changed."""
+    numel = math.prod(shape)
+    index = torch.arange(numel).view(1, *shape)
     old_kept = torch.zeros(numel, dtype=torch.bool)
     new_kept = torch.zeros(numel, dtype=torch.bool)
     old_kept[old.carry(index.to(_device(old)))[1].reshape(-1).cpu()] = True
@@ -387,7 +389,8 @@ class PhasedTrainer:
             maps, splits = _self_contributions(_multiscale(flow), job.contribution_data)
             seconds = time.perf_counter() - begin
             old = _multiscale(flow).splits[0]
-            changed = _kept_changed(old, splits[0], math.prod(splits[0].input_shape))
+            # splits[0] is bound to its map's shape (rule.build)
+            changed = _kept_changed(old, splits[0], maps[0].shape)
             new = switched_flow(flow, maps, job.data.shape)
             after = evaluate_bpd(
                 new, job.data.test, job.preprocessing, job.train_config.eval_batch_size
@@ -487,7 +490,8 @@ def _load(job: ArmJob, path: Path, device: torch.device) -> dict[str, Any]:
 
 def _result(stored: dict[str, Any]) -> TrainResult:
     result = TrainResult(**stored)
-    result.test_bpd = [tuple(pair) for pair in result.test_bpd]
+    # (epoch, bpd) pairs, stored as lists (as training.train_flow restores them)
+    result.test_bpd = cast("list[tuple[int, float]]", [tuple(p) for p in result.test_bpd])
     return result
 
 

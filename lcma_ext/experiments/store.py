@@ -197,7 +197,8 @@ def config_fingerprint(record: Mapping[str, Any]) -> str:
 def _images_fingerprint(images: torch.Tensor) -> str:
     flat = images.detach().to("cpu").contiguous().reshape(-1)
     header = f"{images.dtype}{tuple(images.shape)}".encode()
-    return _hexdigest(header, memoryview(flat.view(torch.uint8).numpy()))
+    # ndarray.data: its buffer (numpy's stubs type ndarray as one only on Python 3.12+)
+    return _hexdigest(header, flat.view(torch.uint8).numpy().data)
 
 
 def data_fingerprints(data: ImageDataset) -> tuple[str, str]:

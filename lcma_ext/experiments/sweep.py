@@ -178,7 +178,7 @@ class SweepConfig:
             try:
                 cell.validate()
             except ValueError as error:
-                raise ValueError(f"cell {cell.out.name}: {error}") from None
+                raise ValueError(f"cell {cell.out_dir.name}: {error}") from None
 
     def record(self) -> dict[str, Any]:
         """The JSON record of this sweep (``sweep.json``'s ``config``)."""
@@ -437,8 +437,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
             if not points:
                 continue
             x, y, se = zip(*points)
-            se = [e if finite(e) else 0.0 for e in se]
-            axis.errorbar(x, y, yerr=se, marker="o", capsize=3, label=f"{epochs} epochs")
+            errors = [e if finite(e) else 0.0 for e in se]
+            axis.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=f"{epochs} epochs")
         axis.axhline(0.0, color="black", linewidth=0.8)
         axis.set_xscale("log")
         axis.set_title(f"{arm} − {reference}")
@@ -495,7 +495,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     }
     cells = [
         {
-            "name": c.out.name,
+            "name": c.out_dir.name,
             "size": c.size,
             "epochs": c.epochs,
             "identity": _identity(c),
@@ -506,7 +506,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     for cell, entry in zip(config.cells(), cells):
         finished = done.get(entry["name"]) == entry["identity"]
         entry["finished"] = True
-        if finished and (cell.out / "results.json").is_file():
+        if finished and (cell.out_dir / "results.json").is_file():
             continue  # a finished cell of the same configuration: skipped, not even loaded
         if cell.progress:
             print(f"lcma-ext sweep: cell {entry['name']}", flush=True)
