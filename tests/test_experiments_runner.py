@@ -149,7 +149,7 @@ def test_a_diverged_nms_stops_the_run_unless_asked(tmp_path: Path) -> None:
         run_comparison(_config(out, lr=1000.0, recipe="legacy"))
     message = str(info.value)
     assert message.startswith("NMS pre-training diverged (non-finite")
-    assert "--lr (now 1000.0)" in message and "--allow-diverged-nms" in message
+    assert "--lr (now 1000)" in message and "--allow-diverged-nms" in message
     assert not list((out / "checkpoints").glob("*_seed*.pt"))  # no arm trained
     assert (out / "checkpoints" / "nms.pt").is_file()  # the lcma-ext contributions input
     with pytest.raises(NMSDivergedError):  # the stored summary says so on a rerun

@@ -152,7 +152,9 @@ def test_the_recipe_is_part_of_a_cells_identity_as_in_config_json(
     mine = sweep_module._identity(_base(recipe="legacy", ema_decay=0.5))
     assert mine == {**legacy, "ema_decay": 0.5}
     default = sweep_module._identity(_base())
-    assert default["ema_decay"] == ExperimentConfig().training_recipe.ema_decay
+    recipe = ExperimentConfig().training_recipe
+    assert default["lr"] == recipe.lr and default["warmup_steps"] == recipe.warmup_steps
+    assert legacy["lr"] == 1e-3  # as sweeps of earlier versions recorded it
     command = sweep_module.sweep_command(SweepConfig(_base(recipe="legacy", ema_decay=0.5)))
     assert "--recipe legacy" in command and "--ema-decay 0.5" in command
     out, _ = swept

@@ -193,8 +193,8 @@ class SweepConfig:
 def _identity(config: ExperimentConfig) -> dict[str, Any]:
     """A cell's configuration as plain JSON, without what does not change its figures.
 
-    The training recipe appears resolved, and only in its fields that differ from the legacy
-    recipe (as in ``config.json``), so the cells of a sweep of an earlier version are still
+    The training recipe appears resolved: ``lr`` always, the other fields only where they differ
+    from the legacy recipe (as in ``config.json``), so the cells of a sweep of an earlier version are still
     finished under ``--recipe legacy``.
     """
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -203,7 +203,8 @@ def _identity(config: ExperimentConfig) -> dict[str, Any]:
     identity["arms"] = list(config.arms)
     legacy = LEGACY_RECIPE.to_dict()
     recipe = config.training_recipe.to_dict()
-    identity.update({k: v for k, v in recipe.items() if v != legacy[k]})
+    # lr always (a configuration field before it joined the recipe), the rest when changed
+    identity.update({k: v for k, v in recipe.items() if k == "lr" or v != legacy[k]})
     return json.loads(json.dumps(strict_json(identity), default=str, allow_nan=False))
 
 
