@@ -194,8 +194,8 @@ def _identity(config: ExperimentConfig) -> dict[str, Any]:
     """A cell's configuration as plain JSON, without what does not change its figures.
 
     The training recipe appears resolved: ``lr`` always, the other fields only where they differ
-    from the legacy recipe (as in ``config.json``), so the cells of a sweep of an earlier version are still
-    finished under ``--recipe legacy``.
+    from the legacy recipe (as in ``config.json``), so the cells of a sweep of an earlier
+    version are still finished under ``--recipe legacy``.
     """
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     hidden = (*_NOT_IDENTITY, "recipe", *RECIPE_FIELDS)
