@@ -294,6 +294,7 @@ def test_docs_science_md_has_one_generated_block_per_marker() -> None:
         "gpu": "### lcma-ext sweep",
         "cost": "| model |",
         "recipe": "| arm | before:",
+        "sweep-default": "### lcma-ext sweep",
     }
     for marker, heading in generated.items():
         assert text.count(f"<!-- {marker}:start -->") == text.count(f"<!-- {marker}:end -->") == 1
