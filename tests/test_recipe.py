@@ -272,9 +272,17 @@ def test_a_checkpoint_resumes_only_under_its_recipe(
     state = load_checkpoint(path)
     del state["recipe"]  # a checkpoint of version 0.2: taken to be the legacy recipe
     torch.save(state, path)
-    assert train_flow(_flow(), train, pre, _config(LEGACY_RECIPE, 2), checkpoint_path=path).steps
+    # its learning rate was not recorded (lr joined the recipe later): not checked
+    resumed = _config(LEGACY_RECIPE, 2, lr=2e-3)
+    assert train_flow(_flow(), train, pre, resumed, checkpoint_path=path).steps
     with pytest.raises(ValueError, match="with the training recipe it was written with"):
         train_flow(_flow(), train, pre, _config(ACTIVE, 3), checkpoint_path=path)
+    # a checkpoint of this version records its lr: another one is refused
+    path = tmp_path / "new.pt"
+    train_flow(_flow(), train, pre, _config(LEGACY_RECIPE, 1), checkpoint_path=path)
+    assert load_checkpoint(path)["recipe"]["lr"] == LEGACY_RECIPE.lr
+    with pytest.raises(ValueError, match=r"lr=0\.001"):
+        train_flow(_flow(), train, pre, _config(LEGACY_RECIPE, 2, lr=2e-3), checkpoint_path=path)
 
 
 def test_parameter_ema_swaps_and_restores_exactly() -> None:
