@@ -78,6 +78,7 @@ __all__ = [
     "RandomSplit",
     "Split",
     "SplitSpec",
+    "checked_shape",
     "fit_region_size",
     "kept_block_positions",
     "kept_shape",
@@ -118,7 +119,8 @@ def _check_placement(placement: str) -> str:
     return placement
 
 
-def _as_shape(shape: Sequence[int], name: str = "input_shape") -> Shape:
+def checked_shape(shape: Sequence[int], name: str = "input_shape") -> Shape:
+    """``shape`` as a tuple of positive ints; a ``ValueError`` naming ``name`` otherwise."""
     try:
         shape = tuple(int(size) for size in shape)
     except TypeError as error:
@@ -143,7 +145,7 @@ def split_shapes(
         ValueError: if the placement cannot split ``input_shape``.
     """
     _check_placement(placement)
-    shape = _as_shape(input_shape)
+    shape = checked_shape(input_shape)
     if len(shape) == 1:
         (d,) = shape
         if d < 2:
@@ -329,7 +331,7 @@ class ChannelSplit(Split):
         self.dim = dim
 
     def output_shapes(self, input_shape: Sequence[int]) -> tuple[Shape, Shape]:
-        shape = _as_shape(input_shape)
+        shape = checked_shape(input_shape)
         if self.placement == "squeeze" or self.dim == 1:
             return split_shapes(shape, self.placement)
         if self.dim - 1 >= len(shape) or shape[self.dim - 1] < 2:
@@ -415,7 +417,7 @@ class IndexSplit(Split):
         return split_shapes(input_shape, self.placement, blocks=self._needs_blocks)
 
     def bind(self, input_shape: Sequence[int]) -> Split:
-        shape = _as_shape(input_shape)
+        shape = checked_shape(input_shape)
         if self.input_shape is not None:
             if shape != self.input_shape:
                 raise ValueError(
@@ -739,7 +741,7 @@ def fit_region_size(
     """
     _check_placement(placement)
     _check_granularity("region", region_size)
-    shape = _as_shape(input_shape)
+    shape = checked_shape(input_shape)
     if len(shape) != 3:
         return region_size
     return min(region_size, *_block_grid(shape, placement))
@@ -759,7 +761,7 @@ def region_tile(
             a shape without sites (vector data) or the placement cannot split, or an invalid
             ``region_size``.
     """
-    shape = _as_shape(input_shape)
+    shape = checked_shape(input_shape)
     if len(shape) != 3:
         raise ValueError(
             f"granularity 'region' expected an image shape (C, H, W) with sites; got {shape}"
@@ -1021,7 +1023,7 @@ class SplitSpec:
         Raises:
             ValueError: for a missing map or one whose shape differs from ``input_shape``.
         """
-        shape = _as_shape(input_shape)
+        shape = checked_shape(input_shape)
         if self.rule == "channel":
             return ChannelSplit(placement=placement).bind(shape)
         if self.rule == "checkerboard":

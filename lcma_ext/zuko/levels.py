@@ -37,6 +37,7 @@ from zuko.flows import ElementWiseTransform, GeneralCouplingTransform, MaskedAut
 from zuko.lazy import Flow, LazyComposedTransform, LazyInverse, LazyTransform
 
 from lcma_ext.multiscale import level_output_shape
+from lcma_ext.splits import checked_shape
 from lcma_ext.transforms.base import DiagMixin, require_diag_aware
 from lcma_ext.transforms.lu import check_attribution
 from lcma_ext.zuko.adapters import DEFAULT_ATTRIBUTION, call_and_ladj_with_diag, carry
@@ -53,16 +54,6 @@ Shape = tuple[int, ...]
 
 #: zuko lazy transforms that never move a dimension (their transforms act in place).
 _IN_PLACE = (MaskedAutoregressiveTransform, GeneralCouplingTransform, ElementWiseTransform)
-
-
-def _shape(shape: Sequence[int], name: str = "input_shape") -> Shape:
-    try:
-        shape = tuple(int(size) for size in shape)
-    except TypeError as error:
-        raise ValueError(f"expected {name} as a sequence of ints; got {shape!r}") from error
-    if not shape or any(size < 1 for size in shape):
-        raise ValueError(f"expected {name} with positive sizes; got {shape}")
-    return shape
 
 
 def flatten_batch(
@@ -141,7 +132,7 @@ def as_lazy_transform(
         TypeError: for a zuko ``Flow`` (pass its ``.transform``) or anything else.
         ValueError: for an empty sequence.
     """
-    shape = _shape(input_shape)
+    shape = checked_shape(input_shape)
     if isinstance(transform, ZukoLevel):
         if transform.input_shape != shape:
             raise ValueError(
@@ -220,7 +211,7 @@ class ZukoLevel(DiagMixin, nflows_base.Transform):
         context: Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.input_shape = _shape(input_shape)
+        self.input_shape = checked_shape(input_shape)
         self.transform = as_lazy_transform(transform, self.input_shape)
         self.attribution = check_attribution(attribution)
         self.context = context
@@ -303,8 +294,8 @@ class NflowsBijection(td.Transform):
     ) -> None:
         super().__init__()
         self.transform = transform
-        self.input_shape = _shape(input_shape)
-        self.output_shape = _shape(output_shape, "output_shape")
+        self.input_shape = checked_shape(input_shape)
+        self.output_shape = checked_shape(output_shape, "output_shape")
         self.context = context
         self.inverse_direction = inverse
         source, target = self._shapes()
@@ -430,7 +421,7 @@ class NflowsTransform(LazyTransform):
             )
         require_diag_aware(transform, type(self).__name__)
         self.transform = transform
-        self.input_shape = _shape(input_shape)
+        self.input_shape = checked_shape(input_shape)
         # the structure of the wrapped modules is fixed, so their output shape is too
         self.output_shape = level_output_shape(transform, self.input_shape)
 
