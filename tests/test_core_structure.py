@@ -160,14 +160,6 @@ def test_init_files_only_re_export() -> None:
                 else []
             )
             allowed = isinstance(node, ast.Import | ast.ImportFrom) or docstring
-            # An optional dependency's guard: try: import it / except ImportError: raise.
-            allowed = allowed or (
-                isinstance(node, ast.Try)
-                and all(isinstance(n, ast.Import | ast.ImportFrom) for n in node.body)
-                and all(
-                    all(isinstance(n, ast.Raise) for n in handler.body) for handler in node.handlers
-                )
-            )
             allowed = allowed or (set(names) <= {"__all__", "__version__"} and bool(names))
             assert allowed, f"{path.relative_to(PACKAGE.parent)}:{node.lineno} is not a re-export"
 
