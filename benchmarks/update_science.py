@@ -92,12 +92,6 @@ def cost_section(run_dirs: list[Path]) -> str:
     return "\n".join([f"From {folders}:", "", *header, *rows])
 
 
-def _recipe_name(config: dict[str, Any]) -> str:
-    from lcma_ext.experiments.config import recipe_options, stored_recipe
-
-    return f"`{recipe_options(stored_recipe(config))}`"
-
-
 def recipe_section(before: Path, after: Path, search: Path | None = None) -> str:
     """The seed spread and mean of every arm of two run folders that differ in the recipe only.
 
@@ -106,8 +100,8 @@ def recipe_section(before: Path, after: Path, search: Path | None = None) -> str
     its best static split. Raises ``ValueError`` when the folders differ in anything but the
     recipe fields (dataset, model, size, levels, epochs, seeds, batch size).
     """
+    from lcma_ext.experiments.config import recipe_flags, recipe_options, stored_recipe
     from lcma_ext.experiments.stats import finite_values
-    from lcma_ext.training import RECIPE_FIELDS
 
     runs = [json.loads((d / "results.json").read_text()) for d in (before, after)]
     keys = ("dataset", "model", "size", "levels", "epochs", "nms_epochs", "seeds", "batch_size")
@@ -119,13 +113,12 @@ def recipe_section(before: Path, after: Path, search: Path | None = None) -> str
                 f"{values[0]!r} and {values[1]!r}"
             )
     config = runs[1]["config"]
+    recipes = [stored_recipe(r["config"]) for r in runs]
     lines = [
         f"{config['model']} ({config['size']}) on {config['dataset']}, {config['epochs']} epochs, "
         f"seeds {', '.join(map(str, config['seeds']))}; before: `{before.as_posix()}` "
-        f"({_recipe_name(runs[0]['config'])}), after: `{after.as_posix()}` "
-        f"({_recipe_name(runs[1]['config'])}; recipe fields "
-        + ", ".join(f"{k} {stored_recipe_value(config, k)}" for k in RECIPE_FIELDS)
-        + ").",
+        f"(`{recipe_options(recipes[0])}`), after: `{after.as_posix()}` "
+        f"(`{recipe_options(recipes[1])}`: `{' '.join(recipe_flags(recipes[1]))}`).",
         "",
         "| arm | before: bpd mean ± std | after: bpd mean ± std | std after / before "
         "| Δ mean (after − before) | before: vs best static (Δ, 95 % CI, verdict) "
@@ -163,13 +156,6 @@ def _versus_best_static(entry: dict[str, Any]) -> str:
     ci = versus["ci95"]
     interval = "—" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
     return f"{versus['mean']:+.4f} vs {versus['reference']}, {interval}, **{versus['verdict']}**"
-
-
-def stored_recipe_value(config: dict[str, Any], key: str) -> str:
-    from lcma_ext.experiments.config import stored_recipe
-
-    value = getattr(stored_recipe(config), key)
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _std(value: float | None) -> str:
